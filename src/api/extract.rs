@@ -1,0 +1,173 @@
+//! Body and query extractors whose rejections are contract errors.
+//!
+//! axum's own `Json`/`Query` rejections are plain text; these decode through
+//! `serde_path_to_error` so a wrong type or a missing field is answered with
+//! `MQ_VALIDATION_ERROR` and the exact path in `details.fields` (e.g. `messages[3].payload`).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// A JSON request body.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        ErrorCode::MessageTooLarge,
+                        "request body is larger than MAX_REQUEST_BYTES",
+                    )
+                } else {
+                    ApiError::validation(
+                        format!("could not read the request body: {rejection}"),
+                        vec![],
+                    )
+                }
+            })?;
+        decode_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Decodes a JSON document, naming the offending field path on failure.
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::validation(
+            "request body must be a JSON document",
+            vec![],
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let inner = error.inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::validation(format!("malformed JSON: {inner}"), vec![]);
+        }
+        let field = field_path(&error.path().to_string(), &inner.to_string());
+        let message = match &field {
+            Some(path) => format!("{path}: {}", strip_position(&inner.to_string())),
+            None => format!(
+                "invalid request body: {}",
+                strip_position(&inner.to_string())
+            ),
+        };
+        ApiError::validation(message, field.into_iter().collect())
+    })?;
+    deserializer
+        .end()
+        .map_err(|error| ApiError::validation(format!("malformed JSON: {error}"), vec![]))?;
+    Ok(value)
+}
+
+/// The path of the offending field. serde reports a missing field at its parent's path, with
+/// the field's name only in the message, so the two are joined here.
+fn field_path(path: &str, message: &str) -> Option<String> {
+    let parent = if path == "." { "" } else { path };
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        return Some(if parent.is_empty() {
+            missing.to_owned()
+        } else {
+            format!("{parent}.{missing}")
+        });
+    }
+    (!parent.is_empty()).then(|| parent.to_owned())
+}
+
+/// serde_json appends " at line L column C", which means nothing for a typed field error.
+fn strip_position(message: &str) -> &str {
+    message
+        .rfind(" at line ")
+        .map_or(message, |at| &message[..at])
+}
+
+/// A query string decoded into `T`.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|error| {
+                let path = error.path().to_string();
+                let inner = error.inner().to_string();
+                let field = field_path(&path, &inner);
+                ApiError::validation(
+                    format!("invalid query parameter: {inner}"),
+                    field.into_iter().collect(),
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Item {
+        payload: i64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Batch {
+        queue: String,
+        messages: Vec<Item>,
+    }
+
+    fn fields(error: &ApiError) -> serde_json::Value {
+        error.details["fields"].clone()
+    }
+
+    #[test]
+    fn wrong_type_names_the_nested_path() {
+        let error =
+            decode_json::<Batch>(br#"{"queue":"q","messages":[{"payload":1},{"payload":"x"}]}"#)
+                .unwrap_err();
+        assert_eq!(fields(&error), serde_json::json!(["messages[1].payload"]));
+    }
+
+    #[test]
+    fn missing_field_names_the_field() {
+        let error = decode_json::<Batch>(br#"{"messages":[]}"#).unwrap_err();
+        assert_eq!(fields(&error), serde_json::json!(["queue"]));
+        let error = decode_json::<Batch>(br#"{"queue":"q","messages":[{}]}"#).unwrap_err();
+        assert_eq!(fields(&error), serde_json::json!(["messages[0].payload"]));
+    }
+
+    #[test]
+    fn malformed_json_is_a_validation_error_without_fields() {
+        let error = decode_json::<Batch>(br#"{"queue": "#).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Validation);
+        assert!(error.message.starts_with("malformed JSON"));
+        let error = decode_json::<Batch>(b"").unwrap_err();
+        assert_eq!(error.code, ErrorCode::Validation);
+    }
+}

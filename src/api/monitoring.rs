@@ -1,0 +1,74 @@
+//! Health, status and the Prometheus scrape endpoint (no credentials).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::service::health;
+use crate::state::AppState;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let report = health::check(&state).await;
+    let status = if report.all_up() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if report.all_up() { "ok" } else { "down" },
+        "checks": report,
+        "version": VERSION,
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+    });
+    (status, Json(body))
+}
+
+pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let config = &state.config;
+    let workers: serde_json::Map<String, Value> = state
+        .workers
+        .states()
+        .into_iter()
+        .map(|(name, worker)| (name.to_owned(), json!(worker.as_str())))
+        .collect();
+    Json(json!({
+        "service": "message-queue-service",
+        "version": VERSION,
+        "startedAt": state.started_at,
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+        "workers": workers,
+        "limits": {
+            "maxMessageSize": config.max_message_size,
+            "maxRequestBytes": config.max_request_bytes,
+            "maxBatchSize": config.max_batch_size,
+            "maxQueueLength": config.max_queue_length,
+            "maxDelayMs": config.max_delay_ms,
+            "dedupWindowMs": config.dedup_window_ms,
+            "defaultTtlSeconds": config.default_ttl_secs,
+            "consumerTimeoutMs": config.consumer_timeout_ms,
+            "messageBatchSize": config.message_batch_size,
+            "maxConcurrentConsumers": config.max_concurrent_consumers,
+            "processingTimeoutMs": config.processing_timeout_ms,
+            "encryptionEnabled": config.encryption_key.is_some(),
+            "metricsEnabled": config.metrics_enabled,
+        },
+    }))
+}
+
+pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if !state.config.metrics_enabled {
+        return Err(ApiError::route_not_found("GET", "/metrics"));
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    ))
+}

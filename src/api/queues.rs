@@ -1,0 +1,67 @@
+//! `/api/v1/mq/queues`: queue management.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::json;
+
+use super::extract::{ApiJson, ApiQuery};
+use crate::auth::Tenant;
+use crate::domain::queue::{CreateQueueRequest, QueueListQuery, UpdateQueueRequest};
+use crate::error::ApiResult;
+use crate::service::queues;
+use crate::state::AppState;
+
+pub async fn create(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<CreateQueueRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let queue = queues::create(&state, &tenant, request).await?;
+    Ok((StatusCode::CREATED, Json(queue)))
+}
+
+pub async fn list(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<QueueListQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let page = queues::list(&state, &tenant, query.validate()?).await?;
+    Ok(Json(page))
+}
+
+pub async fn get(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(queues::get_with_stats(&state, &tenant, &name).await?))
+}
+
+pub async fn update(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<UpdateQueueRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(queues::update(&state, &tenant, &name, request).await?))
+}
+
+pub async fn delete(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    queues::delete(&state, &tenant, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn purge(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let purged = queues::purge(&state, &tenant, &name).await?;
+    Ok(Json(json!({ "purged": purged })))
+}

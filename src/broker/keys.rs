@@ -1,0 +1,84 @@
+//! The Redis key layout. Nothing else in the service formats a Redis key.
+//!
+//! Every key of one queue partition carries the same Redis Cluster hash tag,
+//! `{<queue id>.<partition>}`, so each Lua script touches a single slot and the service runs
+//! unchanged on Redis Cluster:
+//!
+//! ```text
+//! <prefix>{<queue id>.<p>}:stream    the partition's stream (the messages)
+//! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by due time
+//! <prefix>{<queue id>.<p>}:pending   hash of delayed message id -> envelope, until released
+//! ```
+//!
+//! Keys name the queue by its id, not its name: a queue deleted and created again under the
+//! same name never sees the old queue's data, and keys that outlive a deletion (idempotency
+//! keys, which expire on their own) can never be mistaken for the new queue's.
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct KeyLayout {
+    prefix: String,
+}
+
+/// The keys of one queue partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionKeys {
+    pub stream: String,
+    pub delayed: String,
+    pub delayed_envelopes: String,
+}
+
+impl PartitionKeys {
+    /// Every key that holds this partition's data, for deletion.
+    pub fn all(&self) -> [&str; 3] {
+        [&self.stream, &self.delayed, &self.delayed_envelopes]
+    }
+}
+
+impl KeyLayout {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        KeyLayout {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn partition(&self, queue_id: Uuid, partition: u16) -> PartitionKeys {
+        let tag = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
+        PartitionKeys {
+            stream: format!("{tag}:stream"),
+            delayed: format!("{tag}:delayed"),
+            delayed_envelopes: format!("{tag}:pending"),
+        }
+    }
+
+    pub fn partitions(
+        &self,
+        queue_id: Uuid,
+        count: u16,
+    ) -> impl Iterator<Item = PartitionKeys> + '_ {
+        (0..count).map(move |partition| self.partition(queue_id, partition))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = key[open..].find('}').unwrap() + open;
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn keys_of_a_partition_share_one_hash_tag() {
+        let layout = KeyLayout::new("mq:");
+        let id = Uuid::nil();
+        let keys = layout.partition(id, 3);
+        assert_eq!(keys.stream, format!("mq:{{{id}.3}}:stream"));
+        let tags: Vec<_> = keys.all().iter().map(|k| hash_tag(k).to_owned()).collect();
+        assert!(tags.iter().all(|t| t == &tags[0]));
+        assert_ne!(hash_tag(&layout.partition(id, 4).stream), tags[0]);
+    }
+}

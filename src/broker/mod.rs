@@ -1,0 +1,161 @@
+//! Redis: the messages. Every Redis command of the service is issued below this module, and
+//! every multi-key state change is one Lua script over the keys of one partition (one hash
+//! slot; see `keys`).
+
+pub mod keys;
+
+use std::time::Duration;
+
+use deadpool_redis::redis;
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+
+use crate::domain::queue::Queue;
+use crate::error::ApiResult;
+use keys::KeyLayout;
+
+/// How long a request waits for a pooled connection or a new one.
+const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct Broker {
+    pool: Pool,
+    keys: KeyLayout,
+}
+
+/// What Redis knows about a queue, summed over its partitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStreamStats {
+    pub message_count: u64,
+    pub delayed_count: u64,
+    pub pending_count: u64,
+    pub lag: u64,
+    /// Stream time (ms since epoch) of the oldest delivered-but-unacked entry.
+    pub oldest_pending_ms: Option<u64>,
+}
+
+/// Per partition: length, delayed, pending and lag summed over the consumer groups, and the
+/// oldest pending entry's time (-1 when nothing is pending).
+const PARTITION_STATS_SCRIPT: &str = r#"
+local stream, delayed = KEYS[1], KEYS[2]
+local length, pending, lag, oldest = 0, 0, 0, -1
+if redis.call('EXISTS', stream) == 1 then
+  length = redis.call('XLEN', stream)
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local group = {}
+    for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
+    pending = pending + group['pending']
+    if group['lag'] then
+      lag = lag + group['lag']
+    else
+      -- Redis cannot derive the lag after deletions; count what lies past the group's cursor.
+      lag = lag + #redis.call('XRANGE', stream, '(' .. group['last-delivered-id'], '+')
+    end
+    if group['pending'] > 0 then
+      local summary = redis.call('XPENDING', stream, group['name'])
+      local ms = tonumber(string.match(summary[2], '^(%d+)'))
+      if oldest < 0 or ms < oldest then oldest = ms end
+    end
+  end
+end
+return {length, redis.call('ZCARD', delayed), pending, lag, oldest}
+"#;
+
+/// Empties one partition but keeps the stream (and so its consumer groups): counts what is
+/// stored and delayed, then removes it.
+const PARTITION_PURGE_SCRIPT: &str = r#"
+local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+redis.call('DEL', KEYS[2], KEYS[3])
+return removed
+"#;
+
+impl Broker {
+    /// Builds the pool; connections are made on first use, so a Redis that is down at start-up
+    /// shows in health instead of stopping the service.
+    pub fn new(url: &str, pool_size: usize, key_prefix: &str) -> anyhow::Result<Broker> {
+        let mut config = deadpool_redis::Config::from_url(url);
+        config.pool = Some(PoolConfig {
+            max_size: pool_size,
+            timeouts: Timeouts {
+                wait: Some(POOL_TIMEOUT),
+                create: Some(POOL_TIMEOUT),
+                recycle: Some(POOL_TIMEOUT),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = config.create_pool(Some(Runtime::Tokio1))?;
+        Ok(Broker {
+            pool,
+            keys: KeyLayout::new(key_prefix),
+        })
+    }
+
+    pub fn keys(&self) -> &KeyLayout {
+        &self.keys
+    }
+
+    pub async fn ping(&self) -> ApiResult<()> {
+        let mut connection = self.pool.get().await?;
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(())
+    }
+
+    /// (connections open, connections idle)
+    pub fn pool_usage(&self) -> (usize, usize) {
+        let status = self.pool.status();
+        (status.size, status.available)
+    }
+
+    pub async fn queue_stats(&self, queue: &Queue) -> ApiResult<QueueStreamStats> {
+        let mut pipeline = redis::pipe();
+        for keys in self.keys.partitions(queue.id, queue.partition_count) {
+            pipeline
+                .cmd("EVAL")
+                .arg(PARTITION_STATS_SCRIPT)
+                .arg(2)
+                .arg(&keys.stream)
+                .arg(&keys.delayed);
+        }
+        let mut connection = self.pool.get().await?;
+        let partitions: Vec<(u64, u64, u64, u64, i64)> =
+            pipeline.query_async(&mut connection).await?;
+        let mut stats = QueueStreamStats::default();
+        for (length, delayed, pending, lag, oldest) in partitions {
+            stats.message_count += length;
+            stats.delayed_count += delayed;
+            stats.pending_count += pending;
+            stats.lag += lag;
+            if let Ok(oldest) = u64::try_from(oldest) {
+                stats.oldest_pending_ms =
+                    Some(stats.oldest_pending_ms.map_or(oldest, |o| o.min(oldest)));
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Removes every stored and delayed message; returns how many.
+    pub async fn purge_queue(&self, queue: &Queue) -> ApiResult<u64> {
+        let mut pipeline = redis::pipe();
+        for keys in self.keys.partitions(queue.id, queue.partition_count) {
+            pipeline
+                .cmd("EVAL")
+                .arg(PARTITION_PURGE_SCRIPT)
+                .arg(3)
+                .arg(keys.all().as_slice());
+        }
+        let mut connection = self.pool.get().await?;
+        let removed: Vec<u64> = pipeline.query_async(&mut connection).await?;
+        Ok(removed.into_iter().sum())
+    }
+
+    /// Removes all of the queue's keys, consumer groups included.
+    pub async fn delete_queue(&self, queue: &Queue) -> ApiResult<()> {
+        let mut pipeline = redis::pipe();
+        for keys in self.keys.partitions(queue.id, queue.partition_count) {
+            pipeline.del(keys.all().as_slice()).ignore();
+        }
+        let mut connection = self.pool.get().await?;
+        let () = pipeline.query_async(&mut connection).await?;
+        Ok(())
+    }
+}

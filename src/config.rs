@@ -1,0 +1,340 @@
+//! Typed settings read once from the environment and validated before anything starts.
+//!
+//! Names and defaults follow the configuration table of API.md. Every problem is reported as
+//! one line naming the variable, because that line is all an operator sees when a container
+//! refuses to start.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use base64::Engine;
+
+#[derive(Clone)]
+pub struct Config {
+    pub port: u16,
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub redis_url: String,
+    pub redis_pool_size: usize,
+    pub redis_key_prefix: String,
+    pub jwt_secret: String,
+    pub internal_service_token: String,
+    pub encryption_key: Option<[u8; 32]>,
+    pub max_message_size: usize,
+    pub default_ttl_secs: u64,
+    pub max_queue_length: u64,
+    pub consumer_timeout_ms: u64,
+    pub message_batch_size: usize,
+    pub max_batch_size: usize,
+    pub max_concurrent_consumers: usize,
+    pub processing_timeout_ms: u64,
+    pub max_delay_ms: u64,
+    pub dedup_window_ms: u64,
+    pub max_request_bytes: usize,
+    pub webhook_denied_networks: Vec<Cidr>,
+    pub metrics_enabled: bool,
+    pub health_check_interval_secs: u64,
+    pub dependency_timeout_ms: u64,
+    pub log_format: LogFormat,
+    pub auth_service_url: Option<String>,
+    pub user_service_url: Option<String>,
+    pub audit_service_url: Option<String>,
+    pub notification_service_url: Option<String>,
+}
+
+/// Secrets stay out of `Debug` so a logged config never leaks them.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("port", &self.port)
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("encryption", &self.encryption_key.is_some())
+            .field("max_message_size", &self.max_message_size)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// An IP network in CIDR notation, e.g. `10.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        match (self.network, address) {
+            (IpAddr::V4(net), IpAddr::V4(addr)) => {
+                prefix_matches(&net.octets(), &addr.octets(), self.prefix_len)
+            }
+            (IpAddr::V6(net), IpAddr::V6(addr)) => {
+                prefix_matches(&net.octets(), &addr.octets(), self.prefix_len)
+            }
+            (IpAddr::V4(_), IpAddr::V6(addr)) => addr
+                .to_ipv4_mapped()
+                .is_some_and(|v4| self.contains(IpAddr::V4(v4))),
+            (IpAddr::V6(_), IpAddr::V4(addr)) => self.contains(IpAddr::V6(addr.to_ipv6_mapped())),
+        }
+    }
+}
+
+fn prefix_matches(network: &[u8], address: &[u8], prefix_len: u8) -> bool {
+    let full_bytes = usize::from(prefix_len / 8);
+    let rest_bits = prefix_len % 8;
+    if network[..full_bytes] != address[..full_bytes] {
+        return false;
+    }
+    if rest_bits == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest_bits);
+    network[full_bytes] & mask == address[full_bytes] & mask
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("'{text}' is not in CIDR notation (address/prefix)"))?;
+        let network: IpAddr = address
+            .parse()
+            .map_err(|_| format!("'{address}' is not an IP address"))?;
+        let max_prefix = if network.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max_prefix)
+            .ok_or_else(|| format!("'{prefix}' is not a prefix length of 0..={max_prefix}"))?;
+        Ok(Cidr {
+            network,
+            prefix_len,
+        })
+    }
+}
+
+/// A configuration problem: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {} {}",
+            self.variable, self.problem
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads every setting through `lookup`, so tests can validate without touching the
+    /// process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env { lookup: &lookup };
+        Ok(Config {
+            port: env.number("PORT", 3010, 0..=65535)?,
+            database_url: env.url("DATABASE_URL", &["postgres", "postgresql"])?,
+            database_max_connections: env.number("DATABASE_MAX_CONNECTIONS", 20, 1..=1000)?,
+            redis_url: env.url("REDIS_URL", &["redis", "rediss"])?,
+            redis_pool_size: env.number("REDIS_POOL_SIZE", 64, 1..=10_000)?,
+            redis_key_prefix: env.key_prefix("REDIS_KEY_PREFIX", "mq:")?,
+            jwt_secret: env.required_secret("JWT_SECRET")?,
+            internal_service_token: env.required_secret("INTERNAL_SERVICE_TOKEN")?,
+            encryption_key: env.encryption_key("MQ_ENCRYPTION_KEY")?,
+            max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
+            default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,
+            max_queue_length: env.number("MAX_QUEUE_LENGTH", 10_000, 1..=u64::MAX)?,
+            consumer_timeout_ms: env.number("CONSUMER_TIMEOUT", 30_000, 1..=u64::MAX)?,
+            message_batch_size: env.number("MESSAGE_BATCH_SIZE", 50, 1..=100_000)?,
+            max_batch_size: env.number("MAX_BATCH_SIZE", 1000, 1..=100_000)?,
+            max_concurrent_consumers: env.number("MAX_CONCURRENT_CONSUMERS", 5, 1..=10_000)?,
+            processing_timeout_ms: env.number("PROCESSING_TIMEOUT_MS", 15_000, 1..=u64::MAX)?,
+            max_delay_ms: env.number("MAX_DELAY_MS", 604_800_000, 1..=u64::MAX)?,
+            dedup_window_ms: env.number("DEDUP_WINDOW_MS", 86_400_000, 1..=u64::MAX)?,
+            max_request_bytes: env.number("MAX_REQUEST_BYTES", 16_777_216, 1..=usize::MAX)?,
+            webhook_denied_networks: env.cidr_list("WEBHOOK_DENIED_NETWORKS")?,
+            metrics_enabled: env.boolean("METRICS_ENABLED", true)?,
+            health_check_interval_secs: env.number("HEALTH_CHECK_INTERVAL", 30, 1..=86_400)?,
+            dependency_timeout_ms: env.number("DEPENDENCY_TIMEOUT_MS", 2000, 50..=60_000)?,
+            log_format: env.log_format("LOG_FORMAT")?,
+            auth_service_url: env.optional_url("AUTH_SERVICE_URL")?,
+            user_service_url: env.optional_url("USER_SERVICE_URL")?,
+            audit_service_url: env.optional_url("AUDIT_SERVICE_URL")?,
+            notification_service_url: env.optional_url("NOTIFICATION_SERVICE_URL")?,
+        })
+    }
+}
+
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    /// The trimmed value; an empty value counts as unset.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn number<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        raw.parse::<T>()
+            .ok()
+            .filter(|value| range.contains(value))
+            .ok_or_else(|| ConfigError {
+                variable: name,
+                problem: format!(
+                    "must be a whole number from {} to {} (got '{raw}')",
+                    range.start(),
+                    range.end()
+                ),
+            })
+    }
+
+    fn url(&self, name: &'static str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let value = self.get(name).ok_or_else(|| ConfigError {
+            variable: name,
+            problem: "is required but not set".into(),
+        })?;
+        let scheme_ok = value
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
+        if !scheme_ok {
+            return Err(ConfigError {
+                variable: name,
+                problem: format!("must be a URL starting with {}://", schemes.join(":// or ")),
+            });
+        }
+        Ok(value)
+    }
+
+    fn optional_url(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        if self.get(name).is_none() {
+            return Ok(None);
+        }
+        self.url(name, &["http", "https"]).map(Some)
+    }
+
+    fn required_secret(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.get(name).ok_or_else(|| ConfigError {
+            variable: name,
+            problem: "is required but not set".into(),
+        })
+    }
+
+    fn key_prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let prefix = self.get(name).unwrap_or_else(|| default.to_owned());
+        // Braces would break the Redis Cluster hash tags the key layout relies on.
+        if prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+            return Err(ConfigError {
+                variable: name,
+                problem: "must not contain braces or whitespace".into(),
+            });
+        }
+        Ok(prefix)
+    }
+
+    fn encryption_key(&self, name: &'static str) -> Result<Option<[u8; 32]>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        base64::engine::general_purpose::STANDARD
+            .decode(raw.as_bytes())
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+            .map(Some)
+            .ok_or_else(|| ConfigError {
+                variable: name,
+                problem: "must be the base64 encoding of exactly 32 bytes".into(),
+            })
+    }
+
+    fn cidr_list(&self, name: &'static str) -> Result<Vec<Cidr>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                part.parse::<Cidr>().map_err(|problem| ConfigError {
+                    variable: name,
+                    problem: format!("has an invalid network: {problem}"),
+                })
+            })
+            .collect()
+    }
+
+    fn boolean(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(ConfigError {
+                variable: name,
+                problem: format!("must be true or false (got '{other}')"),
+            }),
+        }
+    }
+
+    fn log_format(&self, name: &'static str) -> Result<LogFormat, ConfigError> {
+        match self.get(name).as_deref() {
+            None | Some("json") => Ok(LogFormat::Json),
+            Some("pretty") => Ok(LogFormat::Pretty),
+            Some(other) => Err(ConfigError {
+                variable: name,
+                problem: format!("must be json or pretty (got '{other}')"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_membership() {
+        let net: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.200.3.4".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let odd: Cidr = "192.168.0.0/20".parse().unwrap();
+        assert!(odd.contains("192.168.15.255".parse().unwrap()));
+        assert!(!odd.contains("192.168.16.0".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+}

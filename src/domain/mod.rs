@@ -1,0 +1,5 @@
+//! Plain types and pure rules: no I/O here, so everything is unit-tested directly.
+
+pub mod queue;
+pub mod schema;
+pub mod validation;

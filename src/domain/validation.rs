@@ -1,0 +1,91 @@
+//! Collects every problem of a request at once, so a client fixes them in one round trip.
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ApiError;
+
+#[derive(Debug, Default)]
+pub struct Problems {
+    items: Vec<(String, String)>,
+}
+
+impl Problems {
+    pub fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.items.push((field.into(), problem.into()));
+    }
+
+    pub fn check(&mut self, ok: bool, field: &str, problem: impl FnOnce() -> String) {
+        if !ok {
+            self.add(field, problem());
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// `Ok(value)` when nothing was found wrong, else one 400 naming every field.
+    pub fn into_result<T>(self, value: T) -> Result<T, ApiError> {
+        if self.items.is_empty() {
+            return Ok(value);
+        }
+        let message = self
+            .items
+            .iter()
+            .map(|(field, problem)| format!("{field} {problem}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let fields = self.items.into_iter().map(|(field, _)| field).collect();
+        Err(ApiError::validation(message, fields))
+    }
+}
+
+/// For partial updates: distinguishes an absent field (`None`) from an explicit `null`
+/// (`Some(None)`), which clears it.
+pub fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// Name rule shared by queues and consumer groups: 1–200 of `[A-Za-z0-9._-]`, starting with
+/// a letter or digit.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=200).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("orders"));
+        assert!(is_valid_name("0rders.v2_eu-west"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name(".orders"));
+        assert!(!is_valid_name("-orders"));
+        assert!(!is_valid_name("or ders"));
+        assert!(!is_valid_name("orders/1"));
+        assert!(!is_valid_name("ördërs"));
+        assert!(is_valid_name(&"a".repeat(200)));
+        assert!(!is_valid_name(&"a".repeat(201)));
+    }
+
+    #[test]
+    fn problems_name_every_field() {
+        let mut problems = Problems::default();
+        problems.add("a", "is bad");
+        problems.check(false, "b", || "is worse".into());
+        problems.check(true, "c", || "never".into());
+        let error = problems.into_result(()).unwrap_err();
+        assert_eq!(error.details["fields"], serde_json::json!(["a", "b"]));
+        assert_eq!(error.message, "a is bad; b is worse");
+    }
+}

@@ -1,0 +1,98 @@
+//! message-queue-service: multi-tenant message middleware on Redis Streams and PostgreSQL.
+//!
+//! `Application` wires configuration, pools, workers and the router; the binary and the
+//! integration tests both start the service through it.
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod metrics;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod workers;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use auth::Authenticator;
+use broker::Broker;
+use config::Config;
+use metrics::Metrics;
+use state::AppState;
+use store::Store;
+use workers::Workers;
+
+pub struct Application {
+    state: AppState,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (applying migrations) and prepares the Redis pool.
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let store = Store::connect(&config.database_url, config.database_max_connections)
+            .await
+            .context("cannot connect to PostgreSQL (DATABASE_URL) or apply migrations")?;
+        let broker = Broker::new(
+            &config.redis_url,
+            config.redis_pool_size,
+            &config.redis_key_prefix,
+        )
+        .context("cannot set up the Redis pool (REDIS_URL)")?;
+        let state = AppState {
+            auth: Arc::new(Authenticator::new(
+                &config.jwt_secret,
+                &config.internal_service_token,
+            )),
+            config: Arc::new(config),
+            store,
+            broker,
+            metrics: Arc::new(Metrics::new()),
+            workers: Workers::default(),
+            started_at: Utc::now(),
+            started: Instant::now(),
+        };
+        Ok(Application { state })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Starts the background workers, serves HTTP on `listener` until `shutdown` resolves,
+    /// then lets in-flight requests and workers finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let stop_workers = CancellationToken::new();
+        self.start_workers(&stop_workers);
+        let router = api::router(self.state.clone());
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        stop_workers.cancel();
+        self.state.workers.wait().await;
+        result
+    }
+
+    fn start_workers(&self, shutdown: &CancellationToken) {
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("health_monitor", shutdown.clone(), move |token| {
+                workers::health_monitor::run(state.clone(), token)
+            });
+    }
+}

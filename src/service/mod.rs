@@ -1,0 +1,5 @@
+//! Operations that combine the store (PostgreSQL) and the broker (Redis). Handlers call one
+//! function here after parsing and authorizing; these functions hold no HTTP types.
+
+pub mod health;
+pub mod queues;

@@ -1,0 +1,132 @@
+//! Queue management: configuration in PostgreSQL, data in Redis.
+
+use chrono::Utc;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::Tenant;
+use crate::domain::queue::{
+    CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
+};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStats {
+    pub message_count: u64,
+    pub pending_count: u64,
+    pub delayed_count: u64,
+    pub lag: u64,
+    pub subscription_count: i64,
+    pub oldest_unacked_age_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueWithStats {
+    #[serde(flatten)]
+    pub queue: Queue,
+    pub stats: QueueStats,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+fn defaults(state: &AppState) -> QueueDefaults {
+    QueueDefaults {
+        max_length: state.config.max_queue_length,
+        encryption_available: state.config.encryption_key.is_some(),
+    }
+}
+
+/// The tenant's queue by name; another tenant's queue is "not found" exactly like a missing one.
+pub async fn require(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<Queue> {
+    state
+        .store
+        .find_queue(tenant_id, name)
+        .await?
+        .ok_or_else(|| ApiError::queue_not_found(name))
+}
+
+pub async fn create(
+    state: &AppState,
+    tenant: &Tenant,
+    request: CreateQueueRequest,
+) -> ApiResult<Queue> {
+    let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
+    state.store.insert_queue(&queue).await
+}
+
+pub async fn list(
+    state: &AppState,
+    tenant: &Tenant,
+    filter: QueueListFilter,
+) -> ApiResult<Page<Queue>> {
+    let (items, total) = state.store.list_queues(tenant.tenant_id, &filter).await?;
+    Ok(Page {
+        items,
+        total,
+        limit: filter.limit,
+        offset: filter.offset,
+    })
+}
+
+pub async fn get_with_stats(
+    state: &AppState,
+    tenant: &Tenant,
+    name: &str,
+) -> ApiResult<QueueWithStats> {
+    let queue = require(state, tenant.tenant_id, name).await?;
+    let (streams, subscription_count) = tokio::try_join!(
+        state.broker.queue_stats(&queue),
+        state.store.count_subscriptions(queue.id),
+    )?;
+    let now_ms = Utc::now().timestamp_millis().max(0) as u64;
+    Ok(QueueWithStats {
+        stats: QueueStats {
+            message_count: streams.message_count,
+            pending_count: streams.pending_count,
+            delayed_count: streams.delayed_count,
+            lag: streams.lag,
+            subscription_count,
+            oldest_unacked_age_ms: streams
+                .oldest_pending_ms
+                .map(|oldest| now_ms.saturating_sub(oldest)),
+        },
+        queue,
+    })
+}
+
+pub async fn update(
+    state: &AppState,
+    tenant: &Tenant,
+    name: &str,
+    request: UpdateQueueRequest,
+) -> ApiResult<Queue> {
+    state
+        .store
+        .update_queue(tenant.tenant_id, name, |current| {
+            current.updated(request, Utc::now())
+        })
+        .await?
+        .ok_or_else(|| ApiError::queue_not_found(name))
+}
+
+/// Removes the queue's data from Redis first, then its configuration, subscriptions and
+/// records: if Redis is down nothing is deleted, and a retry finishes the job.
+pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<()> {
+    let queue = require(state, tenant.tenant_id, name).await?;
+    state.broker.delete_queue(&queue).await?;
+    state.store.delete_queue(queue.id).await?;
+    Ok(())
+}
+
+pub async fn purge(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<u64> {
+    let queue = require(state, tenant.tenant_id, name).await?;
+    state.broker.purge_queue(&queue).await
+}

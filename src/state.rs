@@ -1,0 +1,38 @@
+//! What every handler and worker shares.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::FromRef;
+use chrono::{DateTime, Utc};
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::workers::Workers;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub workers: Workers,
+    pub auth: Arc<Authenticator>,
+    pub started_at: DateTime<Utc>,
+    pub started: Instant,
+}
+
+impl FromRef<AppState> for Arc<Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Metrics> {
+    fn from_ref(state: &AppState) -> Self {
+        state.metrics.clone()
+    }
+}
