@@ -9,6 +9,9 @@ const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return healthcheck().await;
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(error) => {
@@ -89,4 +92,30 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown signal received; draining");
+}
+
+/// `message-queue-service healthcheck`: exit 0 when the local service's health route answers
+/// 200. For container health checks, where the image has no curl.
+async fn healthcheck() -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let port = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(3010);
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /api/v1/mq/health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<bool, std::io::Error>(
+            head.starts_with(b"HTTP/1.0 200") || head.starts_with(b"HTTP/1.1 200"),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
 }

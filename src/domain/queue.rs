@@ -130,7 +130,8 @@ impl Queue {
     ) -> Result<Queue, ApiError> {
         let mut problems = Problems::default();
         let name = request.name.unwrap_or_default();
-        problems.check(is_valid_name(&name), "name", || {
+        let name_ok = is_valid_name(&name);
+        problems.check(name_ok, "name", || {
             "must be 1-200 characters of [A-Za-z0-9._-] starting with a letter or digit".into()
         });
         let topic_type = match request.topic_type.as_deref() {
@@ -172,7 +173,9 @@ impl Queue {
 
         let mut queue = Queue {
             id: Uuid::now_v7(),
-            display_name: Some(request.display_name.unwrap_or_else(|| name.clone())),
+            display_name: request
+                .display_name
+                .or_else(|| name_ok.then(|| name.clone())),
             name,
             description: request.description,
             topic_type,

@@ -1,0 +1,348 @@
+//! Test harness: every test starts the real service in-process on its own port, with its own
+//! PostgreSQL database and its own Redis key prefix, so tests run in parallel without seeing
+//! each other. Both are removed when the `TestApp` is dropped.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use deadpool_redis::redis;
+use jsonwebtoken::{EncodingKey, Header};
+use mq::config::Config;
+use mq::Application;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-that-is-long-enough-0123456789";
+pub const SERVICE_TOKEN: &str = "test-internal-service-token-0123456789abcdef";
+
+/// The PostgreSQL server tests create their databases on (any database name in it is replaced).
+pub fn postgres_server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// `url` with its host and port replaced by `authority` (credentials and path kept).
+pub fn with_authority(url: &str, authority: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL with a scheme");
+    let (credentials, host_and_path) = match rest.split_once('@') {
+        Some((credentials, host_and_path)) => (format!("{credentials}@"), host_and_path),
+        None => (String::new(), rest),
+    };
+    let path = host_and_path
+        .find('/')
+        .map_or("", |slash| &host_and_path[slash..]);
+    format!("{scheme}://{credentials}{authority}{path}")
+}
+
+/// The socket address a URL's host and port resolve to.
+pub async fn url_socket_address(url: &str, default_port: u16) -> SocketAddr {
+    let rest = url.split_once("://").expect("URL with a scheme").1;
+    let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let authority = host_and_path.split(['/', '?']).next().unwrap_or_default();
+    let authority = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    tokio::net::lookup_host(authority)
+        .await
+        .expect("resolve host")
+        .next()
+        .expect("an address")
+}
+
+fn with_database(server_url: &str, database: &str) -> String {
+    let (base, query) = match server_url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (server_url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{root}/{database}{query}")
+}
+
+/// A private, empty PostgreSQL database, dropped with this value.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let name = format!("mqtest_{}", Uuid::new_v4().simple());
+        let admin_url = with_database(&postgres_server_url(), "postgres");
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("tests need PostgreSQL: run scripts/test.sh, which starts it");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        TestDatabase {
+            url: with_database(&postgres_server_url(), &name),
+            name,
+        }
+    }
+
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on async work: clean up
+        // from a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    let admin_url = with_database(&postgres_server_url(), "postgres");
+                    if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                        let _ = sqlx::query(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .execute(&mut admin)
+                        .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// A Redis key prefix of this test's own; its keys are deleted with this value.
+pub struct TestRedis {
+    pub prefix: String,
+}
+
+impl TestRedis {
+    pub fn new() -> TestRedis {
+        TestRedis {
+            prefix: format!("mqtest:{}:", Uuid::new_v4().simple()),
+        }
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .expect("valid REDIS_URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("tests need Redis: run scripts/test.sh, which starts it")
+    }
+
+    /// Every key under this test's prefix.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut connection = self.connection().await;
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut connection)
+            .await
+            .expect("KEYS");
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let pattern = format!("{}*", self.prefix);
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(redis_url()) else {
+                return;
+            };
+            let Ok(mut connection) = client.get_connection() else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut connection)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut connection);
+            }
+        })
+        .join();
+    }
+}
+
+/// The environment a test service starts with; tests change entries before spawning.
+pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, String> {
+    [
+        ("DATABASE_URL", database_url.to_owned()),
+        ("REDIS_URL", redis_url()),
+        ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),
+        ("JWT_SECRET", JWT_SECRET.to_owned()),
+        ("INTERNAL_SERVICE_TOKEN", SERVICE_TOKEN.to_owned()),
+        ("PORT", "0".to_owned()),
+        ("DATABASE_MAX_CONNECTIONS", "5".to_owned()),
+        ("REDIS_POOL_SIZE", "8".to_owned()),
+        ("DEPENDENCY_TIMEOUT_MS", "1000".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub client: reqwest::Client,
+    /// The tenant of `request`'s default token.
+    pub tenant: Uuid,
+    pub redis: TestRedis,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    // Declared last: dropped after the server has been told to stop.
+    pub database: TestDatabase,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts the service with `customize` applied to its environment.
+    pub async fn spawn_with(customize: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        let database = TestDatabase::create().await;
+        let redis = TestRedis::new();
+        let mut env = base_env(&database.url, &redis.prefix);
+        customize(&mut env);
+        let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
+        let application = Application::build(config).await.expect("service builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = application
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestApp {
+            address,
+            client: reqwest::Client::new(),
+            tenant: Uuid::new_v4(),
+            redis,
+            stop: Some(stop),
+            server: Some(server),
+            database,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// A request as this test's default tenant (principal "tester").
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request_as(self.tenant, "tester", method, path)
+    }
+
+    pub fn request_as(
+        &self,
+        tenant: Uuid,
+        principal: &str,
+        method: Method,
+        path: &str,
+    ) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token_for(tenant, principal))
+    }
+
+    pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    pub async fn create_queue(&self, body: Value) -> Value {
+        let response = self
+            .request(Method::POST, "/api/v1/mq/queues")
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let (status, body) = read(response).await;
+        assert_eq!(status, 201, "create queue: {body}");
+        body
+    }
+
+    /// Stops the server and waits for its graceful shutdown.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// A signed gateway JWT valid for an hour.
+pub fn token_for(tenant: Uuid, principal: &str) -> String {
+    sign(json!({
+        "tenant_id": tenant.to_string(),
+        "sub": principal,
+        "exp": chrono::Utc::now().timestamp() + 3600,
+    }))
+}
+
+pub fn sign(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign test token")
+}
+
+/// Status and JSON body (Null when the body is empty or not JSON).
+pub async fn read(response: Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Asserts the contract's error body: status, code, and a non-empty message.
+pub fn assert_error(status: u16, body: &Value, expected_status: u16, expected_code: &str) {
+    assert_eq!(status, expected_status, "unexpected status; body: {body}");
+    assert_eq!(body["code"], expected_code, "unexpected code; body: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error without a message: {body}"
+    );
+    assert!(body["details"].is_object(), "error without details: {body}");
+}

@@ -1,0 +1,69 @@
+//! A TCP proxy a test can cut and restore, to take a dependency away from the service without
+//! touching the shared PostgreSQL or Redis server.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub struct TcpProxy {
+    pub address: SocketAddr,
+    open: Arc<AtomicBool>,
+    cuts: watch::Sender<u64>,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards connections on a fresh local port to `target`.
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let open = Arc::new(AtomicBool::new(true));
+        let (cuts, _) = watch::channel(0u64);
+        let accept_open = open.clone();
+        let accept_cuts = cuts.clone();
+        let accept_loop = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_open.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut = accept_cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy {
+            address,
+            open,
+            cuts,
+            accept_loop,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cuts.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept_loop.abort();
+    }
+}
