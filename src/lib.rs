@@ -59,6 +59,9 @@ impl Application {
             broker,
             metrics: Arc::new(Metrics::new()),
             workers: Workers::default(),
+            queue_cache: Arc::new(service::queue_cache::QueueCache::default()),
+            recorder: Arc::default(),
+            instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),
         };
@@ -93,6 +96,12 @@ impl Application {
             .workers
             .spawn("health_monitor", shutdown.clone(), move |token| {
                 workers::health_monitor::run(state.clone(), token)
+            });
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("recorder", shutdown.clone(), move |token| {
+                workers::recorder::run(state.clone(), token)
             });
     }
 }

@@ -10,7 +10,9 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::service::queue_cache::QueueCache;
 use crate::store::Store;
+use crate::workers::recorder::RecorderStatus;
 use crate::workers::Workers;
 
 #[derive(Clone)]
@@ -21,6 +23,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub workers: Workers,
     pub auth: Arc<Authenticator>,
+    pub queue_cache: Arc<QueueCache>,
+    pub recorder: Arc<RecorderStatus>,
+    /// Distinguishes this process among several instances (consumer names in Redis).
+    pub instance_id: String,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
 }

@@ -51,25 +51,30 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let inner = error.inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::validation(format!("malformed JSON: {inner}"), vec![]);
-        }
-        let field = field_path(&error.path().to_string(), &inner.to_string());
-        let message = match &field {
-            Some(path) => format!("{path}: {}", strip_position(&inner.to_string())),
-            None => format!(
-                "invalid request body: {}",
-                strip_position(&inner.to_string())
-            ),
-        };
-        ApiError::validation(message, field.into_iter().collect())
-    })?;
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(decoding_error)?;
     deserializer
         .end()
         .map_err(|error| ApiError::validation(format!("malformed JSON: {error}"), vec![]))?;
     Ok(value)
+}
+
+/// Decodes an already parsed JSON value, naming the offending field path on failure.
+pub fn decode_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(decoding_error)
+}
+
+fn decoding_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let inner = error.inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return ApiError::validation(format!("malformed JSON: {inner}"), vec![]);
+    }
+    let problem = inner.to_string();
+    let field = field_path(&error.path().to_string(), &problem);
+    let message = match &field {
+        Some(path) => format!("{path}: {}", strip_position(&problem)),
+        None => format!("invalid request body: {}", strip_position(&problem)),
+    };
+    ApiError::validation(message, field.into_iter().collect())
 }
 
 /// The path of the offending field. serde reports a missing field at its parent's path, with

@@ -3,6 +3,7 @@
 
 pub mod extract;
 mod monitoring;
+mod publish;
 mod queues;
 
 use std::any::Any;
@@ -32,6 +33,12 @@ pub fn router(state: AppState) -> Router {
             get(queues::get).put(queues::update).delete(queues::delete),
         )
         .route("/api/v1/mq/queues/{name}/purge", post(queues::purge))
+        .route("/api/v1/mq/publish", post(publish::publish))
+        .route("/api/v1/mq/publish/batch", post(publish::publish_batch))
+        .route(
+            "/api/v1/mq/topics/{name}/publish",
+            post(publish::publish_to_topic),
+        )
         .route("/api/v1/mq/health", get(monitoring::health))
         .route("/api/v1/mq/status", get(monitoring::status))
         .route("/metrics", get(monitoring::prometheus))

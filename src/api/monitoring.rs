@@ -22,6 +22,7 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let body = json!({
         "status": if report.all_up() { "ok" } else { "down" },
         "checks": report,
+        "recordWriter": state.recorder.report(),
         "version": VERSION,
         "uptimeSeconds": state.started.elapsed().as_secs(),
     });
@@ -42,6 +43,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "startedAt": state.started_at,
         "uptimeSeconds": state.started.elapsed().as_secs(),
         "workers": workers,
+        "recordWriter": state.recorder.report(),
         "limits": {
             "maxMessageSize": config.max_message_size,
             "maxRequestBytes": config.max_request_bytes,

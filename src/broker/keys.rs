@@ -8,6 +8,8 @@
 //! <prefix>{<queue id>.<p>}:stream    the partition's stream (the messages)
 //! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by due time
 //! <prefix>{<queue id>.<p>}:pending   hash of delayed message id -> envelope, until released
+//! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record "<offset>|<publishedAt>",
+//!                                    expiring after DEDUP_WINDOW_MS
 //! ```
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
@@ -50,6 +52,15 @@ impl KeyLayout {
             delayed: format!("{tag}:delayed"),
             delayed_envelopes: format!("{tag}:pending"),
         }
+    }
+
+    /// Remembers a producer's `messageId` for the idempotency window. It lives in the slot of
+    /// the partition the message is routed to, so the check and the append are one script.
+    pub fn idempotency(&self, queue_id: Uuid, partition: u16, message_id: &str) -> String {
+        format!(
+            "{}{{{}.{}}}:id:{}",
+            self.prefix, queue_id, partition, message_id
+        )
     }
 
     pub fn partitions(

@@ -3,7 +3,11 @@
 //! slot; see `keys`).
 
 pub mod keys;
+pub mod publish;
+pub mod recorder;
+mod scripts;
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_redis::redis;
@@ -12,6 +16,11 @@ use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use crate::domain::queue::Queue;
 use crate::error::ApiResult;
 use keys::KeyLayout;
+use scripts::LuaScript;
+
+/// The consumer group through which the service records every stored message in
+/// PostgreSQL. Subscription group names start with a letter or digit, so they never collide.
+pub const RECORDER_GROUP: &str = "__recorder";
 
 /// How long a request waits for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,9 +42,12 @@ pub struct QueueStreamStats {
     pub oldest_pending_ms: Option<u64>,
 }
 
-/// Per partition: length, delayed, pending and lag summed over the consumer groups, and the
+/// Per partition: length, delayed, pending and lag summed over the consumer groups (the
+/// recorder, ARGV[1], is not a consumer), and the
 /// oldest pending entry's time (-1 when nothing is pending).
-const PARTITION_STATS_SCRIPT: &str = r#"
+static PARTITION_STATS: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
 local stream, delayed = KEYS[1], KEYS[2]
 local length, pending, lag, oldest = 0, 0, 0, -1
 if redis.call('EXISTS', stream) == 1 then
@@ -43,6 +55,7 @@ if redis.call('EXISTS', stream) == 1 then
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local group = {}
     for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
+    if group['name'] ~= ARGV[1] then
     pending = pending + group['pending']
     if group['lag'] then
       lag = lag + group['lag']
@@ -55,19 +68,26 @@ if redis.call('EXISTS', stream) == 1 then
       local ms = tonumber(string.match(summary[2], '^(%d+)'))
       if oldest < 0 or ms < oldest then oldest = ms end
     end
+    end
   end
 end
 return {length, redis.call('ZCARD', delayed), pending, lag, oldest}
-"#;
+"#,
+    )
+});
 
 /// Empties one partition but keeps the stream (and so its consumer groups): counts what is
 /// stored and delayed, then removes it.
-const PARTITION_PURGE_SCRIPT: &str = r#"
+static PARTITION_PURGE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
 local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 return removed
-"#;
+"#,
+    )
+});
 
 impl Broker {
     /// Builds the pool; connections are made on first use, so a Redis that is down at start-up
@@ -109,16 +129,15 @@ impl Broker {
     pub async fn queue_stats(&self, queue: &Queue) -> ApiResult<QueueStreamStats> {
         let mut pipeline = redis::pipe();
         for keys in self.keys.partitions(queue.id, queue.partition_count) {
-            pipeline
-                .cmd("EVAL")
-                .arg(PARTITION_STATS_SCRIPT)
-                .arg(2)
-                .arg(&keys.stream)
-                .arg(&keys.delayed);
+            PARTITION_STATS.add_to(
+                &mut pipeline,
+                &[&keys.stream, &keys.delayed],
+                &[RECORDER_GROUP.as_bytes()],
+            );
         }
         let mut connection = self.pool.get().await?;
         let partitions: Vec<(u64, u64, u64, u64, i64)> =
-            pipeline.query_async(&mut connection).await?;
+            scripts::run(&mut connection, &pipeline, &[&PARTITION_STATS]).await?;
         let mut stats = QueueStreamStats::default();
         for (length, delayed, pending, lag, oldest) in partitions {
             stats.message_count += length;
@@ -137,14 +156,11 @@ impl Broker {
     pub async fn purge_queue(&self, queue: &Queue) -> ApiResult<u64> {
         let mut pipeline = redis::pipe();
         for keys in self.keys.partitions(queue.id, queue.partition_count) {
-            pipeline
-                .cmd("EVAL")
-                .arg(PARTITION_PURGE_SCRIPT)
-                .arg(3)
-                .arg(keys.all().as_slice());
+            PARTITION_PURGE.add_to(&mut pipeline, &keys.all(), &[]);
         }
         let mut connection = self.pool.get().await?;
-        let removed: Vec<u64> = pipeline.query_async(&mut connection).await?;
+        let removed: Vec<u64> =
+            scripts::run(&mut connection, &pipeline, &[&PARTITION_PURGE]).await?;
         Ok(removed.into_iter().sum())
     }
 

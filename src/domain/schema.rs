@@ -11,3 +11,13 @@ pub fn check(schema: &Value) -> Result<(), String> {
         .map(|_| ())
         .map_err(|error| error.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn type_object_rejects_a_string() {
+        let validator = jsonschema::validator_for(&serde_json::json!({"type": "object"})).unwrap();
+        assert!(!validator.is_valid(&serde_json::json!("text")));
+        assert_eq!(validator.iter_errors(&serde_json::json!("text")).count(), 1);
+    }
+}

@@ -2,4 +2,6 @@
 //! function here after parsing and authorizing; these functions hold no HTTP types.
 
 pub mod health;
+pub mod publish;
+pub mod queue_cache;
 pub mod queues;

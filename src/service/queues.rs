@@ -1,5 +1,7 @@
 //! Queue management: configuration in PostgreSQL, data in Redis.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use serde::Serialize;
 use uuid::Uuid;
@@ -8,7 +10,8 @@ use crate::auth::Tenant;
 use crate::domain::queue::{
     CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
 };
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::queue_cache::{Lookup, ResolvedQueue};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize)]
@@ -51,6 +54,43 @@ pub async fn require(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
         .find_queue(tenant_id, name)
         .await?
         .ok_or_else(|| ApiError::queue_not_found(name))
+}
+
+/// The tenant's queue with its compiled schema, from the cache when fresh. While PostgreSQL
+/// is unreachable a stale entry is used rather than failing the caller.
+pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<ResolvedQueue> {
+    let stale = match state.queue_cache.lookup(tenant_id, name) {
+        Lookup::Fresh(entry) => return Ok(entry),
+        Lookup::Stale(entry) => Some(entry),
+        Lookup::Missing => None,
+    };
+    match state.store.find_queue(tenant_id, name).await {
+        Ok(Some(queue)) => {
+            let schema = match &queue.schema_definition {
+                Some(definition) => Some(Arc::new(jsonschema::validator_for(definition).map_err(
+                    |error| {
+                        ApiError::internal(format!(
+                            "stored schema of queue {} does not compile: {error}",
+                            queue.id
+                        ))
+                    },
+                )?)),
+                None => None,
+            };
+            let entry = ResolvedQueue {
+                queue: Arc::new(queue),
+                schema,
+            };
+            state.queue_cache.put(entry.clone());
+            Ok(entry)
+        }
+        Ok(None) => {
+            state.queue_cache.invalidate(tenant_id, name);
+            Err(ApiError::queue_not_found(name))
+        }
+        Err(error) if error.code == ErrorCode::ServiceUnavailable => stale.ok_or(error),
+        Err(error) => Err(error),
+    }
 }
 
 pub async fn create(
@@ -108,13 +148,15 @@ pub async fn update(
     name: &str,
     request: UpdateQueueRequest,
 ) -> ApiResult<Queue> {
-    state
+    let updated = state
         .store
         .update_queue(tenant.tenant_id, name, |current| {
             current.updated(request, Utc::now())
         })
         .await?
-        .ok_or_else(|| ApiError::queue_not_found(name))
+        .ok_or_else(|| ApiError::queue_not_found(name))?;
+    state.queue_cache.invalidate(tenant.tenant_id, name);
+    Ok(updated)
 }
 
 /// Removes the queue's data from Redis first, then its configuration, subscriptions and
@@ -123,6 +165,7 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     let queue = require(state, tenant.tenant_id, name).await?;
     state.broker.delete_queue(&queue).await?;
     state.store.delete_queue(queue.id).await?;
+    state.queue_cache.invalidate(tenant.tenant_id, name);
     Ok(())
 }
 

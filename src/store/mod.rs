@@ -2,6 +2,7 @@
 //! lives below this module.
 
 mod queues;
+pub mod records;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,0 +1,112 @@
+//! Publish routes: single, batch, and by topic name.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::extract::{decode_value, ApiJson};
+use crate::auth::Tenant;
+use crate::domain::message::{trace_id_from_traceparent, MessageInput, PublishContext};
+use crate::error::{ApiError, ApiResult};
+use crate::service::publish::{self, PublishResult};
+use crate::state::AppState;
+
+fn context(headers: &HeaderMap) -> PublishContext {
+    PublishContext {
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        trace_id: headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .and_then(trace_id_from_traceparent),
+    }
+}
+
+/// 201 for a new message, 200 for a duplicate of an earlier one.
+fn respond(result: PublishResult) -> Response {
+    let status = if result.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    (status, Json(result)).into_response()
+}
+
+fn required_queue(body: &mut Map<String, Value>) -> ApiResult<String> {
+    match body.remove("queue") {
+        Some(Value::String(name)) if !name.is_empty() => Ok(name),
+        _ => Err(ApiError::validation(
+            "queue is required and must be a queue name",
+            vec!["queue".into()],
+        )),
+    }
+}
+
+pub async fn publish(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(mut body): ApiJson<Map<String, Value>>,
+) -> ApiResult<Response> {
+    let queue = required_queue(&mut body)?;
+    let input: MessageInput = decode_value(Value::Object(body))?;
+    let result = publish::publish_one(&state, &tenant, &queue, input, &context(&headers)).await?;
+    Ok(respond(result))
+}
+
+pub async fn publish_to_topic(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    ApiJson(input): ApiJson<MessageInput>,
+) -> ApiResult<Response> {
+    let result = publish::publish_one(&state, &tenant, &name, input, &context(&headers)).await?;
+    Ok(respond(result))
+}
+
+#[derive(Deserialize)]
+pub struct BatchRequest {
+    queue: Option<String>,
+    messages: Option<Vec<MessageInput>>,
+}
+
+pub async fn publish_batch(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<BatchRequest>, ApiError>,
+) -> ApiResult<impl IntoResponse> {
+    let ApiJson(request) = body.map_err(with_batch_index)?;
+    let queue = request
+        .queue
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| ApiError::validation("queue is required", vec!["queue".into()]))?;
+    let messages = request
+        .messages
+        .ok_or_else(|| ApiError::validation("messages is required", vec!["messages".into()]))?;
+    let results =
+        publish::publish_batch(&state, &tenant, &queue, messages, &context(&headers)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "queue": queue, "count": results.len(), "results": results })),
+    ))
+}
+
+/// A decoding error inside `messages[i]` also carries `details.index`.
+fn with_batch_index(error: ApiError) -> ApiError {
+    let index = error
+        .details
+        .get("fields")
+        .and_then(|fields| fields.get(0))
+        .and_then(Value::as_str)
+        .and_then(|field| field.strip_prefix("messages["))
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|index| index.parse::<usize>().ok());
+    match index {
+        Some(index) => error.with_detail("index", json!(index)),
+        None => error,
+    }
+}

@@ -1,0 +1,246 @@
+//! Appending messages to a queue's partition streams.
+//!
+//! One Lua script per partition does, atomically: the idempotency check, the backpressure
+//! check, the append, and the idempotency record. So two concurrent publishes of one
+//! `messageId` cannot both be stored, and a queue at its bound stores nothing more (and drops
+//! nothing to make room).
+//!
+//! Backpressure counts the un-consumed backlog of the slowest consumer group (delivered but
+//! unacked, plus not yet delivered), or the whole stream when no group reads it yet. The
+//! recorder group (the service's own writer of `message_records`) is not a consumer and
+//! never holds publishing back. A queue's `maxLength` is shared evenly by its partitions,
+//! each holding at most `ceil(maxLength / partitionCount)`: every check stays inside one
+//! partition's hash slot, and for the default single partition the bound is exact.
+
+use std::sync::LazyLock;
+
+use deadpool_redis::redis;
+
+use super::scripts::{self, LuaScript};
+use super::{Broker, RECORDER_GROUP};
+use crate::domain::message::ValidMessage;
+use crate::domain::queue::Queue;
+use crate::error::{ApiError, ErrorCode};
+
+static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS[1]: stream; KEYS[1 + i]: idempotency key of message i
+-- ARGV[1]: backlog bound of this partition; ARGV[2]: idempotency window (ms); ARGV[3]: recorder group
+-- message i: ARGV[1 + 3i] '1' when it has a producer id, ARGV[2 + 3i] publishedAt, ARGV[3 + 3i] envelope
+local stream = KEYS[1]
+local limit = tonumber(ARGV[1])
+local count = #KEYS - 1
+
+local function previous(i)
+  if ARGV[1 + 3 * i] == '1' then return redis.call('GET', KEYS[1 + i]) end
+  return false
+end
+
+local function backlog()
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local worst, consumers = 0, 0
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local group = {}
+    for j = 1, #info, 2 do group[info[j]] = info[j + 1] end
+    if group['name'] ~= ARGV[3] then
+      consumers = consumers + 1
+      local lag = group['lag']
+      if not lag then
+        lag = #redis.call('XRANGE', stream, '(' .. group['last-delivered-id'], '+', 'COUNT', limit + 1)
+      end
+      if lag + group['pending'] > worst then worst = lag + group['pending'] end
+    end
+  end
+  if consumers == 0 then return redis.call('XLEN', stream) end
+  return worst
+end
+
+local fresh = 0
+for i = 1, count do
+  if not previous(i) then fresh = fresh + 1 end
+end
+if fresh > 0 then
+  local current = backlog()
+  if current + fresh > limit then return {'full', tostring(current)} end
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, ARGV[3], '0', 'MKSTREAM')
+  end
+end
+local results = {'ok'}
+for i = 1, count do
+  local earlier = previous(i)
+  if earlier then
+    results[#results + 1] = 'd|' .. earlier
+  else
+    local id = redis.call('XADD', stream, '*', 'e', ARGV[3 + 3 * i])
+    if ARGV[1 + 3 * i] == '1' then
+      redis.call('SET', KEYS[1 + i], id .. '|' .. ARGV[2 + 3 * i], 'PX', ARGV[2])
+    end
+    results[#results + 1] = 'n|' .. id
+  end
+end
+return results
+"#,
+    )
+});
+
+/// Where a message was stored, or where it had been stored before (a duplicate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub offset: String,
+    pub duplicate: bool,
+    /// For a duplicate, the original's publish time (ms).
+    pub original_published_at: Option<i64>,
+}
+
+/// The outcome of a publish: per input message, `Some` when it is stored, in input order.
+/// A partition at its bound stores none of its messages; the others are unaffected, so the
+/// caller can say exactly which messages were stored.
+#[derive(Debug)]
+pub struct PublishOutcome {
+    pub stored: Vec<Option<Stored>>,
+    /// The backlog of the first partition found full.
+    pub full_backlog: Option<u64>,
+}
+
+impl Broker {
+    /// Stores `messages` (each already assigned to a partition) in one round trip.
+    pub async fn publish(
+        &self,
+        queue: &Queue,
+        messages: &[ValidMessage],
+        dedup_window_ms: u64,
+    ) -> Result<PublishOutcome, ApiError> {
+        let partition_bound = queue
+            .max_length
+            .div_ceil(u64::from(queue.partition_count.max(1)));
+        let mut chunks: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match chunks.iter_mut().find(|(p, _)| *p == message.partition) {
+                Some((_, indexes)) => indexes.push(index),
+                None => chunks.push((message.partition, vec![index])),
+            }
+        }
+        let mut pipeline = redis::pipe();
+        let bound = partition_bound.to_string();
+        let window = dedup_window_ms.to_string();
+        for (partition, indexes) in &chunks {
+            let keys = self.keys.partition(queue.id, *partition);
+            let id_keys: Vec<String> = indexes
+                .iter()
+                .map(|&i| {
+                    self.keys
+                        .idempotency(queue.id, *partition, &messages[i].envelope.message_id)
+                })
+                .collect();
+            let mut all_keys: Vec<&str> = vec![&keys.stream];
+            all_keys.extend(id_keys.iter().map(String::as_str));
+            let published_at: Vec<String> = indexes
+                .iter()
+                .map(|&i| messages[i].envelope.published_at.to_string())
+                .collect();
+            let mut args: Vec<&[u8]> = vec![
+                bound.as_bytes(),
+                window.as_bytes(),
+                RECORDER_GROUP.as_bytes(),
+            ];
+            for (n, &i) in indexes.iter().enumerate() {
+                args.push(if messages[i].producer_id { b"1" } else { b"0" });
+                args.push(published_at[n].as_bytes());
+                args.push(messages[i].encoded.as_bytes());
+            }
+            PUBLISH.add_to(&mut pipeline, &all_keys, &args);
+        }
+        let mut connection = self.pool.get().await?;
+        let replies: Vec<Vec<String>> =
+            scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
+
+        let mut outcome = PublishOutcome {
+            stored: vec![None; messages.len()],
+            full_backlog: None,
+        };
+        for ((_, indexes), reply) in chunks.iter().zip(replies) {
+            match reply.first().map(String::as_str) {
+                Some("ok") => {
+                    for (&index, result) in indexes.iter().zip(&reply[1..]) {
+                        outcome.stored[index] = Some(parse_result(result)?);
+                    }
+                }
+                Some("full") => {
+                    let backlog = reply
+                        .get(1)
+                        .and_then(|b| b.parse().ok())
+                        .unwrap_or(partition_bound);
+                    outcome.full_backlog.get_or_insert(backlog);
+                }
+                _ => {
+                    return Err(ApiError::internal(format!(
+                        "unexpected publish reply {reply:?}"
+                    )))
+                }
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+fn parse_result(result: &str) -> Result<Stored, ApiError> {
+    let unexpected = || ApiError::internal(format!("unexpected publish result '{result}'"));
+    let (kind, rest) = result.split_once('|').ok_or_else(unexpected)?;
+    match kind {
+        "n" => Ok(Stored {
+            offset: rest.to_owned(),
+            duplicate: false,
+            original_published_at: None,
+        }),
+        "d" => {
+            let (offset, published_at) = rest.split_once('|').ok_or_else(unexpected)?;
+            Ok(Stored {
+                offset: offset.to_owned(),
+                duplicate: true,
+                original_published_at: published_at.parse().ok(),
+            })
+        }
+        _ => Err(unexpected()),
+    }
+}
+
+/// The 429 for a queue at its bound.
+pub fn queue_full(queue: &Queue, backlog: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::QueueFull,
+        format!(
+            "queue '{}' is full: its un-consumed backlog reached maxLength {}",
+            queue.name, queue.max_length
+        ),
+    )
+    .with_detail("backlog", serde_json::json!(backlog))
+    .with_retry_after(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_parse() {
+        assert_eq!(
+            parse_result("n|1-0").unwrap(),
+            Stored {
+                offset: "1-0".into(),
+                duplicate: false,
+                original_published_at: None
+            }
+        );
+        assert_eq!(
+            parse_result("d|5-1|1700").unwrap(),
+            Stored {
+                offset: "5-1".into(),
+                duplicate: true,
+                original_published_at: Some(1700)
+            }
+        );
+        assert!(parse_result("x").is_err());
+    }
+}

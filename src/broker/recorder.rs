@@ -1,0 +1,174 @@
+//! The Redis side of the message recorder: a consumer group (`RECORDER_GROUP`) on every
+//! partition stream. Its pending list and lag are the recorder's durable backlog: nothing is
+//! held in memory that a crash could lose, and a restart resumes where it stopped.
+
+use std::sync::LazyLock;
+
+use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
+
+use super::scripts::{self, LuaScript};
+use super::{Broker, RECORDER_GROUP};
+use crate::error::{ApiError, ApiResult};
+
+/// 1 when the stream exists (creating the recorder group on it if missing), else 0.
+static PREPARE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+return 1
+"#,
+    )
+});
+
+/// One stream entry handed to the recorder.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub stream: String,
+    pub id: String,
+    /// The stored envelope (JSON text); `None` for an entry without one.
+    pub envelope: Option<String>,
+}
+
+impl Broker {
+    /// Which of `streams` exist; each that does gets the recorder group if it lacks it.
+    pub async fn prepare_recorder(&self, streams: &[String]) -> ApiResult<Vec<String>> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for stream in streams {
+            PREPARE.add_to(&mut pipeline, &[stream], &[RECORDER_GROUP.as_bytes()]);
+        }
+        let mut connection = self.pool.get().await?;
+        let exists: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&PREPARE]).await?;
+        Ok(streams
+            .iter()
+            .zip(exists)
+            .filter(|(_, exists)| *exists == 1)
+            .map(|(stream, _)| stream.clone())
+            .collect())
+    }
+
+    /// New entries for the recorder, waiting up to `block_ms` when there are none.
+    pub async fn read_for_recorder(
+        &self,
+        consumer: &str,
+        streams: &[String],
+        count: usize,
+        block_ms: u64,
+    ) -> ApiResult<Vec<StreamEntry>> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(RECORDER_GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(streams);
+        for _ in streams {
+            command.arg(">");
+        }
+        let mut connection = self.pool.get().await?;
+        let reply: Option<StreamReadReply> = command.query_async(&mut connection).await?;
+        Ok(reply
+            .map(|reply| {
+                reply
+                    .keys
+                    .into_iter()
+                    .flat_map(|key| {
+                        let stream = key.key;
+                        key.ids.into_iter().map(move |entry| StreamEntry {
+                            stream: stream.clone(),
+                            envelope: entry
+                                .map
+                                .get("e")
+                                .and_then(|value| String::from_redis_value(value).ok()),
+                            id: entry.id,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Takes over entries another recorder (or an earlier run of this one) read but did not
+    /// record within `min_idle_ms`, e.g. because its instance crashed.
+    pub async fn claim_stale_for_recorder(
+        &self,
+        consumer: &str,
+        stream: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> ApiResult<Vec<StreamEntry>> {
+        let mut connection = self.pool.get().await?;
+        let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(RECORDER_GROUP)
+            .arg(consumer)
+            .arg(min_idle_ms)
+            .arg("0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut connection)
+            .await?;
+        parse_autoclaim(stream, reply)
+    }
+
+    /// Acknowledges recorded entries.
+    pub async fn ack_recorded(&self, entries: &[StreamEntry]) -> ApiResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for entry in entries {
+            pipeline
+                .cmd("XACK")
+                .arg(&entry.stream)
+                .arg(RECORDER_GROUP)
+                .arg(&entry.id)
+                .ignore();
+        }
+        let mut connection = self.pool.get().await?;
+        let () = pipeline.query_async(&mut connection).await?;
+        Ok(())
+    }
+}
+
+/// XAUTOCLAIM answers `[next-id, [[id, [field, value, ...]], ...], [deleted ids]]`.
+fn parse_autoclaim(stream: &str, reply: redis::Value) -> ApiResult<Vec<StreamEntry>> {
+    let unexpected = || ApiError::internal("unexpected XAUTOCLAIM reply");
+    let redis::Value::Array(parts) = reply else {
+        return Err(unexpected());
+    };
+    let Some(redis::Value::Array(claimed)) = parts.into_iter().nth(1) else {
+        return Err(unexpected());
+    };
+    let mut entries = Vec::with_capacity(claimed.len());
+    for item in claimed {
+        let redis::Value::Array(pair) = item else {
+            continue;
+        };
+        let mut pair = pair.into_iter();
+        let (Some(id), fields) = (pair.next(), pair.next()) else {
+            continue;
+        };
+        let id = String::from_redis_value(&id).map_err(|_| unexpected())?;
+        let fields: Vec<String> = fields
+            .and_then(|f| Vec::<String>::from_redis_value(&f).ok())
+            .unwrap_or_default();
+        let envelope = fields
+            .chunks(2)
+            .find(|pair| pair.first().is_some_and(|name| name == "e"))
+            .and_then(|pair| pair.get(1).cloned());
+        entries.push(StreamEntry {
+            stream: stream.to_owned(),
+            id,
+            envelope,
+        });
+    }
+    Ok(entries)
+}

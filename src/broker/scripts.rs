@@ -1,0 +1,59 @@
+//! Lua scripts run by hash (EVALSHA), loaded on first use or after a Redis restart.
+
+use deadpool_redis::redis::{self, Pipeline};
+use deadpool_redis::Connection;
+
+pub struct LuaScript {
+    source: &'static str,
+    hash: String,
+}
+
+impl LuaScript {
+    pub fn new(source: &'static str) -> LuaScript {
+        LuaScript {
+            source,
+            hash: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// Adds one invocation to `pipeline`.
+    pub fn add_to<'p>(
+        &self,
+        pipeline: &'p mut Pipeline,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> &'p mut Pipeline {
+        let command = pipeline
+            .cmd("EVALSHA")
+            .arg(&self.hash)
+            .arg(keys.len())
+            .arg(keys);
+        for arg in args {
+            command.arg(*arg);
+        }
+        pipeline
+    }
+}
+
+/// Runs `pipeline` of script invocations; when Redis lost the scripts (restart, flush), loads
+/// them and runs it again. EVALSHA fails before executing anything, so a retry cannot apply
+/// an invocation twice.
+pub async fn run<T: redis::FromRedisValue>(
+    connection: &mut Connection,
+    pipeline: &Pipeline,
+    scripts: &[&LuaScript],
+) -> redis::RedisResult<T> {
+    match pipeline.query_async(connection).await {
+        Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
+            for script in scripts {
+                let _: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(script.source)
+                    .query_async(connection)
+                    .await?;
+            }
+            pipeline.query_async(connection).await
+        }
+        other => other,
+    }
+}

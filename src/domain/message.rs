@@ -1,0 +1,292 @@
+//! A message as a producer sends it, its validation, and the envelope stored in the stream.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::queue::{MessageFormat, Queue};
+use super::validation::Problems;
+use crate::error::{ApiError, ErrorCode};
+
+const MAX_ID_CHARS: usize = 200;
+const MAX_KEY_CHARS: usize = 1024;
+const MAX_HEADERS: usize = 64;
+const MAX_HEADER_NAME_CHARS: usize = 256;
+const MAX_HEADER_VALUE_CHARS: usize = 8192;
+const MAX_CONTENT_TYPE_CHARS: usize = 255;
+
+/// One message of a publish request (API.md "Message input").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageInput {
+    /// `None` for both an absent payload and `null`; both are refused.
+    pub payload: Option<Value>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub key: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub ttl_ms: Option<i64>,
+}
+
+/// What is stored in the stream for each message. Field names are short-lived wire names of
+/// the service itself, so they are stable: changing one strands stored messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub message_id: String,
+    pub tenant_id: String,
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    pub content_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub published_at: i64,
+    pub expires_at: i64,
+    pub payload: Value,
+}
+
+/// A message that passed validation, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidMessage {
+    pub partition: u16,
+    /// Whether the producer chose the id (then it is an idempotency key).
+    pub producer_id: bool,
+    pub envelope: Envelope,
+    /// The envelope as stored (JSON text).
+    pub encoded: String,
+}
+
+/// Request-independent facts a message is validated against.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    pub max_message_size: usize,
+    pub default_ttl_ms: i64,
+}
+
+/// Validates `input` for `queue`: field rules (400), payload size (413), schema (422).
+/// `generated_id` is used when the producer sent no `messageId`.
+pub fn validate(
+    queue: &Queue,
+    schema: Option<&jsonschema::Validator>,
+    input: MessageInput,
+    limits: MessageLimits,
+    context: &PublishContext,
+    generated_id: String,
+) -> Result<ValidMessage, ApiError> {
+    let mut problems = Problems::default();
+    let payload = input.payload.unwrap_or(Value::Null);
+    problems.check(!payload.is_null(), "payload", || {
+        "is required and must not be null".into()
+    });
+    match queue.message_format {
+        MessageFormat::Json => {}
+        MessageFormat::Text | MessageFormat::Binary => {
+            problems.check(payload.is_null() || payload.is_string(), "payload", || {
+                format!(
+                    "must be a string on a '{}' queue",
+                    queue.message_format.as_str()
+                )
+            })
+        }
+    }
+    let headers = input.headers.unwrap_or_default();
+    problems.check(headers.len() <= MAX_HEADERS, "headers", || {
+        format!("must have at most {MAX_HEADERS} entries")
+    });
+    for (name, value) in &headers {
+        problems.check(
+            !name.is_empty() && name.chars().count() <= MAX_HEADER_NAME_CHARS,
+            &format!("headers.{name}"),
+            || format!("names must be 1-{MAX_HEADER_NAME_CHARS} characters"),
+        );
+        problems.check(
+            value.chars().count() <= MAX_HEADER_VALUE_CHARS,
+            &format!("headers.{name}"),
+            || format!("values must be at most {MAX_HEADER_VALUE_CHARS} characters"),
+        );
+    }
+    check_text(
+        &mut problems,
+        "messageId",
+        input.message_id.as_deref(),
+        MAX_ID_CHARS,
+    );
+    check_text(
+        &mut problems,
+        "correlationId",
+        input.correlation_id.as_deref(),
+        MAX_ID_CHARS,
+    );
+    check_text(&mut problems, "key", input.key.as_deref(), MAX_KEY_CHARS);
+    check_text(
+        &mut problems,
+        "contentType",
+        input.content_type.as_deref(),
+        MAX_CONTENT_TYPE_CHARS,
+    );
+    let ttl_ms = match input.ttl_ms {
+        Some(ttl) if ttl < 1 => {
+            problems.add("ttlMs", format!("must be at least 1 (got {ttl})"));
+            limits.default_ttl_ms
+        }
+        Some(ttl) => ttl,
+        None => limits.default_ttl_ms,
+    };
+    problems.into_result(())?;
+
+    let encoded_payload_len = serde_json::to_vec(&payload).map_or(0, |bytes| bytes.len());
+    if encoded_payload_len > limits.max_message_size {
+        return Err(ApiError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "payload is {encoded_payload_len} bytes serialized; the limit is {} (MAX_MESSAGE_SIZE)",
+                limits.max_message_size
+            ),
+        )
+        .with_detail("fields", serde_json::json!(["payload"])));
+    }
+    if let Some(schema) = schema {
+        let reasons: Vec<String> = schema
+            .iter_errors(&payload)
+            .map(|error| {
+                let path = error.instance_path().to_string();
+                if path.is_empty() {
+                    error.to_string()
+                } else {
+                    format!("{path}: {error}")
+                }
+            })
+            .collect();
+        if !reasons.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::SchemaViolation,
+                format!("payload does not match the queue's schema: {}", reasons[0]),
+            )
+            .with_detail("errors", serde_json::json!(reasons)));
+        }
+    }
+
+    let producer_id = input.message_id.is_some();
+    let message_id = input.message_id.unwrap_or(generated_id);
+    let partition = choose_partition(
+        input.key.as_deref().unwrap_or(&message_id),
+        queue.partition_count,
+    );
+    let envelope = Envelope {
+        message_id,
+        tenant_id: queue.tenant_id.to_string(),
+        headers,
+        key: input.key,
+        correlation_id: input.correlation_id,
+        content_type: input
+            .content_type
+            .unwrap_or_else(|| "application/json".to_owned()),
+        trace_id: context.trace_id.clone(),
+        published_at: context.now_ms,
+        expires_at: context.now_ms.saturating_add(ttl_ms),
+        payload,
+    };
+    let encoded = serde_json::to_string(&envelope)
+        .map_err(|error| ApiError::internal(format!("encode envelope: {error}")))?;
+    Ok(ValidMessage {
+        partition,
+        producer_id,
+        envelope,
+        encoded,
+    })
+}
+
+fn check_text(problems: &mut Problems, field: &str, value: Option<&str>, max: usize) {
+    if let Some(text) = value {
+        problems.check(
+            !text.is_empty() && text.chars().count() <= max,
+            field,
+            || format!("must be 1-{max} characters"),
+        );
+    }
+}
+
+/// Facts of the publish request shared by all of its messages.
+#[derive(Debug, Clone)]
+pub struct PublishContext {
+    pub now_ms: i64,
+    pub trace_id: Option<String>,
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if valid.
+pub fn trace_id_from_traceparent(header: &str) -> Option<String> {
+    let mut parts = header.trim().split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let parent_id = parts.next()?;
+    let flags = parts.next()?;
+    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        && is_hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && is_hex(parent_id, 16)
+        && is_hex(flags, 2);
+    valid.then(|| trace_id.to_ascii_lowercase())
+}
+
+/// The partition of a message: a stable hash (64-bit FNV-1a) of its key, or of its id when
+/// it has none, so the same key always lands in the same partition (and so in order) and
+/// keyless messages spread evenly. The function must never change: stored messages and
+/// producers' ordering expectations depend on it.
+pub fn choose_partition(routing_key: &str, partition_count: u16) -> u16 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = routing_key.bytes().fold(OFFSET_BASIS, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
+    (hash % u64::from(partition_count.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_spreads() {
+        assert_eq!(
+            choose_partition("customer-42", 8),
+            choose_partition("customer-42", 8)
+        );
+        // Pinned values: a change here would re-route every keyed producer.
+        assert_eq!(
+            choose_partition("", 7),
+            (0xcbf2_9ce4_8422_2325u64 % 7) as u16
+        );
+        assert_eq!(choose_partition("a", 1), 0);
+        let mut seen = [0u32; 8];
+        for i in 0..8000 {
+            seen[usize::from(choose_partition(&format!("key-{i}"), 8))] += 1;
+        }
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
+    }
+
+    #[test]
+    fn traceparent() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id_from_traceparent(header).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            trace_id_from_traceparent("00-0000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(
+            trace_id_from_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(trace_id_from_traceparent("garbage"), None);
+    }
+}

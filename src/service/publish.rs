@@ -1,0 +1,192 @@
+//! Publishing: resolve the queue, authorize the producer, validate every message, store them
+//! in one round trip to Redis. PostgreSQL is not on this path (the recorder writes records
+//! behind it, and queue configuration comes from the cache).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::Tenant;
+use crate::broker::publish::{queue_full, Stored};
+use crate::domain::message::{self, MessageInput, MessageLimits, PublishContext, ValidMessage};
+use crate::domain::queue::QueueStatus;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::queue_cache::ResolvedQueue;
+use crate::service::queues;
+use crate::state::AppState;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishResult {
+    pub message_id: String,
+    pub queue: String,
+    pub partition: u16,
+    pub offset: Option<String>,
+    pub published_at: DateTime<Utc>,
+    pub duplicate: bool,
+}
+
+/// Publishes one message; `duplicate` in the result says whether it was stored before.
+pub async fn publish_one(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    input: MessageInput,
+    context: &PublishContext,
+) -> ApiResult<PublishResult> {
+    let mut results = publish(state, tenant, queue_name, vec![input], context, false).await?;
+    results
+        .pop()
+        .ok_or_else(|| ApiError::internal("publish returned no result"))
+}
+
+/// Publishes a batch: every message is validated before any is stored.
+pub async fn publish_batch(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    inputs: Vec<MessageInput>,
+    context: &PublishContext,
+) -> ApiResult<Vec<PublishResult>> {
+    let max = state.config.max_batch_size;
+    if inputs.is_empty() || inputs.len() > max {
+        return Err(ApiError::validation(
+            format!(
+                "messages must hold 1 to {max} messages (got {})",
+                inputs.len()
+            ),
+            vec!["messages".into()],
+        ));
+    }
+    publish(state, tenant, queue_name, inputs, context, true).await
+}
+
+async fn publish(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    inputs: Vec<MessageInput>,
+    context: &PublishContext,
+    batch: bool,
+) -> ApiResult<Vec<PublishResult>> {
+    let resolved = queues::resolve(state, tenant.tenant_id, queue_name)
+        .await
+        .map_err(ApiError::during_publish)?;
+    authorize_producer(&resolved, tenant)?;
+    let messages = validate_all(state, &resolved, inputs, context, batch)?;
+    let queue = &resolved.queue;
+    let outcome = state
+        .broker
+        .publish(queue, &messages, state.config.dedup_window_ms)
+        .await
+        .map_err(ApiError::during_publish)?;
+
+    let results: Vec<Option<PublishResult>> = messages
+        .iter()
+        .zip(outcome.stored)
+        .map(|(message, stored)| stored.map(|stored| result(&queue.name, message, stored)))
+        .collect();
+    match outcome.full_backlog {
+        None => Ok(results.into_iter().flatten().collect()),
+        Some(backlog) => {
+            let mut error = queue_full(queue, backlog);
+            let stored = results.iter().filter(|r| r.is_some()).count();
+            if stored > 0 {
+                // Some partitions had room: say exactly which messages were stored.
+                error.message = format!(
+                    "{}; {stored} of {} messages were stored (see details.results)",
+                    error.message,
+                    results.len()
+                );
+                error = error.with_detail("results", json!(results));
+            }
+            Err(error)
+        }
+    }
+}
+
+fn authorize_producer(resolved: &ResolvedQueue, tenant: &Tenant) -> ApiResult<()> {
+    let queue = &resolved.queue;
+    if queue.status == QueueStatus::Archived {
+        return Err(ApiError::new(
+            ErrorCode::QueueArchived,
+            format!("queue '{}' is archived and accepts no messages", queue.name),
+        ));
+    }
+    if !queue.allowed_producers.is_empty() && !queue.allowed_producers.contains(&tenant.principal) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "principal '{}' may not publish to queue '{}'",
+                tenant.principal, queue.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_all(
+    state: &AppState,
+    resolved: &ResolvedQueue,
+    inputs: Vec<MessageInput>,
+    context: &PublishContext,
+    batch: bool,
+) -> ApiResult<Vec<ValidMessage>> {
+    let limits = MessageLimits {
+        max_message_size: state.config.max_message_size,
+        default_ttl_ms: i64::try_from(state.config.default_ttl_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+    };
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(index, input)| {
+            message::validate(
+                &resolved.queue,
+                resolved.schema.as_deref(),
+                input,
+                limits,
+                context,
+                uuid::Uuid::now_v7().to_string(),
+            )
+            .map_err(|error| {
+                if batch {
+                    at_batch_index(error, index)
+                } else {
+                    error
+                }
+            })
+        })
+        .collect()
+}
+
+/// Re-addresses an error about one message to its place in the batch.
+pub fn at_batch_index(mut error: ApiError, index: usize) -> ApiError {
+    if let Some(fields) = error
+        .details
+        .get_mut("fields")
+        .and_then(|f| f.as_array_mut())
+    {
+        for field in fields.iter_mut() {
+            if let Some(name) = field.as_str() {
+                *field = json!(format!("messages[{index}].{name}"));
+            }
+        }
+    }
+    error.message = format!("messages[{index}]: {}", error.message);
+    error.with_detail("index", json!(index))
+}
+
+fn result(queue: &str, message: &ValidMessage, stored: Stored) -> PublishResult {
+    let published_at_ms = stored
+        .original_published_at
+        .unwrap_or(message.envelope.published_at);
+    PublishResult {
+        message_id: message.envelope.message_id.clone(),
+        queue: queue.to_owned(),
+        partition: message.partition,
+        offset: Some(stored.offset),
+        published_at: DateTime::from_timestamp_millis(published_at_ms).unwrap_or_default(),
+        duplicate: stored.duplicate,
+    }
+}
