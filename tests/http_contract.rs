@@ -135,23 +135,17 @@ async fn malformed_and_mistyped_bodies_are_400() {
         let (status, body) = read(response).await;
         assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
     }
-    let (status, body) = read(
-        app.request(Method::POST, QUEUES)
-            .json(&json!(["a", "list"]))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app
+        .call(Method::POST, QUEUES, Some(json!(["a", "list"])))
+        .await;
     assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
-    let (status, body) = read(
-        app.request(Method::POST, QUEUES)
-            .json(&json!({"name": "q", "isPublic": "yes", "partitionCount": 1.5}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            QUEUES,
+            Some(json!({"name": "q", "isPublic": "yes", "partitionCount": 1.5})),
+        )
+        .await;
     assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
     assert_eq!(
         body["details"]["fields"],
@@ -187,14 +181,7 @@ async fn a_body_over_max_request_bytes_is_413() {
 async fn a_five_megabyte_body_within_the_request_limit_gets_a_validation_error() {
     let app = TestApp::spawn().await;
     let body = json!({"name": "q", "description": "x".repeat(5 * 1024 * 1024)});
-    let (status, error) = read(
-        app.request(Method::POST, QUEUES)
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, error) = app.call(Method::POST, QUEUES, Some(body.clone())).await;
     assert_error(status, &error, 400, "MQ_VALIDATION_ERROR");
     assert_eq!(error["details"]["fields"], json!(["description"]));
     assert_still_healthy(&app).await;

@@ -2,20 +2,14 @@
 
 mod common;
 
-use common::{read, TestApp, JWT_SECRET, SERVICE_TOKEN};
+use common::{TestApp, JWT_SECRET, SERVICE_TOKEN};
 use reqwest::Method;
 use serde_json::json;
 
 #[tokio::test]
 async fn health_reports_both_dependencies_up() {
     let app = TestApp::spawn().await;
-    let (status, body) = read(
-        app.anonymous(Method::GET, "/api/v1/mq/health")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app.get_anonymous("/api/v1/mq/health").await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
     assert_eq!(body["checks"]["redis"]["status"], "up");
@@ -152,6 +146,6 @@ async fn metrics_can_be_disabled() {
         env.insert("METRICS_ENABLED".into(), "false".into());
     })
     .await;
-    let (status, body) = read(app.anonymous(Method::GET, "/metrics").send().await.unwrap()).await;
+    let (status, body) = app.get_anonymous("/metrics").await;
     common::assert_error(status, &body, 404, "MQ_NOT_FOUND");
 }

@@ -3,7 +3,6 @@
 
 mod common;
 
-use common::proxy::TcpProxy;
 use common::{assert_error, read, TestApp};
 use reqwest::Method;
 use serde_json::json;
@@ -27,13 +26,7 @@ async fn redis_down_is_503_and_reported_by_health() {
         env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
     })
     .await;
-    let (status, body) = read(
-        app.anonymous(Method::GET, "/api/v1/mq/health")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app.get_anonymous("/api/v1/mq/health").await;
     assert_eq!(status, 503);
     assert_eq!(body["status"], "down");
     assert_eq!(body["checks"]["redis"]["status"], "down");
@@ -56,37 +49,18 @@ async fn redis_down_is_503_and_reported_by_health() {
         assert_unavailable(status, &body, header.as_deref());
     }
     // The failed delete removed nothing.
-    let (status, list) = read(
-        app.request(Method::GET, "/api/v1/mq/queues")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = app.call(Method::GET, "/api/v1/mq/queues", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["total"], 1);
 }
 
 #[tokio::test]
 async fn postgres_cut_and_restored() {
-    let database = common::TestDatabase::create().await;
-    let target = common::url_socket_address(&database.url, 5432).await;
-    let proxy = TcpProxy::start(target).await;
-    let proxied_url = common::with_authority(&database.url, &proxy.address.to_string());
-    let app = TestApp::spawn_with(|env| {
-        env.insert("DATABASE_URL".into(), proxied_url.clone());
-    })
-    .await;
+    let (app, proxy) = TestApp::spawn_behind_postgres_proxy().await;
     app.create_queue(json!({"name": "before"})).await;
 
     proxy.cut();
-    let (status, body) = read(
-        app.anonymous(Method::GET, "/api/v1/mq/health")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app.get_anonymous("/api/v1/mq/health").await;
     assert_eq!(status, 503);
     assert_eq!(body["checks"]["postgres"]["status"], "down");
     assert_eq!(body["checks"]["redis"]["status"], "up");
@@ -105,17 +79,10 @@ async fn postgres_cut_and_restored() {
 
     proxy.restore();
     app.create_queue(json!({"name": "after"})).await;
-    let (status, list) = read(
-        app.request(Method::GET, "/api/v1/mq/queues")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = app.call(Method::GET, "/api/v1/mq/queues", None).await;
     assert_eq!(status, 200);
     assert_eq!(
         list["total"], 2,
         "only the queues acknowledged with 201 exist: {list}"
     );
-    drop(database);
 }

@@ -5,10 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use sqlx::Connection;
-
-use common::proxy::TcpProxy;
-use common::{assert_error, read, TestApp};
+use common::{assert_error, eventually, queue_id, read, stream_entries, TestApp};
 use deadpool_redis::redis::{self, AsyncCommands};
 use mq::broker::keys::KeyLayout;
 use mq::domain::message::choose_partition;
@@ -17,49 +14,13 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 async fn publish(app: &TestApp, body: Value) -> (u16, Value) {
-    read(
-        app.request(Method::POST, "/api/v1/mq/publish")
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    app.call(Method::POST, "/api/v1/mq/publish", Some(body.clone()))
+        .await
 }
 
 async fn publish_batch(app: &TestApp, body: Value) -> (u16, Value) {
-    read(
-        app.request(Method::POST, "/api/v1/mq/publish/batch")
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
-fn queue_id(queue: &Value) -> Uuid {
-    queue["id"].as_str().unwrap().parse().unwrap()
-}
-
-/// (entry id, envelope) of every entry of one partition stream, in order.
-async fn stream_entries(app: &TestApp, queue: &Value, partition: u16) -> Vec<(String, Value)> {
-    let keys = KeyLayout::new(&app.redis.prefix).partition(queue_id(queue), partition);
-    let mut redis = app.redis.connection().await;
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(&keys.stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis)
+    app.call(Method::POST, "/api/v1/mq/publish/batch", Some(body.clone()))
         .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            let envelope = fields.into_iter().find(|(name, _)| name == "e").unwrap().1;
-            (id, serde_json::from_str(&envelope).unwrap())
-        })
-        .collect()
 }
 
 async fn stored_count(app: &TestApp, queue: &Value) -> usize {
@@ -68,24 +29,6 @@ async fn stored_count(app: &TestApp, queue: &Value) -> usize {
         total += stream_entries(app, queue, partition).await.len();
     }
     total
-}
-
-/// Polls `check` until it holds or `timeout` passes.
-async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -134,13 +77,9 @@ async fn publish_stores_the_envelope_and_answers_the_result() {
         chrono::DateTime::parse_from_rfc3339(result["publishedAt"].as_str().unwrap()).unwrap();
     assert_eq!(answered.timestamp_millis(), published_at);
 
-    let (_, fetched) = read(
-        app.request(Method::GET, "/api/v1/mq/queues/orders")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, fetched) = app
+        .call(Method::GET, "/api/v1/mq/queues/orders", None)
+        .await;
     assert_eq!(fetched["stats"]["messageCount"], 1);
     assert_eq!(
         fetched["stats"]["lag"], 0,
@@ -168,25 +107,23 @@ async fn default_ttl_applies_without_ttl_ms() {
 async fn topic_route_publishes_by_path_name() {
     let app = TestApp::spawn().await;
     let queue = app.create_queue(json!({"name": "events.v1"})).await;
-    let (status, result) = read(
-        app.request(Method::POST, "/api/v1/mq/topics/events.v1/publish")
-            .json(&json!({"payload": "hello", "messageId": "evt-1"}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, result) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/topics/events.v1/publish",
+            Some(json!({"payload": "hello", "messageId": "evt-1"})),
+        )
+        .await;
     assert_eq!(status, 201, "{result}");
     assert_eq!(result["messageId"], "evt-1");
     assert_eq!(stored_count(&app, &queue).await, 1);
-    let (status, error) = read(
-        app.request(Method::POST, "/api/v1/mq/topics/nope/publish")
-            .json(&json!({"payload": 1}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, error) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/topics/nope/publish",
+            Some(json!({"payload": 1})),
+        )
+        .await;
     assert_error(status, &error, 404, "MQ_QUEUE_NOT_FOUND");
 }
 
@@ -323,14 +260,13 @@ async fn schema_changes_apply_to_the_next_publish() {
             .0,
         201
     );
-    let (status, updated) = read(
-        app.request(Method::PUT, "/api/v1/mq/queues/q")
-            .json(&json!({"schemaDefinition": {"type": "object"}}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, updated) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/q",
+            Some(json!({"schemaDefinition": {"type": "object"}})),
+        )
+        .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(
         updated["schemaDefinition"],
@@ -690,14 +626,7 @@ async fn records_appear_in_postgres() {
 
 #[tokio::test]
 async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
-    let database = common::TestDatabase::create().await;
-    let target = common::url_socket_address(&database.url, 5432).await;
-    let proxy = TcpProxy::start(target).await;
-    let proxied_url = common::with_authority(&database.url, &proxy.address.to_string());
-    let app = TestApp::spawn_with(|env| {
-        env.insert("DATABASE_URL".into(), proxied_url.clone());
-    })
-    .await;
+    let (app, proxy) = TestApp::spawn_behind_postgres_proxy().await;
     app.create_queue(json!({"name": "q"})).await;
     assert_eq!(
         publish(&app, json!({"queue": "q", "payload": "before"}))
@@ -705,9 +634,7 @@ async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
             .0,
         201
     );
-    let mut db = sqlx::PgConnection::connect_with(&database.url.parse().unwrap())
-        .await
-        .unwrap();
+    let mut db = app.database.connect().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while count_records(&mut db).await < 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -731,13 +658,7 @@ async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
         1,
         "nothing can be recorded while cut"
     );
-    let (_, status_body) = read(
-        app.anonymous(Method::GET, "/api/v1/mq/status")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, status_body) = app.get_anonymous("/api/v1/mq/status").await;
     assert_eq!(
         status_body["recordWriter"]["status"], "retrying",
         "{status_body}"
@@ -753,13 +674,7 @@ async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
         8,
         "records caught up after the outage"
     );
-    let (_, status_body) = read(
-        app.anonymous(Method::GET, "/api/v1/mq/status")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, status_body) = app.get_anonymous("/api/v1/mq/status").await;
     assert_eq!(status_body["recordWriter"]["status"], "ok");
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_error, read, TestApp};
+use common::{assert_error, queue_id, read, TestApp};
 use deadpool_redis::redis::{self, AsyncCommands};
 use mq::broker::keys::KeyLayout;
 use reqwest::Method;
@@ -10,17 +10,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 async fn get_queue(app: &TestApp, name: &str) -> (u16, Value) {
-    read(
-        app.request(Method::GET, &format!("/api/v1/mq/queues/{name}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
-fn queue_id(queue: &Value) -> Uuid {
-    queue["id"].as_str().unwrap().parse().unwrap()
+    app.call(Method::GET, &format!("/api/v1/mq/queues/{name}"), None)
+        .await
 }
 
 #[tokio::test]
@@ -73,14 +64,13 @@ async fn max_length_defaults_to_the_configured_limit() {
 async fn duplicate_name_is_409_but_other_tenants_may_reuse_it() {
     let app = TestApp::spawn().await;
     app.create_queue(json!({"name": "orders"})).await;
-    let (status, body) = read(
-        app.request(Method::POST, "/api/v1/mq/queues")
-            .json(&json!({"name": "orders"}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "orders"})),
+        )
+        .await;
     assert_error(status, &body, 409, "MQ_QUEUE_EXISTS");
 
     let other = Uuid::new_v4();
@@ -143,24 +133,13 @@ async fn create_validation_names_the_fields() {
         (json!({"name": 5}), json!(["name"])),
     ];
     for (body, fields) in cases {
-        let (status, error) = read(
-            app.request(Method::POST, "/api/v1/mq/queues")
-                .json(&body)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, error) = app
+            .call(Method::POST, "/api/v1/mq/queues", Some(body.clone()))
+            .await;
         assert_error(status, &error, 400, "MQ_VALIDATION_ERROR");
         assert_eq!(error["details"]["fields"], fields, "for {body}: {error}");
     }
-    let (status, list) = read(
-        app.request(Method::GET, "/api/v1/mq/queues")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = app.call(Method::GET, "/api/v1/mq/queues", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["total"], 0, "nothing was created by invalid requests");
 }
@@ -350,14 +329,9 @@ async fn update_is_partial_and_guards_immutable_fields() {
     assert_eq!(status, 200);
     assert_eq!(queue["status"], "archived");
 
-    let (status, error) = read(
-        app.request(Method::PUT, "/api/v1/mq/queues/missing")
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, error) = app
+        .call(Method::PUT, "/api/v1/mq/queues/missing", Some(json!({})))
+        .await;
     assert_error(status, &error, 404, "MQ_QUEUE_NOT_FOUND");
 }
 
@@ -451,13 +425,9 @@ async fn purge_empties_the_queue_but_keeps_groups_and_config() {
         .await
         .unwrap();
 
-    let (status, body) = read(
-        app.request(Method::POST, "/api/v1/mq/queues/orders/purge")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = app
+        .call(Method::POST, "/api/v1/mq/queues/orders/purge", None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body, json!({"purged": 6}));
 
@@ -465,24 +435,20 @@ async fn purge_empties_the_queue_but_keeps_groups_and_config() {
     assert_eq!(queue["stats"]["messageCount"], 0);
     assert_eq!(queue["stats"]["delayedCount"], 0);
     assert_eq!(queue["partitionCount"], 3);
-    let groups: redis::Value = redis::cmd("XINFO")
+    let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(&keys.stream)
         .query_async(&mut redis)
         .await
         .unwrap();
     assert!(
-        matches!(groups, redis::Value::Array(ref g) if g.len() == 1),
-        "group kept: {groups:?}"
+        groups.groups.iter().any(|group| group.name == "billing"),
+        "consumer group kept"
     );
 
-    let (_, body) = read(
-        app.request(Method::POST, "/api/v1/mq/queues/orders/purge")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, body) = app
+        .call(Method::POST, "/api/v1/mq/queues/orders/purge", None)
+        .await;
     assert_eq!(body, json!({"purged": 0}));
 }
 

@@ -224,8 +224,27 @@ impl TestApp {
     /// Starts the service with `customize` applied to its environment.
     pub async fn spawn_with(customize: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
         let database = TestDatabase::create().await;
+        let url = database.url.clone();
+        Self::start(database, &url, customize).await
+    }
+
+    /// Starts the service reaching its database through a TCP proxy the test can cut.
+    /// `database.connect()` still reaches the database directly.
+    pub async fn spawn_behind_postgres_proxy() -> (TestApp, proxy::TcpProxy) {
+        let database = TestDatabase::create().await;
+        let target = url_socket_address(&database.url, 5432).await;
+        let proxy = proxy::TcpProxy::start(target).await;
+        let proxied_url = with_authority(&database.url, &proxy.address.to_string());
+        (Self::start(database, &proxied_url, |_| {}).await, proxy)
+    }
+
+    async fn start(
+        database: TestDatabase,
+        database_url: &str,
+        customize: impl FnOnce(&mut HashMap<String, String>),
+    ) -> TestApp {
         let redis = TestRedis::new();
-        let mut env = base_env(&database.url, &redis.prefix);
+        let mut env = base_env(database_url, &redis.prefix);
         customize(&mut env);
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
         let application = Application::build(config).await.expect("service builds");
@@ -275,6 +294,26 @@ impl TestApp {
 
     pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
         self.client.request(method, self.url(path))
+    }
+
+    /// Sends `method path` (with a JSON body when given) as the default tenant.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        read(request.send().await.expect("request")).await
+    }
+
+    /// `GET path` without credentials.
+    pub async fn get_anonymous(&self, path: &str) -> (u16, Value) {
+        read(
+            self.anonymous(Method::GET, path)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn create_queue(&self, body: Value) -> Value {
@@ -345,4 +384,56 @@ pub fn assert_error(status: u16, body: &Value, expected_status: u16, expected_co
         "error without a message: {body}"
     );
     assert!(body["details"].is_object(), "error without details: {body}");
+}
+
+/// The queue id of a queue resource.
+pub fn queue_id(queue: &Value) -> Uuid {
+    queue["id"]
+        .as_str()
+        .expect("queue id")
+        .parse()
+        .expect("UUID")
+}
+
+/// (entry id, envelope) of every entry of one partition stream of `queue`, in order.
+pub async fn stream_entries(app: &TestApp, queue: &Value, partition: u16) -> Vec<(String, Value)> {
+    let keys =
+        mq::broker::keys::KeyLayout::new(&app.redis.prefix).partition(queue_id(queue), partition);
+    let mut redis = app.redis.connection().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&keys.stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let envelope = fields
+                .into_iter()
+                .find(|(name, _)| name == "e")
+                .expect("envelope")
+                .1;
+            (id, serde_json::from_str(&envelope).expect("envelope JSON"))
+        })
+        .collect()
+}
+
+/// Polls `check` until it holds or `timeout` passes; whether it held.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
