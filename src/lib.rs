@@ -61,6 +61,8 @@ impl Application {
             workers: Workers::default(),
             queue_cache: Arc::new(service::queue_cache::QueueCache::default()),
             recorder: Arc::default(),
+            scheduler: Arc::default(),
+            partitions: Arc::default(),
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),
@@ -96,6 +98,12 @@ impl Application {
             .workers
             .spawn("health_monitor", shutdown.clone(), move |token| {
                 workers::health_monitor::run(state.clone(), token)
+            });
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("scheduler", shutdown.clone(), move |token| {
+                workers::scheduler::run(state.clone(), token)
             });
         let state = self.state.clone();
         self.state

@@ -10,9 +10,11 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::service::partitions::PartitionDirectory;
 use crate::service::queue_cache::QueueCache;
 use crate::store::Store;
 use crate::workers::recorder::RecorderStatus;
+use crate::workers::scheduler::SchedulerStatus;
 use crate::workers::Workers;
 
 #[derive(Clone)]
@@ -25,6 +27,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub queue_cache: Arc<QueueCache>,
     pub recorder: Arc<RecorderStatus>,
+    pub scheduler: Arc<SchedulerStatus>,
+    pub partitions: Arc<PartitionDirectory>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

@@ -2,6 +2,7 @@
 //! SQL appears below this module.
 
 pub mod extract;
+mod messages;
 mod monitoring;
 mod publish;
 mod queues;
@@ -35,9 +36,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/mq/queues/{name}/purge", post(queues::purge))
         .route("/api/v1/mq/publish", post(publish::publish))
         .route("/api/v1/mq/publish/batch", post(publish::publish_batch))
+        .route("/api/v1/mq/publish/delayed", post(publish::publish_delayed))
+        .route("/api/v1/mq/publish/scheduled", post(publish::publish_scheduled))
         .route(
             "/api/v1/mq/topics/{name}/publish",
             post(publish::publish_to_topic),
+        )
+        .route(
+            "/api/v1/mq/messages/{message_id}",
+            get(messages::get).delete(messages::cancel),
         )
         .route("/api/v1/mq/health", get(monitoring::health))
         .route("/api/v1/mq/status", get(monitoring::status))

@@ -44,6 +44,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "uptimeSeconds": state.started.elapsed().as_secs(),
         "workers": workers,
         "recordWriter": state.recorder.report(),
+        "scheduler": state.scheduler.report(),
         "limits": {
             "maxMessageSize": config.max_message_size,
             "maxRequestBytes": config.max_request_bytes,

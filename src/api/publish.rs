@@ -44,16 +44,64 @@ fn required_queue(body: &mut Map<String, Value>) -> ApiResult<String> {
     }
 }
 
+/// Which time field a route requires.
+#[derive(Clone, Copy)]
+enum Timing {
+    Any,
+    Delayed,
+    Scheduled,
+}
+
+async fn publish_with_queue_in_body(
+    tenant: Tenant,
+    state: AppState,
+    headers: HeaderMap,
+    mut body: Map<String, Value>,
+    timing: Timing,
+) -> ApiResult<Response> {
+    let queue = required_queue(&mut body)?;
+    let input: MessageInput = decode_value(Value::Object(body))?;
+    match timing {
+        Timing::Delayed if input.delay_ms.is_none() => {
+            return Err(ApiError::validation("delayMs is required", vec!["delayMs".into()]));
+        }
+        Timing::Scheduled if input.scheduled_at.is_none() => {
+            return Err(ApiError::validation(
+                "scheduledAt is required",
+                vec!["scheduledAt".into()],
+            ));
+        }
+        _ => {}
+    }
+    let result = publish::publish_one(&state, &tenant, &queue, input, &context(&headers)).await?;
+    Ok(respond(result))
+}
+
 pub async fn publish(
     tenant: Tenant,
     State(state): State<AppState>,
     headers: HeaderMap,
-    ApiJson(mut body): ApiJson<Map<String, Value>>,
+    ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> ApiResult<Response> {
-    let queue = required_queue(&mut body)?;
-    let input: MessageInput = decode_value(Value::Object(body))?;
-    let result = publish::publish_one(&state, &tenant, &queue, input, &context(&headers)).await?;
-    Ok(respond(result))
+    publish_with_queue_in_body(tenant, state, headers, body, Timing::Any).await
+}
+
+pub async fn publish_delayed(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Map<String, Value>>,
+) -> ApiResult<Response> {
+    publish_with_queue_in_body(tenant, state, headers, body, Timing::Delayed).await
+}
+
+pub async fn publish_scheduled(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Map<String, Value>>,
+) -> ApiResult<Response> {
+    publish_with_queue_in_body(tenant, state, headers, body, Timing::Scheduled).await
 }
 
 pub async fn publish_to_topic(

@@ -6,10 +6,12 @@
 //!
 //! ```text
 //! <prefix>{<queue id>.<p>}:stream    the partition's stream (the messages)
-//! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by due time
-//! <prefix>{<queue id>.<p>}:pending   hash of delayed message id -> envelope, until released
-//! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record "<offset>|<publishedAt>",
-//!                                    expiring after DEDUP_WINDOW_MS
+//! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by the time
+//!                                    the scheduler handles them (due time, or expiry if sooner)
+//! <prefix>{<queue id>.<p>}:delayed-envelopes  hash of delayed message id -> envelope
+//! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
+//!                                    for the recorder; entries are deleted once recorded
+//! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
 //! ```
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
@@ -29,12 +31,13 @@ pub struct PartitionKeys {
     pub stream: String,
     pub delayed: String,
     pub delayed_envelopes: String,
+    pub journal: String,
 }
 
 impl PartitionKeys {
     /// Every key that holds this partition's data, for deletion.
-    pub fn all(&self) -> [&str; 3] {
-        [&self.stream, &self.delayed, &self.delayed_envelopes]
+    pub fn all(&self) -> [&str; 4] {
+        [&self.stream, &self.delayed, &self.delayed_envelopes, &self.journal]
     }
 }
 
@@ -50,8 +53,14 @@ impl KeyLayout {
         PartitionKeys {
             stream: format!("{tag}:stream"),
             delayed: format!("{tag}:delayed"),
-            delayed_envelopes: format!("{tag}:pending"),
+            delayed_envelopes: format!("{tag}:delayed-envelopes"),
+            journal: format!("{tag}:journal"),
         }
+    }
+
+    /// Whether `key` is a partition's journal (as opposed to its message stream).
+    pub fn is_journal(key: &str) -> bool {
+        key.ends_with(":journal")
     }
 
     /// Remembers a producer's `messageId` for the idempotency window. It lives in the slot of

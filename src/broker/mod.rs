@@ -5,6 +5,7 @@
 pub mod keys;
 pub mod publish;
 pub mod recorder;
+pub mod scheduler;
 mod scripts;
 
 use std::sync::LazyLock;
@@ -156,7 +157,11 @@ impl Broker {
     pub async fn purge_queue(&self, queue: &Queue) -> ApiResult<u64> {
         let mut pipeline = redis::pipe();
         for keys in self.keys.partitions(queue.id, queue.partition_count) {
-            PARTITION_PURGE.add_to(&mut pipeline, &keys.all(), &[]);
+            PARTITION_PURGE.add_to(
+                &mut pipeline,
+                &[&keys.stream, &keys.delayed, &keys.delayed_envelopes],
+                &[],
+            );
         }
         let mut connection = self.pool.get().await?;
         let removed: Vec<u64> =

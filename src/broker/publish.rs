@@ -25,20 +25,34 @@ use crate::error::{ApiError, ErrorCode};
 static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS[1]: stream; KEYS[1 + i]: idempotency key of message i
--- ARGV[1]: backlog bound of this partition; ARGV[2]: idempotency window (ms); ARGV[3]: recorder group
--- message i: ARGV[1 + 3i] '1' when it has a producer id, ARGV[2 + 3i] publishedAt, ARGV[3 + 3i] envelope
-local stream = KEYS[1]
+-- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] delayed envelopes, KEYS[4] journal,
+-- KEYS[4 + i] idempotency key of message i.
+-- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder group.
+-- Message i, ARGV[3 + 7(i-1) + n] for n = 1..7: '1' when it has a producer id, publishedAt,
+-- scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt, message id,
+-- envelope.
+local stream, delayed, envelopes, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local limit = tonumber(ARGV[1])
-local count = #KEYS - 1
+local count = #KEYS - 4
+
+local function arg(i, n) return ARGV[3 + 7 * (i - 1) + n] end
 
 local function previous(i)
-  if ARGV[1 + 3 * i] == '1' then return redis.call('GET', KEYS[1 + i]) end
+  if arg(i, 1) == '1' then return redis.call('GET', KEYS[4 + i]) end
   return false
 end
 
+local function ensure_group(key)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
+  end
+end
+
+-- The un-consumed backlog: the slowest consumer group's pending plus undelivered entries (the
+-- whole stream while no group reads it), plus the messages still waiting to be released.
 local function backlog()
-  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local waiting = redis.call('ZCARD', delayed)
+  if redis.call('EXISTS', stream) == 0 then return waiting end
   local worst, consumers = 0, 0
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local group = {}
@@ -52,8 +66,8 @@ local function backlog()
       if lag + group['pending'] > worst then worst = lag + group['pending'] end
     end
   end
-  if consumers == 0 then return redis.call('XLEN', stream) end
-  return worst
+  if consumers == 0 then return waiting + redis.call('XLEN', stream) end
+  return waiting + worst
 end
 
 local fresh = 0
@@ -63,9 +77,6 @@ end
 if fresh > 0 then
   local current = backlog()
   if current + fresh > limit then return {'full', tostring(current)} end
-  if redis.call('EXISTS', stream) == 0 then
-    redis.call('XGROUP', 'CREATE', stream, ARGV[3], '0', 'MKSTREAM')
-  end
 end
 local results = {'ok'}
 for i = 1, count do
@@ -73,11 +84,23 @@ for i = 1, count do
   if earlier then
     results[#results + 1] = 'd|' .. earlier
   else
-    local id = redis.call('XADD', stream, '*', 'e', ARGV[3 + 3 * i])
-    if ARGV[1 + 3 * i] == '1' then
-      redis.call('SET', KEYS[1 + i], id .. '|' .. ARGV[2 + 3 * i], 'PX', ARGV[2])
+    local offset = ''
+    local envelope = arg(i, 7)
+    if arg(i, 4) == '' then
+      ensure_group(stream)
+      offset = redis.call('XADD', stream, '*', 'e', envelope)
+      results[#results + 1] = 'n|' .. offset
+    else
+      -- Stored as '<expiresAt>|<envelope>' so the scheduler tells expiry without decoding.
+      redis.call('ZADD', delayed, arg(i, 4), arg(i, 6))
+      redis.call('HSET', envelopes, arg(i, 6), arg(i, 5) .. '|' .. envelope)
+      ensure_group(journal)
+      redis.call('XADD', journal, '*', 'k', 'scheduled', 'e', envelope)
+      results[#results + 1] = 's|'
     end
-    results[#results + 1] = 'n|' .. id
+    if arg(i, 1) == '1' then
+      redis.call('SET', KEYS[4 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
+    end
   end
 end
 return results
@@ -88,10 +111,13 @@ return results
 /// Where a message was stored, or where it had been stored before (a duplicate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
-    pub offset: String,
+    /// The stream entry id; `None` while the message waits for its delivery time.
+    pub offset: Option<String>,
     pub duplicate: bool,
     /// For a duplicate, the original's publish time (ms).
     pub original_published_at: Option<i64>,
+    /// For a duplicate, the original's requested delivery time (ms), if it had one.
+    pub original_scheduled_at: Option<i64>,
 }
 
 /// The outcome of a publish: per input message, `Some` when it is stored, in input order.
@@ -127,6 +153,18 @@ impl Broker {
         let window = dedup_window_ms.to_string();
         for (partition, indexes) in &chunks {
             let keys = self.keys.partition(queue.id, *partition);
+            let per_message: Vec<[String; 4]> = indexes
+                .iter()
+                .map(|&i| {
+                    let envelope = &messages[i].envelope;
+                    [
+                        envelope.published_at.to_string(),
+                        envelope.scheduled_at.map(|t| t.to_string()).unwrap_or_default(),
+                        messages[i].hold_until.map(|t| t.to_string()).unwrap_or_default(),
+                        envelope.expires_at.to_string(),
+                    ]
+                })
+                .collect();
             let id_keys: Vec<String> = indexes
                 .iter()
                 .map(|&i| {
@@ -134,12 +172,13 @@ impl Broker {
                         .idempotency(queue.id, *partition, &messages[i].envelope.message_id)
                 })
                 .collect();
-            let mut all_keys: Vec<&str> = vec![&keys.stream];
+            let mut all_keys: Vec<&str> = vec![
+                &keys.stream,
+                &keys.delayed,
+                &keys.delayed_envelopes,
+                &keys.journal,
+            ];
             all_keys.extend(id_keys.iter().map(String::as_str));
-            let published_at: Vec<String> = indexes
-                .iter()
-                .map(|&i| messages[i].envelope.published_at.to_string())
-                .collect();
             let mut args: Vec<&[u8]> = vec![
                 bound.as_bytes(),
                 window.as_bytes(),
@@ -147,7 +186,10 @@ impl Broker {
             ];
             for (n, &i) in indexes.iter().enumerate() {
                 args.push(if messages[i].producer_id { b"1" } else { b"0" });
-                args.push(published_at[n].as_bytes());
+                for value in &per_message[n] {
+                    args.push(value.as_bytes());
+                }
+                args.push(messages[i].envelope.message_id.as_bytes());
                 args.push(messages[i].encoded.as_bytes());
             }
             PUBLISH.add_to(&mut pipeline, &all_keys, &args);
@@ -188,18 +230,22 @@ impl Broker {
 fn parse_result(result: &str) -> Result<Stored, ApiError> {
     let unexpected = || ApiError::internal(format!("unexpected publish result '{result}'"));
     let (kind, rest) = result.split_once('|').ok_or_else(unexpected)?;
+    let offset = |text: &str| (!text.is_empty()).then(|| text.to_owned());
     match kind {
-        "n" => Ok(Stored {
-            offset: rest.to_owned(),
+        "n" | "s" => Ok(Stored {
+            offset: offset(rest),
             duplicate: false,
             original_published_at: None,
+            original_scheduled_at: None,
         }),
         "d" => {
-            let (offset, published_at) = rest.split_once('|').ok_or_else(unexpected)?;
+            let mut parts = rest.split('|');
+            let stored_offset = parts.next().ok_or_else(unexpected)?;
             Ok(Stored {
-                offset: offset.to_owned(),
+                offset: offset(stored_offset),
                 duplicate: true,
-                original_published_at: published_at.parse().ok(),
+                original_published_at: parts.next().and_then(|t| t.parse().ok()),
+                original_scheduled_at: parts.next().and_then(|t| t.parse().ok()),
             })
         }
         _ => Err(unexpected()),
@@ -225,22 +271,15 @@ mod tests {
 
     #[test]
     fn results_parse() {
-        assert_eq!(
-            parse_result("n|1-0").unwrap(),
-            Stored {
-                offset: "1-0".into(),
-                duplicate: false,
-                original_published_at: None
-            }
-        );
-        assert_eq!(
-            parse_result("d|5-1|1700").unwrap(),
-            Stored {
-                offset: "5-1".into(),
-                duplicate: true,
-                original_published_at: Some(1700)
-            }
-        );
+        let stored = parse_result("n|1-0").unwrap();
+        assert_eq!((stored.offset.as_deref(), stored.duplicate), (Some("1-0"), false));
+        let delayed = parse_result("s|").unwrap();
+        assert_eq!((delayed.offset, delayed.duplicate), (None, false));
+        let duplicate = parse_result("d|5-1|1700|").unwrap();
+        assert_eq!(duplicate.offset.as_deref(), Some("5-1"));
+        assert_eq!((duplicate.original_published_at, duplicate.original_scheduled_at), (Some(1700), None));
+        let delayed_duplicate = parse_result("d||1700|1900").unwrap();
+        assert_eq!((delayed_duplicate.offset, delayed_duplicate.original_scheduled_at), (None, Some(1900)));
         assert!(parse_result("x").is_err());
     }
 }

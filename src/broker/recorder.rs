@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
 
+use super::keys::KeyLayout;
 use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::{ApiError, ApiResult};
@@ -21,13 +22,40 @@ return 1
     )
 });
 
-/// One stream entry handed to the recorder.
-#[derive(Debug, Clone)]
+/// One entry of a message stream or a journal, handed to the recorder.
+#[derive(Debug, Clone, Default)]
 pub struct StreamEntry {
     pub stream: String,
     pub id: String,
-    /// The stored envelope (JSON text); `None` for an entry without one.
+    /// The stored envelope (JSON text), field `e`.
     pub envelope: Option<String>,
+    /// A journal event's kind (`scheduled`, `expired`, `cancelled`), field `k`.
+    pub event: Option<String>,
+    /// A journal event's message id, field `id`.
+    pub message_id: Option<String>,
+}
+
+impl StreamEntry {
+    fn from_fields<'a>(
+        stream: &str,
+        id: String,
+        fields: impl Iterator<Item = (&'a str, String)>,
+    ) -> StreamEntry {
+        let mut entry = StreamEntry {
+            stream: stream.to_owned(),
+            id,
+            ..StreamEntry::default()
+        };
+        for (name, value) in fields {
+            match name {
+                "e" => entry.envelope = Some(value),
+                "k" => entry.event = Some(value),
+                "id" => entry.message_id = Some(value),
+                _ => {}
+            }
+        }
+        entry
+    }
 }
 
 impl Broker {
@@ -81,13 +109,11 @@ impl Broker {
                     .into_iter()
                     .flat_map(|key| {
                         let stream = key.key;
-                        key.ids.into_iter().map(move |entry| StreamEntry {
-                            stream: stream.clone(),
-                            envelope: entry
-                                .map
-                                .get("e")
-                                .and_then(|value| String::from_redis_value(value).ok()),
-                            id: entry.id,
+                        key.ids.into_iter().map(move |entry| {
+                            let fields = entry.map.iter().filter_map(|(name, value)| {
+                                Some((name.as_str(), String::from_redis_value(value).ok()?))
+                            });
+                            StreamEntry::from_fields(&stream, entry.id.clone(), fields)
                         })
                     })
                     .collect()
@@ -118,7 +144,8 @@ impl Broker {
         parse_autoclaim(stream, reply)
     }
 
-    /// Acknowledges recorded entries.
+    /// Acknowledges recorded entries; journal entries are deleted too (nothing else reads
+    /// them), so journals stay small.
     pub async fn ack_recorded(&self, entries: &[StreamEntry]) -> ApiResult<()> {
         if entries.is_empty() {
             return Ok(());
@@ -131,6 +158,9 @@ impl Broker {
                 .arg(RECORDER_GROUP)
                 .arg(&entry.id)
                 .ignore();
+            if KeyLayout::is_journal(&entry.stream) {
+                pipeline.cmd("XDEL").arg(&entry.stream).arg(&entry.id).ignore();
+            }
         }
         let mut connection = self.pool.get().await?;
         let () = pipeline.query_async(&mut connection).await?;
@@ -160,15 +190,10 @@ fn parse_autoclaim(stream: &str, reply: redis::Value) -> ApiResult<Vec<StreamEnt
         let fields: Vec<String> = fields
             .and_then(|f| Vec::<String>::from_redis_value(&f).ok())
             .unwrap_or_default();
-        let envelope = fields
+        let pairs = fields
             .chunks(2)
-            .find(|pair| pair.first().is_some_and(|name| name == "e"))
-            .and_then(|pair| pair.get(1).cloned());
-        entries.push(StreamEntry {
-            stream: stream.to_owned(),
-            id,
-            envelope,
-        });
+            .filter_map(|pair| Some((pair.first()?.as_str(), pair.get(1)?.clone())));
+        entries.push(StreamEntry::from_fields(stream, id, pairs));
     }
     Ok(entries)
 }

@@ -28,6 +28,10 @@ pub struct MessageInput {
     pub correlation_id: Option<String>,
     pub content_type: Option<String>,
     pub ttl_ms: Option<i64>,
+    /// Deliver after this many ms (delayed publish).
+    pub delay_ms: Option<i64>,
+    /// Deliver at this RFC 3339 time (scheduled publish); in the past means now.
+    pub scheduled_at: Option<String>,
 }
 
 /// What is stored in the stream for each message. Field names are short-lived wire names of
@@ -48,6 +52,9 @@ pub struct Envelope {
     /// Milliseconds since the Unix epoch.
     pub published_at: i64,
     pub expires_at: i64,
+    /// When the producer asked for delivery (ms), for delayed and scheduled messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<i64>,
     pub payload: Value,
 }
 
@@ -60,6 +67,9 @@ pub struct ValidMessage {
     pub envelope: Envelope,
     /// The envelope as stored (JSON text).
     pub encoded: String,
+    /// For a message due in the future: when the scheduler must handle it (ms), its due time
+    /// or, when that comes first, its expiry (it is then recorded as expired, never delivered).
+    pub hold_until: Option<i64>,
 }
 
 /// Request-independent facts a message is validated against.
@@ -67,6 +77,7 @@ pub struct ValidMessage {
 pub struct MessageLimits {
     pub max_message_size: usize,
     pub default_ttl_ms: i64,
+    pub max_delay_ms: i64,
 }
 
 /// Validates `input` for `queue`: field rules (400), payload size (413), schema (422).
@@ -138,6 +149,13 @@ pub fn validate(
         Some(ttl) => ttl,
         None => limits.default_ttl_ms,
     };
+    let scheduled_at = due_time(
+        &mut problems,
+        input.delay_ms,
+        input.scheduled_at.as_deref(),
+        limits,
+        context.now_ms,
+    );
     problems.into_result(())?;
 
     let encoded_payload_len = serde_json::to_vec(&payload).map_or(0, |bytes| bytes.len());
@@ -190,16 +208,63 @@ pub fn validate(
         trace_id: context.trace_id.clone(),
         published_at: context.now_ms,
         expires_at: context.now_ms.saturating_add(ttl_ms),
+        scheduled_at,
         payload,
     };
     let encoded = serde_json::to_string(&envelope)
         .map_err(|error| ApiError::internal(format!("encode envelope: {error}")))?;
+    let hold_until = scheduled_at
+        .filter(|due| *due > context.now_ms)
+        .map(|due| due.min(envelope.expires_at));
     Ok(ValidMessage {
         partition,
         producer_id,
         envelope,
         encoded,
+        hold_until,
     })
+}
+
+/// The requested delivery time (ms) of a delayed or scheduled message, checking its bounds.
+fn due_time(
+    problems: &mut Problems,
+    delay_ms: Option<i64>,
+    scheduled_at: Option<&str>,
+    limits: MessageLimits,
+    now_ms: i64,
+) -> Option<i64> {
+    match (delay_ms, scheduled_at) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            problems.add("scheduledAt", "cannot be combined with delayMs");
+            None
+        }
+        (Some(delay), None) => {
+            if (1..=limits.max_delay_ms).contains(&delay) {
+                Some(now_ms.saturating_add(delay))
+            } else {
+                problems.add(
+                    "delayMs",
+                    format!("must be between 1 and {} (MAX_DELAY_MS)", limits.max_delay_ms),
+                );
+                None
+            }
+        }
+        (None, Some(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) if time.timestamp_millis() > now_ms.saturating_add(limits.max_delay_ms) => {
+                problems.add(
+                    "scheduledAt",
+                    format!("is more than {} ms (MAX_DELAY_MS) ahead", limits.max_delay_ms),
+                );
+                None
+            }
+            Ok(time) => Some(time.timestamp_millis()),
+            Err(_) => {
+                problems.add("scheduledAt", format!("must be an RFC 3339 time (got '{text}')"));
+                None
+            }
+        },
+    }
 }
 
 fn check_text(problems: &mut Problems, field: &str, value: Option<&str>, max: usize) {
@@ -252,6 +317,44 @@ pub fn choose_partition(routing_key: &str, partition_count: u16) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: MessageLimits = MessageLimits {
+        max_message_size: 1000,
+        default_ttl_ms: 60_000,
+        max_delay_ms: 10_000,
+    };
+
+    fn due(input: MessageInput) -> (Option<i64>, Vec<String>) {
+        let mut problems = Problems::default();
+        let due = due_time(
+            &mut problems,
+            input.delay_ms,
+            input.scheduled_at.as_deref(),
+            LIMITS,
+            1_000_000,
+        );
+        let fields = match problems.into_result(()) {
+            Ok(()) => vec![],
+            Err(error) => serde_json::from_value(error.details["fields"].clone()).unwrap(),
+        };
+        (due, fields)
+    }
+
+    #[test]
+    fn delay_and_schedule_bounds() {
+        let delayed = |ms| MessageInput { delay_ms: Some(ms), ..Default::default() };
+        let scheduled = |at: &str| MessageInput { scheduled_at: Some(at.into()), ..Default::default() };
+        assert_eq!(due(delayed(500)), (Some(1_000_500), vec![]));
+        assert_eq!(due(delayed(0)).1, ["delayMs"]);
+        assert_eq!(due(delayed(10_001)).1, ["delayMs"]);
+        // 1970-01-01T00:16:40Z is 1 000 000 ms: now.
+        assert_eq!(due(scheduled("1970-01-01T00:16:45Z")), (Some(1_005_000), vec![]));
+        assert_eq!(due(scheduled("1970-01-01T00:00:00Z")), (Some(0), vec![]), "past: now");
+        assert_eq!(due(scheduled("1970-01-01T00:17:00Z")).1, ["scheduledAt"], "beyond MAX_DELAY_MS");
+        assert_eq!(due(scheduled("tomorrow")).1, ["scheduledAt"]);
+        let both = MessageInput { delay_ms: Some(5), scheduled_at: Some("1970-01-01T00:16:45Z".into()), ..Default::default() };
+        assert_eq!(due(both).1, ["scheduledAt"]);
+    }
 
     #[test]
     fn partition_is_stable_and_spreads() {

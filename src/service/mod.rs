@@ -2,6 +2,8 @@
 //! function here after parsing and authorizing; these functions hold no HTTP types.
 
 pub mod health;
+pub mod messages;
+pub mod partitions;
 pub mod publish;
 pub mod queue_cache;
 pub mod queues;

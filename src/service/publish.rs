@@ -24,6 +24,8 @@ pub struct PublishResult {
     pub offset: Option<String>,
     pub published_at: DateTime<Utc>,
     pub duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
 /// Publishes one message; `duplicate` in the result says whether it was stored before.
@@ -81,6 +83,9 @@ async fn publish(
         .await
         .map_err(ApiError::during_publish)?;
 
+    if let Some(earliest) = messages.iter().filter_map(|m| m.hold_until).min() {
+        state.scheduler.message_waiting(earliest);
+    }
     let results: Vec<Option<PublishResult>> = messages
         .iter()
         .zip(outcome.stored)
@@ -136,6 +141,7 @@ fn validate_all(
         max_message_size: state.config.max_message_size,
         default_ttl_ms: i64::try_from(state.config.default_ttl_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
+        max_delay_ms: i64::try_from(state.config.max_delay_ms).unwrap_or(i64::MAX),
     };
     inputs
         .into_iter()
@@ -181,12 +187,18 @@ fn result(queue: &str, message: &ValidMessage, stored: Stored) -> PublishResult 
     let published_at_ms = stored
         .original_published_at
         .unwrap_or(message.envelope.published_at);
+    let scheduled_at_ms = if stored.duplicate {
+        stored.original_scheduled_at
+    } else {
+        message.envelope.scheduled_at
+    };
     PublishResult {
         message_id: message.envelope.message_id.clone(),
         queue: queue.to_owned(),
         partition: message.partition,
-        offset: Some(stored.offset),
+        offset: stored.offset,
         published_at: DateTime::from_timestamp_millis(published_at_ms).unwrap_or_default(),
         duplicate: stored.duplicate,
+        scheduled_at: scheduled_at_ms.and_then(DateTime::from_timestamp_millis),
     }
 }

@@ -99,7 +99,9 @@ pub async fn create(
     request: CreateQueueRequest,
 ) -> ApiResult<Queue> {
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
-    state.store.insert_queue(&queue).await
+    let created = state.store.insert_queue(&queue).await?;
+    state.partitions.expire();
+    Ok(created)
 }
 
 pub async fn list(
@@ -166,6 +168,7 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     state.broker.delete_queue(&queue).await?;
     state.store.delete_queue(queue.id).await?;
     state.queue_cache.invalidate(tenant.tenant_id, name);
+    state.partitions.expire();
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 pub mod health_monitor;
 pub mod recorder;
+pub mod scheduler;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -17,11 +17,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::broker::keys::KeyLayout;
 use crate::broker::recorder::StreamEntry;
 use crate::domain::message::Envelope;
 use crate::error::ApiResult;
 use crate::state::AppState;
-use crate::store::records::NewMessageRecord;
+use crate::service::partitions::PartitionRef;
+use crate::store::records::{NewMessageRecord, RecordStatusChange};
 
 const BLOCK_MS: u64 = 1000;
 const STREAMS_REFRESH: Duration = Duration::from_secs(2);
@@ -89,18 +91,10 @@ impl RecorderStatus {
     }
 }
 
-/// Which queue partition a stream belongs to.
-#[derive(Debug, Clone, Copy)]
-struct StreamOwner {
-    queue_id: Uuid,
-    tenant_id: Uuid,
-    partition: i32,
-}
-
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
     let batch_size = state.config.message_batch_size.max(100);
-    let mut owners: HashMap<String, StreamOwner> = HashMap::new();
+    let mut owners: HashMap<String, PartitionRef> = HashMap::new();
     let mut streams: Vec<String> = Vec::new();
     let mut refreshed: Option<Instant> = None;
     let mut claimed: Instant = Instant::now() - CLAIM_EVERY;
@@ -115,7 +109,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                     streams = new_streams;
                     refreshed = Some(Instant::now());
                 }
-                // PostgreSQL or Redis down: keep the streams known so far.
+                // Redis down: keep the streams known so far.
                 Err(error) => tracing::debug!(error = %error, "recorder could not refresh streams"),
             }
         }
@@ -172,21 +166,14 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-async fn load_streams(state: &AppState) -> ApiResult<(HashMap<String, StreamOwner>, Vec<String>)> {
-    let queues = state.store.list_all_queue_partitions().await?;
-    let mut owners = HashMap::new();
-    for queue in queues {
-        for partition in 0..queue.partition_count.clamp(1, i32::from(u16::MAX)) {
-            let keys = state.broker.keys().partition(queue.id, partition as u16);
-            owners.insert(
-                keys.stream,
-                StreamOwner {
-                    queue_id: queue.id,
-                    tenant_id: queue.tenant_id,
-                    partition,
-                },
-            );
-        }
+/// The message streams and journals of every partition that exist, and whose they are.
+async fn load_streams(state: &AppState) -> ApiResult<(HashMap<String, PartitionRef>, Vec<String>)> {
+    let partitions = state.partitions.current(&state.store).await;
+    let mut owners = HashMap::with_capacity(partitions.len() * 2);
+    for partition in partitions.iter() {
+        let keys = state.broker.keys().partition(partition.queue_id, partition.partition);
+        owners.insert(keys.stream, *partition);
+        owners.insert(keys.journal, *partition);
     }
     let candidates: Vec<String> = owners.keys().cloned().collect();
     let streams = state.broker.prepare_recorder(&candidates).await?;
@@ -214,33 +201,74 @@ async fn claim_stale(
     Ok(entries)
 }
 
-/// Inserts the records of `entries`, then acks them all (those that cannot be recorded, e.g.
-/// of a deleted queue, included: retrying them would never succeed).
+/// Writes what `entries` say (new records, then status changes), then acks them all: those
+/// that cannot be recorded (a deleted queue, an unreadable entry) included, since retrying
+/// them would never succeed.
 async fn record(
     state: &AppState,
-    owners: &HashMap<String, StreamOwner>,
+    owners: &HashMap<String, PartitionRef>,
     entries: &[StreamEntry],
 ) -> ApiResult<()> {
-    let records: Vec<NewMessageRecord> = entries
-        .iter()
-        .filter_map(|entry| {
-            let owner = owners.get(&entry.stream)?;
-            let envelope: Envelope = serde_json::from_str(entry.envelope.as_deref()?).ok()?;
-            Some(to_record(owner, &entry.id, envelope))
-        })
-        .collect();
+    // One row per message per statement: a message released in this very batch is written
+    // as published, not also as scheduled.
+    let mut records: HashMap<(Uuid, String), NewMessageRecord> = HashMap::new();
+    let mut changes = Vec::new();
+    for entry in entries {
+        let Some(owner) = owners.get(&entry.stream) else {
+            continue;
+        };
+        let journal = KeyLayout::is_journal(&entry.stream);
+        match (journal, entry.event.as_deref()) {
+            (false, _) | (true, Some("scheduled")) => {
+                let Some(envelope) = entry
+                    .envelope
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str::<Envelope>(text).ok())
+                else {
+                    continue;
+                };
+                let record = if journal {
+                    to_record(owner, "scheduled", None, envelope)
+                } else {
+                    to_record(owner, "published", Some(&entry.id), envelope)
+                };
+                let key = (record.topic_id, record.message_id.clone());
+                if record.status == "published" || !records.contains_key(&key) {
+                    records.insert(key, record);
+                }
+            }
+            (true, Some(event @ ("expired" | "cancelled"))) => {
+                if let Some(message_id) = &entry.message_id {
+                    changes.push(RecordStatusChange {
+                        topic_id: owner.queue_id,
+                        message_id: message_id.clone(),
+                        status: if event == "expired" { "expired" } else { "cancelled" },
+                    });
+                }
+            }
+            (true, _) => {}
+        }
+    }
+    let records: Vec<NewMessageRecord> = records.into_values().collect();
     state.store.insert_message_records(&records).await?;
+    state.store.change_record_statuses(&changes).await?;
     state.broker.ack_recorded(entries).await
 }
 
-fn to_record(owner: &StreamOwner, offset: &str, envelope: Envelope) -> NewMessageRecord {
+fn to_record(
+    owner: &PartitionRef,
+    status: &'static str,
+    offset: Option<&str>,
+    envelope: Envelope,
+) -> NewMessageRecord {
     let payload = envelope.payload.to_string();
     let timestamp = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
     NewMessageRecord {
         topic_id: owner.queue_id,
         tenant_id: owner.tenant_id,
-        partition: owner.partition,
-        stream_offset: offset.to_owned(),
+        partition: i32::from(owner.partition),
+        status,
+        stream_offset: offset.map(str::to_owned),
         message_key: envelope.key,
         correlation_id: envelope.correlation_id,
         headers: serde_json::to_string(&envelope.headers).unwrap_or_else(|_| "{}".into()),
@@ -248,6 +276,7 @@ fn to_record(owner: &StreamOwner, offset: &str, envelope: Envelope) -> NewMessag
         payload,
         trace_id: envelope.trace_id,
         published_at: timestamp(envelope.published_at),
+        scheduled_at: envelope.scheduled_at.map(timestamp),
         expires_at: timestamp(envelope.expires_at),
         message_id: envelope.message_id,
     }

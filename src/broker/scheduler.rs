@@ -1,0 +1,159 @@
+//! Delayed and scheduled messages: releasing them into their stream when due, cancelling and
+//! finding them while they wait.
+//!
+//! A waiting message is a member of the partition's `delayed` sorted set, scored by the time
+//! the scheduler must handle it, with its envelope in the `delayed-envelopes` hash. Release is
+//! one Lua script per partition: take what is due, append it to the stream (or, when its
+//! expiry has passed, journal it as expired), remove it from the set. Being one script, a
+//! message is moved exactly once however many instances run the scheduler, and a crash
+//! between two steps cannot happen.
+
+use std::sync::LazyLock;
+
+use deadpool_redis::redis;
+
+use super::scripts::{self, LuaScript};
+use super::{Broker, RECORDER_GROUP};
+use crate::error::ApiResult;
+use crate::service::partitions::PartitionRef;
+
+static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS: delayed set, delayed envelopes, stream, journal. ARGV: now (ms), batch limit, recorder group.
+local function ensure_group(key)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
+  end
+end
+local now = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[2])
+local released, expired = 0, 0
+for _, id in ipairs(due) do
+  local stored = redis.call('HGET', KEYS[2], id)
+  if stored then
+    local bar = string.find(stored, '|', 1, true)
+    local expires_at = tonumber(string.sub(stored, 1, bar - 1))
+    if expires_at <= now then
+      ensure_group(KEYS[4])
+      redis.call('XADD', KEYS[4], '*', 'k', 'expired', 'id', id, 't', ARGV[1])
+      expired = expired + 1
+    else
+      ensure_group(KEYS[3])
+      redis.call('XADD', KEYS[3], '*', 'e', string.sub(stored, bar + 1))
+      released = released + 1
+    end
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '-1'
+return {released, expired, #due, next_due}
+"#,
+    )
+});
+
+static CANCEL: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS: delayed set, delayed envelopes, journal. ARGV: message id, now (ms), recorder group.
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[3], '0', 'MKSTREAM')
+end
+redis.call('XADD', KEYS[3], '*', 'k', 'cancelled', 'id', ARGV[1], 't', ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// What one release sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseSweep {
+    pub released: u64,
+    pub expired: u64,
+    /// Some partition had more due than one batch: sweep again at once.
+    pub more_due: bool,
+    /// The earliest time (ms) something waits for, if anything does.
+    pub next_due_ms: Option<i64>,
+}
+
+impl Broker {
+    /// Releases everything due at `now_ms` on `partitions`, up to `batch` per partition.
+    pub async fn release_due(
+        &self,
+        partitions: &[PartitionRef],
+        now_ms: i64,
+        batch: usize,
+    ) -> ApiResult<ReleaseSweep> {
+        let mut sweep = ReleaseSweep::default();
+        if partitions.is_empty() {
+            return Ok(sweep);
+        }
+        let (now, limit) = (now_ms.to_string(), batch.to_string());
+        let mut pipeline = redis::pipe();
+        for partition in partitions {
+            let keys = self.keys.partition(partition.queue_id, partition.partition);
+            RELEASE.add_to(
+                &mut pipeline,
+                &[&keys.delayed, &keys.delayed_envelopes, &keys.stream, &keys.journal],
+                &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
+            );
+        }
+        let mut connection = self.pool.get().await?;
+        let replies: Vec<(u64, u64, usize, String)> =
+            scripts::run(&mut connection, &pipeline, &[&RELEASE]).await?;
+        for (released, expired, taken, next_due) in replies {
+            sweep.released += released;
+            sweep.expired += expired;
+            sweep.more_due |= taken >= batch;
+            if let Some(next) = next_due.parse::<f64>().ok().filter(|n| *n >= 0.0) {
+                let next = next as i64;
+                sweep.next_due_ms = Some(sweep.next_due_ms.map_or(next, |n| n.min(next)));
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Cancels a waiting message; false when it is not waiting (released, cancelled, unknown).
+    pub async fn cancel_delayed(
+        &self,
+        queue_id: uuid::Uuid,
+        partition_count: u16,
+        message_id: &str,
+        now_ms: i64,
+    ) -> ApiResult<bool> {
+        let now = now_ms.to_string();
+        let mut pipeline = redis::pipe();
+        for keys in self.keys.partitions(queue_id, partition_count) {
+            CANCEL.add_to(
+                &mut pipeline,
+                &[&keys.delayed, &keys.delayed_envelopes, &keys.journal],
+                &[message_id.as_bytes(), now.as_bytes(), RECORDER_GROUP.as_bytes()],
+            );
+        }
+        let mut connection = self.pool.get().await?;
+        let cancelled: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&CANCEL]).await?;
+        Ok(cancelled.contains(&1))
+    }
+
+    /// The envelope (JSON text) and partition of a message still waiting for its time.
+    pub async fn find_delayed(
+        &self,
+        queue_id: uuid::Uuid,
+        partition_count: u16,
+        message_id: &str,
+    ) -> ApiResult<Option<(u16, String)>> {
+        let mut pipeline = redis::pipe();
+        for keys in self.keys.partitions(queue_id, partition_count) {
+            pipeline.hget(&keys.delayed_envelopes, message_id);
+        }
+        let mut connection = self.pool.get().await?;
+        let found: Vec<Option<String>> = pipeline.query_async(&mut connection).await?;
+        Ok(found.into_iter().enumerate().find_map(|(partition, stored)| {
+            let (_, envelope) = stored?.split_once('|').map(|(e, v)| (e.to_owned(), v.to_owned()))?;
+            Some((partition as u16, envelope))
+        }))
+    }
+}

@@ -1,0 +1,155 @@
+//! Looking up one message and cancelling a scheduled one.
+//!
+//! The record in PostgreSQL is the message's history (written by the recorder within about a
+//! second of each change); a delayed message not yet recorded is found in Redis, where it
+//! waits. Cancellation acts on Redis, atomically with release.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::auth::Tenant;
+use crate::domain::message::Envelope;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::queues;
+use crate::state::AppState;
+use crate::store::records::{DeliveryRecord, MessageRecord};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageView {
+    pub message_id: String,
+    pub queue: String,
+    pub status: String,
+    pub partition: i32,
+    pub offset: Option<String>,
+    pub key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub headers: Value,
+    pub payload: Value,
+    pub published_at: DateTime<Utc>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub trace_id: Option<String>,
+    pub retry_count: i32,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryView {
+    pub subscription_id: Uuid,
+    pub attempt: i32,
+    pub status: String,
+    pub processing_ms: Option<i32>,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+fn not_found(message_id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::MessageNotFound,
+        format!("message '{message_id}' not found"),
+    )
+}
+
+pub async fn get(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    message_id: &str,
+) -> ApiResult<MessageView> {
+    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    if let Some(record) = state.store.find_message_record(queue.id, message_id).await? {
+        let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
+        return Ok(from_record(&queue.name, record, deliveries));
+    }
+    let waiting = state
+        .broker
+        .find_delayed(queue.id, queue.partition_count, message_id)
+        .await?;
+    let (partition, envelope) = waiting.ok_or_else(|| not_found(message_id))?;
+    let envelope: Envelope = serde_json::from_str(&envelope)
+        .map_err(|error| ApiError::internal(format!("stored envelope unreadable: {error}")))?;
+    Ok(from_waiting(&queue.name, partition, envelope))
+}
+
+/// Cancels a message still waiting for its time; 409 once it was released or cancelled.
+pub async fn cancel(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    message_id: &str,
+) -> ApiResult<()> {
+    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    let now = Utc::now().timestamp_millis();
+    if state
+        .broker
+        .cancel_delayed(queue.id, queue.partition_count, message_id, now)
+        .await?
+    {
+        return Ok(());
+    }
+    match state.store.find_message_record(queue.id, message_id).await? {
+        Some(record) => Err(ApiError::new(
+            ErrorCode::MessageNotCancellable,
+            format!(
+                "message '{message_id}' is no longer scheduled (status '{}')",
+                if record.status == "scheduled" { "published" } else { record.status.as_str() }
+            ),
+        )),
+        None => Err(not_found(message_id)),
+    }
+}
+
+fn from_record(queue: &str, record: MessageRecord, deliveries: Vec<DeliveryRecord>) -> MessageView {
+    MessageView {
+        message_id: record.message_id,
+        queue: queue.to_owned(),
+        status: record.status,
+        partition: record.partition,
+        offset: record.stream_offset,
+        key: record.message_key,
+        correlation_id: record.correlation_id,
+        headers: record.headers.0,
+        payload: record.payload.map(|p| p.0).unwrap_or(Value::Null),
+        published_at: record.published_at,
+        scheduled_at: record.scheduled_at,
+        expires_at: record.expires_at,
+        trace_id: record.trace_id,
+        retry_count: record.retry_count,
+        deliveries: deliveries
+            .into_iter()
+            .map(|d| DeliveryView {
+                subscription_id: d.subscription_id,
+                attempt: d.attempt,
+                status: d.status,
+                processing_ms: d.processing_ms,
+                error: d.error,
+                at: d.created_at,
+            })
+            .collect(),
+    }
+}
+
+fn from_waiting(queue: &str, partition: u16, envelope: Envelope) -> MessageView {
+    let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    MessageView {
+        message_id: envelope.message_id,
+        queue: queue.to_owned(),
+        status: "scheduled".to_owned(),
+        partition: i32::from(partition),
+        offset: None,
+        key: envelope.key,
+        correlation_id: envelope.correlation_id,
+        headers: serde_json::to_value(envelope.headers).unwrap_or(Value::Null),
+        payload: envelope.payload,
+        published_at: time(envelope.published_at),
+        scheduled_at: envelope.scheduled_at.map(time),
+        expires_at: Some(time(envelope.expires_at)),
+        trace_id: envelope.trace_id,
+        retry_count: 0,
+        deliveries: Vec::new(),
+    }
+}
