@@ -335,6 +335,9 @@ async fn update_is_partial_and_guards_immutable_fields() {
     assert_error(status, &error, 404, "MQ_QUEUE_NOT_FOUND");
 }
 
+/// A due time the scheduler will not reach during a test.
+const FAR_FUTURE_MS: i64 = 4_000_000_000_000;
+
 /// Seeds `count` entries into a partition stream, as a publish would.
 async fn seed_stream(app: &TestApp, queue: &Value, partition: u16, count: usize) {
     let keys = KeyLayout::new(&app.redis.prefix).partition(queue_id(queue), partition);
@@ -382,7 +385,7 @@ async fn stats_reflect_streams_groups_and_delayed_messages() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    let _: () = redis.zadd(&p0.delayed, "m-1", 1).await.unwrap();
+    let _: () = redis.zadd(&p0.delayed, "m-1", FAR_FUTURE_MS).await.unwrap();
     let mut db = app.database.connect().await;
     sqlx::query(
         "INSERT INTO message_subscriptions (id, tenant_id, topic_id, consumer_group, consumer_name, subscription_type) \
@@ -415,7 +418,10 @@ async fn purge_empties_the_queue_but_keeps_groups_and_config() {
     seed_stream(&app, &queue, 2, 1).await;
     let keys = KeyLayout::new(&app.redis.prefix).partition(queue_id(&queue), 0);
     let mut redis = app.redis.connection().await;
-    let _: () = redis.zadd(&keys.delayed, "later", 99).await.unwrap();
+    let _: () = redis
+        .zadd(&keys.delayed, "later", FAR_FUTURE_MS)
+        .await
+        .unwrap();
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&keys.stream)

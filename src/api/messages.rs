@@ -19,7 +19,10 @@ pub struct QueueParameter {
 impl QueueParameter {
     fn required(self) -> ApiResult<String> {
         self.queue.filter(|q| !q.is_empty()).ok_or_else(|| {
-            ApiError::validation("the query parameter queue is required", vec!["queue".into()])
+            ApiError::validation(
+                "the query parameter queue is required",
+                vec!["queue".into()],
+            )
         })
     }
 }
@@ -31,7 +34,9 @@ pub async fn get(
     ApiQuery(query): ApiQuery<QueueParameter>,
 ) -> ApiResult<Json<MessageView>> {
     let queue = query.required()?;
-    Ok(Json(messages::get(&state, &tenant, &queue, &message_id).await?))
+    Ok(Json(
+        messages::get(&state, &tenant, &queue, &message_id).await?,
+    ))
 }
 
 pub async fn cancel(

@@ -37,7 +37,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/mq/publish", post(publish::publish))
         .route("/api/v1/mq/publish/batch", post(publish::publish_batch))
         .route("/api/v1/mq/publish/delayed", post(publish::publish_delayed))
-        .route("/api/v1/mq/publish/scheduled", post(publish::publish_scheduled))
+        .route(
+            "/api/v1/mq/publish/scheduled",
+            post(publish::publish_scheduled),
+        )
         .route(
             "/api/v1/mq/topics/{name}/publish",
             post(publish::publish_to_topic),

@@ -63,7 +63,10 @@ async fn publish_with_queue_in_body(
     let input: MessageInput = decode_value(Value::Object(body))?;
     match timing {
         Timing::Delayed if input.delay_ms.is_none() => {
-            return Err(ApiError::validation("delayMs is required", vec!["delayMs".into()]));
+            return Err(ApiError::validation(
+                "delayMs is required",
+                vec!["delayMs".into()],
+            ));
         }
         Timing::Scheduled if input.scheduled_at.is_none() => {
             return Err(ApiError::validation(

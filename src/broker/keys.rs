@@ -12,6 +12,7 @@
 //! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
 //!                                    for the recorder; entries are deleted once recorded
 //! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
+//! <prefix>{<queue id>.<p>}:cancelled:<messageId>  cancellation marker, expiring after 10 min
 //! ```
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
@@ -37,7 +38,12 @@ pub struct PartitionKeys {
 impl PartitionKeys {
     /// Every key that holds this partition's data, for deletion.
     pub fn all(&self) -> [&str; 4] {
-        [&self.stream, &self.delayed, &self.delayed_envelopes, &self.journal]
+        [
+            &self.stream,
+            &self.delayed,
+            &self.delayed_envelopes,
+            &self.journal,
+        ]
     }
 }
 
@@ -56,6 +62,14 @@ impl KeyLayout {
             delayed_envelopes: format!("{tag}:delayed-envelopes"),
             journal: format!("{tag}:journal"),
         }
+    }
+
+    /// Marks a message cancelled while its record may still be on its way to PostgreSQL.
+    pub fn cancelled(&self, queue_id: Uuid, partition: u16, message_id: &str) -> String {
+        format!(
+            "{}{{{}.{}}}:cancelled:{}",
+            self.prefix, queue_id, partition, message_id
+        )
     }
 
     /// Whether `key` is a partition's journal (as opposed to its message stream).

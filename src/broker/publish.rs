@@ -159,8 +159,14 @@ impl Broker {
                     let envelope = &messages[i].envelope;
                     [
                         envelope.published_at.to_string(),
-                        envelope.scheduled_at.map(|t| t.to_string()).unwrap_or_default(),
-                        messages[i].hold_until.map(|t| t.to_string()).unwrap_or_default(),
+                        envelope
+                            .scheduled_at
+                            .map(|t| t.to_string())
+                            .unwrap_or_default(),
+                        messages[i]
+                            .hold_until
+                            .map(|t| t.to_string())
+                            .unwrap_or_default(),
                         envelope.expires_at.to_string(),
                     ]
                 })
@@ -272,14 +278,29 @@ mod tests {
     #[test]
     fn results_parse() {
         let stored = parse_result("n|1-0").unwrap();
-        assert_eq!((stored.offset.as_deref(), stored.duplicate), (Some("1-0"), false));
+        assert_eq!(
+            (stored.offset.as_deref(), stored.duplicate),
+            (Some("1-0"), false)
+        );
         let delayed = parse_result("s|").unwrap();
         assert_eq!((delayed.offset, delayed.duplicate), (None, false));
         let duplicate = parse_result("d|5-1|1700|").unwrap();
         assert_eq!(duplicate.offset.as_deref(), Some("5-1"));
-        assert_eq!((duplicate.original_published_at, duplicate.original_scheduled_at), (Some(1700), None));
+        assert_eq!(
+            (
+                duplicate.original_published_at,
+                duplicate.original_scheduled_at
+            ),
+            (Some(1700), None)
+        );
         let delayed_duplicate = parse_result("d||1700|1900").unwrap();
-        assert_eq!((delayed_duplicate.offset, delayed_duplicate.original_scheduled_at), (None, Some(1900)));
+        assert_eq!(
+            (
+                delayed_duplicate.offset,
+                delayed_duplicate.original_scheduled_at
+            ),
+            (None, Some(1900))
+        );
         assert!(parse_result("x").is_err());
     }
 }

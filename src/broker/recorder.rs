@@ -159,7 +159,11 @@ impl Broker {
                 .arg(&entry.id)
                 .ignore();
             if KeyLayout::is_journal(&entry.stream) {
-                pipeline.cmd("XDEL").arg(&entry.stream).arg(&entry.id).ignore();
+                pipeline
+                    .cmd("XDEL")
+                    .arg(&entry.stream)
+                    .arg(&entry.id)
+                    .ignore();
             }
         }
         let mut connection = self.pool.get().await?;

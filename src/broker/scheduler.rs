@@ -56,9 +56,16 @@ return {released, expired, #due, next_due}
 static CANCEL: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: delayed set, delayed envelopes, journal. ARGV: message id, now (ms), recorder group.
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+-- KEYS: delayed set, delayed envelopes, journal, cancellation marker of the message.
+-- ARGV: message id, now (ms), recorder group, how long the marker lasts (ms).
+-- Returns 1 when cancelled now, 2 when cancelled before, 0 when not waiting here.
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
+  return 0
+end
 redis.call('HDEL', KEYS[2], ARGV[1])
+-- Until the recorder has written the cancellation, this marker answers a repeated cancel.
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[3], '0', 'MKSTREAM')
 end
@@ -67,6 +74,18 @@ return 1
 "#,
     )
 });
+
+/// How long a cancelled message's marker outlives its cancellation: far longer than the
+/// recorder takes to record it, after which the record answers.
+const CANCELLED_MARKER_MS: u64 = 10 * 60 * 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancellation {
+    Cancelled,
+    AlreadyCancelled,
+    /// Released, expired, or never delayed here.
+    NotWaiting,
+}
 
 /// What one release sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +116,12 @@ impl Broker {
             let keys = self.keys.partition(partition.queue_id, partition.partition);
             RELEASE.add_to(
                 &mut pipeline,
-                &[&keys.delayed, &keys.delayed_envelopes, &keys.stream, &keys.journal],
+                &[
+                    &keys.delayed,
+                    &keys.delayed_envelopes,
+                    &keys.stream,
+                    &keys.journal,
+                ],
                 &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
             );
         }
@@ -116,26 +140,45 @@ impl Broker {
         Ok(sweep)
     }
 
-    /// Cancels a waiting message; false when it is not waiting (released, cancelled, unknown).
+    /// Cancels a waiting message.
     pub async fn cancel_delayed(
         &self,
         queue_id: uuid::Uuid,
         partition_count: u16,
         message_id: &str,
         now_ms: i64,
-    ) -> ApiResult<bool> {
+    ) -> ApiResult<Cancellation> {
         let now = now_ms.to_string();
+        let marker_ms = CANCELLED_MARKER_MS.to_string();
         let mut pipeline = redis::pipe();
-        for keys in self.keys.partitions(queue_id, partition_count) {
+        for partition in 0..partition_count {
+            let keys = self.keys.partition(queue_id, partition);
+            let marker = self.keys.cancelled(queue_id, partition, message_id);
             CANCEL.add_to(
                 &mut pipeline,
-                &[&keys.delayed, &keys.delayed_envelopes, &keys.journal],
-                &[message_id.as_bytes(), now.as_bytes(), RECORDER_GROUP.as_bytes()],
+                &[
+                    &keys.delayed,
+                    &keys.delayed_envelopes,
+                    &keys.journal,
+                    &marker,
+                ],
+                &[
+                    message_id.as_bytes(),
+                    now.as_bytes(),
+                    RECORDER_GROUP.as_bytes(),
+                    marker_ms.as_bytes(),
+                ],
             );
         }
         let mut connection = self.pool.get().await?;
-        let cancelled: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&CANCEL]).await?;
-        Ok(cancelled.contains(&1))
+        let outcomes: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&CANCEL]).await?;
+        Ok(if outcomes.contains(&1) {
+            Cancellation::Cancelled
+        } else if outcomes.contains(&2) {
+            Cancellation::AlreadyCancelled
+        } else {
+            Cancellation::NotWaiting
+        })
     }
 
     /// The envelope (JSON text) and partition of a message still waiting for its time.
@@ -151,9 +194,14 @@ impl Broker {
         }
         let mut connection = self.pool.get().await?;
         let found: Vec<Option<String>> = pipeline.query_async(&mut connection).await?;
-        Ok(found.into_iter().enumerate().find_map(|(partition, stored)| {
-            let (_, envelope) = stored?.split_once('|').map(|(e, v)| (e.to_owned(), v.to_owned()))?;
-            Some((partition as u16, envelope))
-        }))
+        Ok(found
+            .into_iter()
+            .enumerate()
+            .find_map(|(partition, stored)| {
+                let (_, envelope) = stored?
+                    .split_once('|')
+                    .map(|(e, v)| (e.to_owned(), v.to_owned()))?;
+                Some((partition as u16, envelope))
+            }))
     }
 }

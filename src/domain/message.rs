@@ -245,7 +245,10 @@ fn due_time(
             } else {
                 problems.add(
                     "delayMs",
-                    format!("must be between 1 and {} (MAX_DELAY_MS)", limits.max_delay_ms),
+                    format!(
+                        "must be between 1 and {} (MAX_DELAY_MS)",
+                        limits.max_delay_ms
+                    ),
                 );
                 None
             }
@@ -254,13 +257,19 @@ fn due_time(
             Ok(time) if time.timestamp_millis() > now_ms.saturating_add(limits.max_delay_ms) => {
                 problems.add(
                     "scheduledAt",
-                    format!("is more than {} ms (MAX_DELAY_MS) ahead", limits.max_delay_ms),
+                    format!(
+                        "is more than {} ms (MAX_DELAY_MS) ahead",
+                        limits.max_delay_ms
+                    ),
                 );
                 None
             }
             Ok(time) => Some(time.timestamp_millis()),
             Err(_) => {
-                problems.add("scheduledAt", format!("must be an RFC 3339 time (got '{text}')"));
+                problems.add(
+                    "scheduledAt",
+                    format!("must be an RFC 3339 time (got '{text}')"),
+                );
                 None
             }
         },
@@ -342,17 +351,38 @@ mod tests {
 
     #[test]
     fn delay_and_schedule_bounds() {
-        let delayed = |ms| MessageInput { delay_ms: Some(ms), ..Default::default() };
-        let scheduled = |at: &str| MessageInput { scheduled_at: Some(at.into()), ..Default::default() };
+        let delayed = |ms| MessageInput {
+            delay_ms: Some(ms),
+            ..Default::default()
+        };
+        let scheduled = |at: &str| MessageInput {
+            scheduled_at: Some(at.into()),
+            ..Default::default()
+        };
         assert_eq!(due(delayed(500)), (Some(1_000_500), vec![]));
         assert_eq!(due(delayed(0)).1, ["delayMs"]);
         assert_eq!(due(delayed(10_001)).1, ["delayMs"]);
         // 1970-01-01T00:16:40Z is 1 000 000 ms: now.
-        assert_eq!(due(scheduled("1970-01-01T00:16:45Z")), (Some(1_005_000), vec![]));
-        assert_eq!(due(scheduled("1970-01-01T00:00:00Z")), (Some(0), vec![]), "past: now");
-        assert_eq!(due(scheduled("1970-01-01T00:17:00Z")).1, ["scheduledAt"], "beyond MAX_DELAY_MS");
+        assert_eq!(
+            due(scheduled("1970-01-01T00:16:45Z")),
+            (Some(1_005_000), vec![])
+        );
+        assert_eq!(
+            due(scheduled("1970-01-01T00:00:00Z")),
+            (Some(0), vec![]),
+            "past: now"
+        );
+        assert_eq!(
+            due(scheduled("1970-01-01T00:17:00Z")).1,
+            ["scheduledAt"],
+            "beyond MAX_DELAY_MS"
+        );
         assert_eq!(due(scheduled("tomorrow")).1, ["scheduledAt"]);
-        let both = MessageInput { delay_ms: Some(5), scheduled_at: Some("1970-01-01T00:16:45Z".into()), ..Default::default() };
+        let both = MessageInput {
+            delay_ms: Some(5),
+            scheduled_at: Some("1970-01-01T00:16:45Z".into()),
+            ..Default::default()
+        };
         assert_eq!(due(both).1, ["scheduledAt"]);
     }
 

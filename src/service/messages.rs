@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
+use crate::broker::scheduler::Cancellation;
 use crate::domain::message::Envelope;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::queues;
@@ -61,7 +62,11 @@ pub async fn get(
     message_id: &str,
 ) -> ApiResult<MessageView> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
-    if let Some(record) = state.store.find_message_record(queue.id, message_id).await? {
+    if let Some(record) = state
+        .store
+        .find_message_record(queue.id, message_id)
+        .await?
+    {
         let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
         return Ok(from_record(&queue.name, record, deliveries));
     }
@@ -83,22 +88,30 @@ pub async fn cancel(
     message_id: &str,
 ) -> ApiResult<()> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    let not_cancellable = |status: &str| {
+        ApiError::new(
+            ErrorCode::MessageNotCancellable,
+            format!("message '{message_id}' is no longer scheduled (status '{status}')"),
+        )
+    };
     let now = Utc::now().timestamp_millis();
-    if state
+    match state
         .broker
         .cancel_delayed(queue.id, queue.partition_count, message_id, now)
         .await?
     {
-        return Ok(());
+        Cancellation::Cancelled => return Ok(()),
+        Cancellation::AlreadyCancelled => return Err(not_cancellable("cancelled")),
+        Cancellation::NotWaiting => {}
     }
-    match state.store.find_message_record(queue.id, message_id).await? {
-        Some(record) => Err(ApiError::new(
-            ErrorCode::MessageNotCancellable,
-            format!(
-                "message '{message_id}' is no longer scheduled (status '{}')",
-                if record.status == "scheduled" { "published" } else { record.status.as_str() }
-            ),
-        )),
+    match state
+        .store
+        .find_message_record(queue.id, message_id)
+        .await?
+    {
+        // A record still saying "scheduled" was released after it was written.
+        Some(record) if record.status == "scheduled" => Err(not_cancellable("published")),
+        Some(record) => Err(not_cancellable(&record.status)),
         None => Err(not_found(message_id)),
     }
 }

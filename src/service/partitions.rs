@@ -28,8 +28,14 @@ impl PartitionDirectory {
     /// The current list; refreshed first when it is older than `REFRESH`.
     pub async fn current(&self, store: &Store) -> Arc<Vec<PartitionRef>> {
         let (fresh, list) = {
-            let cached = self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            (cached.0.is_some_and(|at| at.elapsed() < REFRESH), cached.1.clone())
+            let cached = self
+                .cached
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            (
+                cached.0.is_some_and(|at| at.elapsed() < REFRESH),
+                cached.1.clone(),
+            )
         };
         if fresh {
             return list;
@@ -49,7 +55,10 @@ impl PartitionDirectory {
                         })
                         .collect(),
                 );
-                let mut cached = self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut cached = self
+                    .cached
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 *cached = (Some(Instant::now()), partitions.clone());
                 partitions
             }
@@ -62,7 +71,10 @@ impl PartitionDirectory {
 
     /// Makes the next `current` read PostgreSQL again (a queue was created or deleted).
     pub fn expire(&self) {
-        let mut cached = self.cached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         cached.0 = None;
     }
 }

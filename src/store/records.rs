@@ -137,7 +137,12 @@ impl Store {
                AND m.status IN ('scheduled', 'published')",
         )
         .bind(changes.iter().map(|c| c.topic_id).collect::<Vec<_>>())
-        .bind(changes.iter().map(|c| c.message_id.clone()).collect::<Vec<_>>())
+        .bind(
+            changes
+                .iter()
+                .map(|c| c.message_id.clone())
+                .collect::<Vec<_>>(),
+        )
         .bind(changes.iter().map(|c| c.status).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;

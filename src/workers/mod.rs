@@ -11,8 +11,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -35,6 +36,7 @@ impl WorkerState {
 pub struct Workers {
     states: Arc<Mutex<BTreeMap<&'static str, WorkerState>>>,
     tracker: TaskTracker,
+    aborts: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 impl Workers {
@@ -46,9 +48,10 @@ impl Workers {
     {
         self.set(name, WorkerState::Running);
         let workers = self.clone();
-        self.tracker.spawn(async move {
+        let supervisor = self.tracker.spawn(async move {
             loop {
-                match tokio::spawn(worker(shutdown.clone())).await {
+                // Aborting the supervisor aborts the worker with it.
+                match AbortOnDropHandle::new(tokio::spawn(worker(shutdown.clone()))).await {
                     Err(error) if error.is_panic() && !shutdown.is_cancelled() => {
                         tracing::error!(worker = name, "worker panicked; restarting");
                         tokio::select! {
@@ -62,6 +65,17 @@ impl Workers {
             workers.set(name, WorkerState::Stopped);
             tracing::info!(worker = name, "worker stopped");
         });
+        if let Ok(mut aborts) = self.aborts.lock() {
+            aborts.push(supervisor.abort_handle());
+        }
+    }
+
+    /// Stops every worker at once, wherever it is, as a crash would. For fault tests; a
+    /// normal shutdown cancels the workers' token and waits (`wait`).
+    pub fn abort_all(&self) {
+        if let Ok(aborts) = self.aborts.lock() {
+            aborts.iter().for_each(AbortHandle::abort);
+        }
     }
 
     fn set(&self, name: &'static str, state: WorkerState) {

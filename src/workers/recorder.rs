@@ -21,8 +21,8 @@ use crate::broker::keys::KeyLayout;
 use crate::broker::recorder::StreamEntry;
 use crate::domain::message::Envelope;
 use crate::error::ApiResult;
-use crate::state::AppState;
 use crate::service::partitions::PartitionRef;
+use crate::state::AppState;
 use crate::store::records::{NewMessageRecord, RecordStatusChange};
 
 const BLOCK_MS: u64 = 1000;
@@ -171,7 +171,10 @@ async fn load_streams(state: &AppState) -> ApiResult<(HashMap<String, PartitionR
     let partitions = state.partitions.current(&state.store).await;
     let mut owners = HashMap::with_capacity(partitions.len() * 2);
     for partition in partitions.iter() {
-        let keys = state.broker.keys().partition(partition.queue_id, partition.partition);
+        let keys = state
+            .broker
+            .keys()
+            .partition(partition.queue_id, partition.partition);
         owners.insert(keys.stream, *partition);
         owners.insert(keys.journal, *partition);
     }
@@ -242,7 +245,11 @@ async fn record(
                     changes.push(RecordStatusChange {
                         topic_id: owner.queue_id,
                         message_id: message_id.clone(),
-                        status: if event == "expired" { "expired" } else { "cancelled" },
+                        status: if event == "expired" {
+                            "expired"
+                        } else {
+                            "cancelled"
+                        },
                     });
                 }
             }

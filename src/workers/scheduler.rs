@@ -63,7 +63,11 @@ impl SchedulerStatus {
     }
 
     pub fn report(&self) -> SchedulerReport {
-        let time = |ms: i64| (ms > 0).then(|| DateTime::from_timestamp_millis(ms)).flatten();
+        let time = |ms: i64| {
+            (ms > 0)
+                .then(|| DateTime::from_timestamp_millis(ms))
+                .flatten()
+        };
         SchedulerReport {
             released: self.released.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
@@ -78,7 +82,11 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let partitions = state.partitions.current(&state.store).await;
         let now = Utc::now().timestamp_millis();
-        let sweep = match state.broker.release_due(&partitions, now, RELEASE_BATCH).await {
+        let sweep = match state
+            .broker
+            .release_due(&partitions, now, RELEASE_BATCH)
+            .await
+        {
             Ok(sweep) => sweep,
             Err(error) => {
                 tracing::warn!(error = %error, "scheduler sweep failed");

@@ -79,6 +79,8 @@ fn with_database(server_url: &str, database: &str) -> String {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    /// Whether dropping this value drops the database (false for a second service's handle).
+    owned: bool,
 }
 
 impl TestDatabase {
@@ -95,6 +97,15 @@ impl TestDatabase {
         TestDatabase {
             url: with_database(&postgres_server_url(), &name),
             name,
+            owned: true,
+        }
+    }
+
+    fn borrowed(&self) -> TestDatabase {
+        TestDatabase {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            owned: false,
         }
     }
 
@@ -107,6 +118,9 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot block on async work: clean up
         // from a thread with a runtime of its own.
@@ -134,12 +148,21 @@ impl Drop for TestDatabase {
 /// A Redis key prefix of this test's own; its keys are deleted with this value.
 pub struct TestRedis {
     pub prefix: String,
+    owned: bool,
 }
 
 impl TestRedis {
     pub fn new() -> TestRedis {
         TestRedis {
             prefix: format!("mqtest:{}:", Uuid::new_v4().simple()),
+            owned: true,
+        }
+    }
+
+    fn borrowed(&self) -> TestRedis {
+        TestRedis {
+            prefix: self.prefix.clone(),
+            owned: false,
         }
     }
 
@@ -166,6 +189,9 @@ impl TestRedis {
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let pattern = format!("{}*", self.prefix);
         let _ = std::thread::spawn(move || {
             let Ok(client) = redis::Client::open(redis_url()) else {
@@ -210,6 +236,7 @@ pub struct TestApp {
     /// The tenant of `request`'s default token.
     pub tenant: Uuid,
     pub redis: TestRedis,
+    workers: mq::workers::Workers,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     // Declared last: dropped after the server has been told to stop.
@@ -238,16 +265,39 @@ impl TestApp {
         (Self::start(database, &proxied_url, |_| {}).await, proxy)
     }
 
+    /// A second service instance on the same database and Redis keys, as in a deployment of
+    /// several instances. Dropping it leaves the data to the first.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        let mut sibling =
+            Self::start_with(self.database.borrowed(), self.redis.borrowed(), |_| {}).await;
+        sibling.tenant = self.tenant;
+        sibling
+    }
+
     async fn start(
         database: TestDatabase,
         database_url: &str,
         customize: impl FnOnce(&mut HashMap<String, String>),
     ) -> TestApp {
-        let redis = TestRedis::new();
-        let mut env = base_env(database_url, &redis.prefix);
+        let url = database_url.to_owned();
+        Self::start_with(database, TestRedis::new(), move |env| {
+            env.insert("DATABASE_URL".into(), url);
+            customize(env);
+        })
+        .await
+    }
+
+    async fn start_with(
+        database: TestDatabase,
+        redis: TestRedis,
+        customize: impl FnOnce(&mut HashMap<String, String>),
+    ) -> TestApp {
+        let database_url = database.url.clone();
+        let mut env = base_env(&database_url, &redis.prefix);
         customize(&mut env);
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
         let application = Application::build(config).await.expect("service builds");
+        let workers = application.state().workers.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -265,6 +315,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             tenant: Uuid::new_v4(),
             redis,
+            workers,
             stop: Some(stop),
             server: Some(server),
             database,
@@ -326,6 +377,14 @@ impl TestApp {
         let (status, body) = read(response).await;
         assert_eq!(status, 201, "create queue: {body}");
         body
+    }
+
+    /// Stops the service abruptly, workers mid-step included, as a crashed process would.
+    pub fn kill(&mut self) {
+        self.workers.abort_all();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
     }
 
     /// Stops the server and waits for its graceful shutdown.
