@@ -49,6 +49,7 @@ impl Application {
             &config.redis_key_prefix,
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
+        let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
         let state = AppState {
             auth: Arc::new(Authenticator::new(
                 &config.jwt_secret,
@@ -63,6 +64,9 @@ impl Application {
             recorder: Arc::default(),
             scheduler: Arc::default(),
             partitions: Arc::default(),
+            subscriptions: Arc::default(),
+            signals: Arc::default(),
+            ack_signer,
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),
@@ -104,6 +108,12 @@ impl Application {
             .workers
             .spawn("scheduler", shutdown.clone(), move |token| {
                 workers::scheduler::run(state.clone(), token)
+            });
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("reclaimer", shutdown.clone(), move |token| {
+                workers::reclaimer::run(state.clone(), token)
             });
         let state = self.state.clone();
         self.state

@@ -9,9 +9,11 @@ use chrono::{DateTime, Utc};
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::domain::ack_token::AckSigner;
 use crate::metrics::Metrics;
-use crate::service::partitions::PartitionDirectory;
+use crate::service::partitions::{PartitionDirectory, SubscriptionDirectory};
 use crate::service::queue_cache::QueueCache;
+use crate::service::signals::QueueSignals;
 use crate::store::Store;
 use crate::workers::recorder::RecorderStatus;
 use crate::workers::scheduler::SchedulerStatus;
@@ -29,6 +31,9 @@ pub struct AppState {
     pub recorder: Arc<RecorderStatus>,
     pub scheduler: Arc<SchedulerStatus>,
     pub partitions: Arc<PartitionDirectory>,
+    pub subscriptions: Arc<SubscriptionDirectory>,
+    pub signals: Arc<QueueSignals>,
+    pub ack_signer: Arc<AckSigner>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,
@@ -44,5 +49,12 @@ impl FromRef<AppState> for Arc<Authenticator> {
 impl FromRef<AppState> for Arc<Metrics> {
     fn from_ref(state: &AppState) -> Self {
         state.metrics.clone()
+    }
+}
+
+impl AppState {
+    /// A subscription was created, changed or deleted here: workers reload them now.
+    pub fn subscription_changed(&self) {
+        self.subscriptions.expire();
     }
 }

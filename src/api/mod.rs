@@ -6,6 +6,7 @@ mod messages;
 mod monitoring;
 mod publish;
 mod queues;
+mod subscriptions;
 
 use std::any::Any;
 
@@ -48,6 +49,36 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/mq/messages/{message_id}",
             get(messages::get).delete(messages::cancel),
+        )
+        .route(
+            "/api/v1/mq/subscriptions",
+            get(subscriptions::list).post(subscriptions::create),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}",
+            get(subscriptions::get)
+                .put(subscriptions::update)
+                .delete(subscriptions::delete),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}/pause",
+            post(subscriptions::pause),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}/resume",
+            post(subscriptions::resume),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}/pull",
+            post(subscriptions::pull),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}/ack",
+            post(subscriptions::ack),
+        )
+        .route(
+            "/api/v1/mq/subscriptions/{id}/nack",
+            post(subscriptions::nack),
         )
         .route("/api/v1/mq/health", get(monitoring::health))
         .route("/api/v1/mq/status", get(monitoring::status))

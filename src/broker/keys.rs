@@ -13,6 +13,9 @@
 //!                                    for the recorder; entries are deleted once recorded
 //! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
 //! <prefix>{<queue id>.<p>}:cancelled:<messageId>  cancellation marker, expiring after 10 min
+//! <prefix>{<queue id>.<p>}:inflight:<group>  entry id -> ack deadline of its delivery
+//! <prefix>{<queue id>.<p>}:retry:<group>     entry id -> when a failed delivery is retried
+//! <prefix>{<queue id>.<p>}:attempts:<group>  entry id -> deliveries made (absent = 1)
 //! ```
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
@@ -24,6 +27,23 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct KeyLayout {
     prefix: String,
+}
+
+/// The delivery state of one consumer group on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupKeys {
+    /// Sorted set: stream entry id → ack deadline (ms) of its current delivery.
+    pub inflight: String,
+    /// Sorted set: stream entry id → when its next delivery is due (ms), after a failure.
+    pub retry: String,
+    /// Hash: stream entry id → deliveries made so far (absent = 1).
+    pub attempts: String,
+}
+
+impl GroupKeys {
+    pub fn all(&self) -> [&str; 3] {
+        [&self.inflight, &self.retry, &self.attempts]
+    }
 }
 
 /// The keys of one queue partition.
@@ -61,6 +81,16 @@ impl KeyLayout {
             delayed: format!("{tag}:delayed"),
             delayed_envelopes: format!("{tag}:delayed-envelopes"),
             journal: format!("{tag}:journal"),
+        }
+    }
+
+    /// The delivery state of consumer group `group` on one partition.
+    pub fn group(&self, queue_id: Uuid, partition: u16, group: &str) -> GroupKeys {
+        let tag = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
+        GroupKeys {
+            inflight: format!("{tag}:inflight:{group}"),
+            retry: format!("{tag}:retry:{group}"),
+            attempts: format!("{tag}:attempts:{group}"),
         }
     }
 

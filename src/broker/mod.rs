@@ -2,6 +2,7 @@
 //! every multi-key state change is one Lua script over the keys of one partition (one hash
 //! slot; see `keys`).
 
+pub mod consume;
 pub mod keys;
 pub mod publish;
 pub mod recorder;
@@ -169,11 +170,19 @@ impl Broker {
         Ok(removed.into_iter().sum())
     }
 
-    /// Removes all of the queue's keys, consumer groups included.
-    pub async fn delete_queue(&self, queue: &Queue) -> ApiResult<()> {
+    /// Removes all of the queue's keys: streams (with their consumer groups), delayed
+    /// messages, journals, and the delivery state of `groups`.
+    pub async fn delete_queue(&self, queue: &Queue, groups: &[String]) -> ApiResult<()> {
         let mut pipeline = redis::pipe();
-        for keys in self.keys.partitions(queue.id, queue.partition_count) {
-            pipeline.del(keys.all().as_slice()).ignore();
+        for partition in 0..queue.partition_count {
+            pipeline
+                .del(self.keys.partition(queue.id, partition).all().as_slice())
+                .ignore();
+            for group in groups {
+                pipeline
+                    .del(self.keys.group(queue.id, partition, group).all().as_slice())
+                    .ignore();
+            }
         }
         let mut connection = self.pool.get().await?;
         let () = pipeline.query_async(&mut connection).await?;

@@ -2,6 +2,7 @@
 //! partition stream. Its pending list and lag are the recorder's durable backlog: nothing is
 //! held in memory that a crash could lose, and a restart resumes where it stopped.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
@@ -27,12 +28,7 @@ return 1
 pub struct StreamEntry {
     pub stream: String,
     pub id: String,
-    /// The stored envelope (JSON text), field `e`.
-    pub envelope: Option<String>,
-    /// A journal event's kind (`scheduled`, `expired`, `cancelled`), field `k`.
-    pub event: Option<String>,
-    /// A journal event's message id, field `id`.
-    pub message_id: Option<String>,
+    fields: HashMap<String, String>,
 }
 
 impl StreamEntry {
@@ -41,20 +37,18 @@ impl StreamEntry {
         id: String,
         fields: impl Iterator<Item = (&'a str, String)>,
     ) -> StreamEntry {
-        let mut entry = StreamEntry {
+        StreamEntry {
             stream: stream.to_owned(),
             id,
-            ..StreamEntry::default()
-        };
-        for (name, value) in fields {
-            match name {
-                "e" => entry.envelope = Some(value),
-                "k" => entry.event = Some(value),
-                "id" => entry.message_id = Some(value),
-                _ => {}
-            }
+            fields: fields
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
         }
-        entry
+    }
+
+    /// A field of the entry: `e` (envelope), `k` (journal event kind), `id` (message id), ...
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
     }
 }
 

@@ -88,7 +88,7 @@ pub enum Cancellation {
 }
 
 /// What one release sweep did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReleaseSweep {
     pub released: u64,
     pub expired: u64,
@@ -96,6 +96,8 @@ pub struct ReleaseSweep {
     pub more_due: bool,
     /// The earliest time (ms) something waits for, if anything does.
     pub next_due_ms: Option<i64>,
+    /// Queues that received messages in this sweep.
+    pub released_to: Vec<uuid::Uuid>,
 }
 
 impl Broker {
@@ -128,7 +130,11 @@ impl Broker {
         let mut connection = self.pool.get().await?;
         let replies: Vec<(u64, u64, usize, String)> =
             scripts::run(&mut connection, &pipeline, &[&RELEASE]).await?;
-        for (released, expired, taken, next_due) in replies {
+        for ((released, expired, taken, next_due), partition) in replies.into_iter().zip(partitions)
+        {
+            if released > 0 && !sweep.released_to.contains(&partition.queue_id) {
+                sweep.released_to.push(partition.queue_id);
+            }
             sweep.released += released;
             sweep.expired += expired;
             sweep.more_due |= taken >= batch;

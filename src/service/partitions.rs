@@ -1,37 +1,40 @@
-//! The list of every queue partition, for the workers that sweep all of them (recorder,
-//! scheduler). Read from PostgreSQL at most every `REFRESH` (or sooner after a local queue
-//! create or delete); while PostgreSQL is unreachable the last list is kept, so the workers
-//! go on serving the queues they know.
+//! Lists of every queue partition and every subscription, for the workers that sweep all of
+//! them (recorder, scheduler, reclaimer). Read from PostgreSQL at most every `REFRESH` (or
+//! sooner after a local change); while PostgreSQL is unreachable the last list is kept, so
+//! the workers go on serving what they know.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::domain::subscription::Subscription;
+use crate::error::ApiResult;
 use crate::store::Store;
 
 const REFRESH: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PartitionRef {
-    pub queue_id: Uuid,
-    pub tenant_id: Uuid,
-    pub partition: u16,
+/// A list loaded from PostgreSQL and reused until it is `REFRESH` old or expired.
+pub struct Snapshot<T> {
+    cached: Mutex<(Option<Instant>, Arc<Vec<T>>)>,
 }
 
-#[derive(Default)]
-pub struct PartitionDirectory {
-    cached: Mutex<(Option<Instant>, Arc<Vec<PartitionRef>>)>,
+impl<T> Default for Snapshot<T> {
+    fn default() -> Self {
+        Snapshot {
+            cached: Mutex::new((None, Arc::new(Vec::new()))),
+        }
+    }
 }
 
-impl PartitionDirectory {
-    /// The current list; refreshed first when it is older than `REFRESH`.
-    pub async fn current(&self, store: &Store) -> Arc<Vec<PartitionRef>> {
+impl<T> Snapshot<T> {
+    pub async fn current<F>(&self, load: F) -> Arc<Vec<T>>
+    where
+        F: Future<Output = ApiResult<Vec<T>>>,
+    {
         let (fresh, list) = {
-            let cached = self
-                .cached
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
             (
                 cached.0.is_some_and(|at| at.elapsed() < REFRESH),
                 cached.1.clone(),
@@ -40,41 +43,76 @@ impl PartitionDirectory {
         if fresh {
             return list;
         }
-        match store.list_all_queue_partitions().await {
-            Ok(queues) => {
-                let partitions: Arc<Vec<PartitionRef>> = Arc::new(
-                    queues
-                        .into_iter()
-                        .flat_map(|queue| {
-                            let count = u16::try_from(queue.partition_count.max(1)).unwrap_or(1);
-                            (0..count).map(move |partition| PartitionRef {
-                                queue_id: queue.id,
-                                tenant_id: queue.tenant_id,
-                                partition,
-                            })
-                        })
-                        .collect(),
-                );
-                let mut cached = self
-                    .cached
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                *cached = (Some(Instant::now()), partitions.clone());
-                partitions
+        match load.await {
+            Ok(items) => {
+                let items = Arc::new(items);
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (Some(Instant::now()), items.clone());
+                items
             }
             Err(error) => {
-                tracing::debug!(error = %error, "partition list not refreshed");
+                tracing::debug!(error = %error, "list not refreshed; keeping the last one");
                 list
             }
         }
     }
 
-    /// Makes the next `current` read PostgreSQL again (a queue was created or deleted).
+    /// Makes the next `current` load again.
     pub fn expire(&self) {
-        let mut cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cached.0 = None;
+        self.cached.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartitionRef {
+    pub queue_id: Uuid,
+    pub tenant_id: Uuid,
+    pub partition: u16,
+}
+
+/// Every partition of every queue.
+#[derive(Default)]
+pub struct PartitionDirectory {
+    snapshot: Snapshot<PartitionRef>,
+}
+
+impl PartitionDirectory {
+    pub async fn current(&self, store: &Store) -> Arc<Vec<PartitionRef>> {
+        self.snapshot
+            .current(async {
+                let queues = store.list_all_queue_partitions().await?;
+                Ok(queues
+                    .into_iter()
+                    .flat_map(|queue| {
+                        let count = u16::try_from(queue.partition_count.max(1)).unwrap_or(1);
+                        (0..count).map(move |partition| PartitionRef {
+                            queue_id: queue.id,
+                            tenant_id: queue.tenant_id,
+                            partition,
+                        })
+                    })
+                    .collect())
+            })
+            .await
+    }
+
+    pub fn expire(&self) {
+        self.snapshot.expire();
+    }
+}
+
+/// Every subscription of every tenant.
+#[derive(Default)]
+pub struct SubscriptionDirectory {
+    snapshot: Snapshot<Subscription>,
+}
+
+impl SubscriptionDirectory {
+    pub async fn current(&self, store: &Store) -> Arc<Vec<Subscription>> {
+        self.snapshot.current(store.list_all_subscriptions()).await
+    }
+
+    pub fn expire(&self) {
+        self.snapshot.expire();
     }
 }

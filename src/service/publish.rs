@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::publish::{queue_full, Stored};
@@ -36,10 +37,43 @@ pub async fn publish_one(
     input: MessageInput,
     context: &PublishContext,
 ) -> ApiResult<PublishResult> {
-    let mut results = publish(state, tenant, queue_name, vec![input], context, false).await?;
+    let producer = Producer::Principal(tenant);
+    let mut results = publish(state, producer, queue_name, vec![input], context, false).await?;
     results
         .pop()
         .ok_or_else(|| ApiError::internal("publish returned no result"))
+}
+
+/// Publishes one message on the service's own behalf (dead letters, platform events): the
+/// queue's producer ACL does not apply.
+pub async fn publish_as_service(
+    state: &AppState,
+    tenant_id: Uuid,
+    queue_name: &str,
+    input: MessageInput,
+    context: &PublishContext,
+) -> ApiResult<PublishResult> {
+    let producer = Producer::Service { tenant_id };
+    let mut results = publish(state, producer, queue_name, vec![input], context, false).await?;
+    results
+        .pop()
+        .ok_or_else(|| ApiError::internal("publish returned no result"))
+}
+
+/// Who publishes: a tenant's principal (subject to `allowedProducers`) or the service.
+#[derive(Clone, Copy)]
+enum Producer<'a> {
+    Principal(&'a Tenant),
+    Service { tenant_id: Uuid },
+}
+
+impl Producer<'_> {
+    fn tenant_id(self) -> Uuid {
+        match self {
+            Producer::Principal(tenant) => tenant.tenant_id,
+            Producer::Service { tenant_id } => tenant_id,
+        }
+    }
 }
 
 /// Publishes a batch: every message is validated before any is stored.
@@ -60,21 +94,29 @@ pub async fn publish_batch(
             vec!["messages".into()],
         ));
     }
-    publish(state, tenant, queue_name, inputs, context, true).await
+    publish(
+        state,
+        Producer::Principal(tenant),
+        queue_name,
+        inputs,
+        context,
+        true,
+    )
+    .await
 }
 
 async fn publish(
     state: &AppState,
-    tenant: &Tenant,
+    producer: Producer<'_>,
     queue_name: &str,
     inputs: Vec<MessageInput>,
     context: &PublishContext,
     batch: bool,
 ) -> ApiResult<Vec<PublishResult>> {
-    let resolved = queues::resolve(state, tenant.tenant_id, queue_name)
+    let resolved = queues::resolve(state, producer.tenant_id(), queue_name)
         .await
         .map_err(ApiError::during_publish)?;
-    authorize_producer(&resolved, tenant)?;
+    authorize_producer(&resolved, producer)?;
     let messages = validate_all(state, &resolved, inputs, context, batch)?;
     let queue = &resolved.queue;
     let outcome = state
@@ -83,6 +125,9 @@ async fn publish(
         .await
         .map_err(ApiError::during_publish)?;
 
+    if messages.iter().any(|m| m.hold_until.is_none()) {
+        state.signals.notify(queue.id);
+    }
     if let Some(earliest) = messages.iter().filter_map(|m| m.hold_until).min() {
         state.scheduler.message_waiting(earliest);
     }
@@ -110,7 +155,7 @@ async fn publish(
     }
 }
 
-fn authorize_producer(resolved: &ResolvedQueue, tenant: &Tenant) -> ApiResult<()> {
+fn authorize_producer(resolved: &ResolvedQueue, producer: Producer<'_>) -> ApiResult<()> {
     let queue = &resolved.queue;
     if queue.status == QueueStatus::Archived {
         return Err(ApiError::new(
@@ -118,6 +163,9 @@ fn authorize_producer(resolved: &ResolvedQueue, tenant: &Tenant) -> ApiResult<()
             format!("queue '{}' is archived and accepts no messages", queue.name),
         ));
     }
+    let Producer::Principal(tenant) = producer else {
+        return Ok(());
+    };
     if !queue.allowed_producers.is_empty() && !queue.allowed_producers.contains(&tenant.principal) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,

@@ -93,6 +93,31 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
     }
 }
 
+/// Makes sure the tenant has a queue of this name, creating it with the defaults if not
+/// (dead-letter and system queues are created on first use).
+pub async fn ensure_exists(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<()> {
+    if let Lookup::Fresh(_) = state.queue_cache.lookup(tenant_id, name) {
+        return Ok(());
+    }
+    if state.store.find_queue(tenant_id, name).await?.is_some() {
+        return Ok(());
+    }
+    let request = CreateQueueRequest {
+        name: Some(name.to_owned()),
+        ..CreateQueueRequest::default()
+    };
+    let queue = Queue::create(tenant_id, request, defaults(state), Utc::now())?;
+    match state.store.insert_queue(&queue).await {
+        Ok(_) => {
+            state.partitions.expire();
+            Ok(())
+        }
+        // Created concurrently by another request: just as good.
+        Err(error) if error.code == ErrorCode::QueueExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
 pub async fn create(
     state: &AppState,
     tenant: &Tenant,
@@ -165,10 +190,12 @@ pub async fn update(
 /// records: if Redis is down nothing is deleted, and a retry finishes the job.
 pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<()> {
     let queue = require(state, tenant.tenant_id, name).await?;
-    state.broker.delete_queue(&queue).await?;
+    let groups = state.store.consumer_groups(queue.id).await?;
+    state.broker.delete_queue(&queue, &groups).await?;
     state.store.delete_queue(queue.id).await?;
     state.queue_cache.invalidate(tenant.tenant_id, name);
     state.partitions.expire();
+    state.subscription_changed();
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 mod queues;
 pub mod records;
+pub mod subscriptions;
 
 use std::str::FromStr;
 use std::time::Duration;

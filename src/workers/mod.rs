@@ -3,6 +3,7 @@
 //! waits for all of them at shutdown.
 
 pub mod health_monitor;
+pub mod reclaimer;
 pub mod recorder;
 pub mod scheduler;
 

@@ -23,7 +23,7 @@ use crate::domain::message::Envelope;
 use crate::error::ApiResult;
 use crate::service::partitions::PartitionRef;
 use crate::state::AppState;
-use crate::store::records::{NewMessageRecord, RecordStatusChange};
+use crate::store::records::{NewConsumptionRecord, NewMessageRecord, RecordStatusChange};
 
 const BLOCK_MS: u64 = 1000;
 const STREAMS_REFRESH: Duration = Duration::from_secs(2);
@@ -204,30 +204,32 @@ async fn claim_stale(
     Ok(entries)
 }
 
-/// Writes what `entries` say (new records, then status changes), then acks them all: those
-/// that cannot be recorded (a deleted queue, an unreadable entry) included, since retrying
-/// them would never succeed.
+/// Writes what `entries` say (new records, delivery attempts, then status changes), then
+/// acks them all: those that cannot be recorded (a deleted queue, an unreadable entry)
+/// included, since retrying them would never succeed.
 async fn record(
     state: &AppState,
     owners: &HashMap<String, PartitionRef>,
     entries: &[StreamEntry],
 ) -> ApiResult<()> {
     // One row per message per statement: a message released in this very batch is written
-    // as published, not also as scheduled.
+    // as published, not also as scheduled; of several status changes the highest counts.
     let mut records: HashMap<(Uuid, String), NewMessageRecord> = HashMap::new();
-    let mut changes = Vec::new();
+    let mut changes: HashMap<(Uuid, String), RecordStatusChange> = HashMap::new();
+    let mut attempts = Vec::new();
     for entry in entries {
         let Some(owner) = owners.get(&entry.stream) else {
             continue;
         };
         let journal = KeyLayout::is_journal(&entry.stream);
-        match (journal, entry.event.as_deref()) {
+        let envelope = || {
+            entry
+                .field("e")
+                .and_then(|text| serde_json::from_str::<Envelope>(text).ok())
+        };
+        match (journal, entry.field("k")) {
             (false, _) | (true, Some("scheduled")) => {
-                let Some(envelope) = entry
-                    .envelope
-                    .as_deref()
-                    .and_then(|text| serde_json::from_str::<Envelope>(text).ok())
-                else {
+                let Some(envelope) = envelope() else {
                     continue;
                 };
                 let record = if journal {
@@ -241,25 +243,125 @@ async fn record(
                 }
             }
             (true, Some(event @ ("expired" | "cancelled"))) => {
-                if let Some(message_id) = &entry.message_id {
-                    changes.push(RecordStatusChange {
-                        topic_id: owner.queue_id,
-                        message_id: message_id.clone(),
-                        status: if event == "expired" {
-                            "expired"
-                        } else {
-                            "cancelled"
-                        },
-                    });
+                let status = if event == "expired" {
+                    "expired"
+                } else {
+                    "cancelled"
+                };
+                note_status(&mut changes, owner, entry.field("id"), status, 0);
+            }
+            (true, Some("delivery")) => {
+                let Some(attempt) = delivery_attempt(owner, entry) else {
+                    continue;
+                };
+                let retries = if attempt.status == "failed" {
+                    attempt.attempt
+                } else {
+                    attempt.attempt - 1
+                };
+                if let Some(status) = message_status_after(attempt.status) {
+                    note_status(
+                        &mut changes,
+                        owner,
+                        Some(&attempt.message_id),
+                        status,
+                        retries,
+                    );
                 }
+                attempts.push(attempt);
             }
             (true, _) => {}
         }
     }
     let records: Vec<NewMessageRecord> = records.into_values().collect();
     state.store.insert_message_records(&records).await?;
+    state.store.insert_consumption_records(&attempts).await?;
+    let changes: Vec<RecordStatusChange> = changes.into_values().collect();
     state.store.change_record_statuses(&changes).await?;
     state.broker.ack_recorded(entries).await
+}
+
+/// The message status a delivery outcome leads to (a filtered message is unchanged).
+fn message_status_after(outcome: &str) -> Option<&'static str> {
+    match outcome {
+        "acked" => Some("consumed"),
+        "failed" => Some("failed"),
+        "dead_letter" => Some("dead_letter"),
+        "expired" => Some("expired"),
+        _ => None,
+    }
+}
+
+/// Status precedence within one batch, matching the store's rule.
+fn rank(status: &str) -> u8 {
+    match status {
+        "scheduled" => 0,
+        "published" => 1,
+        "failed" => 2,
+        "dead_letter" => 3,
+        "consumed" => 4,
+        _ => 5,
+    }
+}
+
+fn note_status(
+    changes: &mut HashMap<(Uuid, String), RecordStatusChange>,
+    owner: &PartitionRef,
+    message_id: Option<&str>,
+    status: &'static str,
+    retries: i32,
+) {
+    let Some(message_id) = message_id.filter(|id| !id.is_empty()) else {
+        return;
+    };
+    let change = changes
+        .entry((owner.queue_id, message_id.to_owned()))
+        .or_insert_with(|| RecordStatusChange {
+            topic_id: owner.queue_id,
+            tenant_id: owner.tenant_id,
+            partition: i32::from(owner.partition),
+            message_id: message_id.to_owned(),
+            status,
+            retries,
+        });
+    if rank(status) > rank(change.status) {
+        change.status = status;
+    }
+    change.retries = change.retries.max(retries);
+}
+
+/// A `delivery` journal event as a consumption record.
+fn delivery_attempt(owner: &PartitionRef, entry: &StreamEntry) -> Option<NewConsumptionRecord> {
+    let status = match entry.field("o")? {
+        "acked" => "acked",
+        "failed" => "failed",
+        "filtered" => "filtered",
+        "expired" => "expired",
+        "dead_letter" => "dead_letter",
+        _ => return None,
+    };
+    let at = entry
+        .field("t")
+        .and_then(|t| t.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or_else(Utc::now);
+    Some(NewConsumptionRecord {
+        tenant_id: owner.tenant_id,
+        topic_id: owner.queue_id,
+        subscription_id: entry.field("sub")?.parse().ok()?,
+        message_id: entry.field("id").unwrap_or_default().to_owned(),
+        attempt: entry.field("n").and_then(|n| n.parse().ok()).unwrap_or(1),
+        status,
+        processing_ms: entry
+            .field("ms")
+            .and_then(|ms| ms.parse::<i64>().ok())
+            .map(|ms| i32::try_from(ms).unwrap_or(i32::MAX)),
+        error: entry
+            .field("err")
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned),
+        created_at: at,
+    })
 }
 
 fn to_record(

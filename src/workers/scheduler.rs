@@ -97,6 +97,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 continue;
             }
         };
+        for queue_id in &sweep.released_to {
+            state.signals.notify(*queue_id);
+        }
         status.released.fetch_add(sweep.released, Ordering::Relaxed);
         status.expired.fetch_add(sweep.expired, Ordering::Relaxed);
         status.last_sweep_ms.store(now, Ordering::Relaxed);

@@ -1,0 +1,556 @@
+//! The subscription resource: one consumer (`consumerName`) in a consumer group of a queue.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::filter::Filter;
+use super::retry::MAX_RETRY_DELAY_MS;
+use super::validation::{is_valid_name, nullable, Problems};
+use crate::error::ApiError;
+
+const MAX_POLL_RECORDS: i64 = 1000;
+const MIN_SESSION_TIMEOUT_MS: i64 = 1000;
+const MAX_SESSION_TIMEOUT_MS: i64 = 12 * 3600 * 1000;
+const MAX_RETRY_ATTEMPTS: i64 = 100;
+const MAX_HANDLER_TIMEOUT_MS: i64 = 10 * 60 * 1000;
+const MAX_CONCURRENCY: i64 = 1000;
+const MAX_HANDLER_HEADERS: usize = 32;
+
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+
+            pub fn values() -> &'static str {
+                concat!($($text, " "),+)
+            }
+        }
+    };
+}
+
+string_enum!(SubscriptionType { Webhook => "webhook", RedisConsumer => "redis_consumer" });
+string_enum!(OffsetReset { Latest => "latest", Earliest => "earliest" });
+string_enum!(SubscriptionStatus { Active => "active", Paused => "paused" });
+
+/// How the service pushes to a webhook. The secret is write-only: never serialized.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandlerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing)]
+    pub secret: Option<String>,
+}
+
+impl HandlerConfig {
+    /// The stored form keeps the secret (the store is the service's own).
+    pub fn to_stored(&self) -> Value {
+        let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let (Some(secret), Value::Object(map)) = (&self.secret, &mut value) {
+            map.insert("secret".into(), Value::String(secret.clone()));
+        }
+        value
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscription {
+    pub id: Uuid,
+    pub queue: String,
+    #[serde(skip)]
+    pub queue_id: Uuid,
+    pub consumer_group: String,
+    pub consumer_name: String,
+    pub subscription_type: SubscriptionType,
+    pub offset_reset_policy: OffsetReset,
+    pub max_poll_records: u32,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub handler_config: HandlerConfig,
+    pub dead_letter_queue: String,
+    pub max_retry_attempts: u32,
+    pub retry_delay_ms: u64,
+    pub message_filter: Option<Value>,
+    pub status: SubscriptionStatus,
+    pub tenant_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_consumed_at: Option<DateTime<Utc>>,
+}
+
+/// Configuration defaults for new subscriptions.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionDefaults {
+    pub session_timeout_ms: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSubscriptionRequest {
+    pub queue: Option<String>,
+    pub consumer_group: Option<String>,
+    pub consumer_name: Option<String>,
+    pub subscription_type: Option<String>,
+    pub offset_reset_policy: Option<String>,
+    pub max_poll_records: Option<i64>,
+    pub session_timeout_ms: Option<i64>,
+    pub heartbeat_interval_ms: Option<i64>,
+    pub handler_config: Option<HandlerConfigInput>,
+    pub dead_letter_queue: Option<String>,
+    pub max_retry_attempts: Option<i64>,
+    pub retry_delay_ms: Option<i64>,
+    pub message_filter: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateSubscriptionRequest {
+    pub max_poll_records: Option<i64>,
+    pub session_timeout_ms: Option<i64>,
+    pub heartbeat_interval_ms: Option<i64>,
+    pub handler_config: Option<HandlerConfigInput>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub dead_letter_queue: Option<Option<String>>,
+    pub max_retry_attempts: Option<i64>,
+    pub retry_delay_ms: Option<i64>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub message_filter: Option<Option<Value>>,
+    // Immutable after create: accepted only when equal to the stored value.
+    pub queue: Option<String>,
+    pub consumer_group: Option<String>,
+    pub consumer_name: Option<String>,
+    pub subscription_type: Option<String>,
+    pub offset_reset_policy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandlerConfigInput {
+    pub url: Option<String>,
+    pub timeout_ms: Option<i64>,
+    pub concurrency: Option<i64>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub secret: Option<String>,
+}
+
+/// The dead-letter queue of `queue` when the subscription names none.
+pub fn default_dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+impl Subscription {
+    /// Validates a create request for the queue `queue_name` (id `queue_id`).
+    pub fn create(
+        tenant_id: Uuid,
+        queue_id: Uuid,
+        queue_name: &str,
+        request: CreateSubscriptionRequest,
+        defaults: SubscriptionDefaults,
+        now: DateTime<Utc>,
+    ) -> Result<Subscription, ApiError> {
+        let mut problems = Problems::default();
+        let group = request.consumer_group.unwrap_or_default();
+        problems.check(is_valid_name(&group), "consumerGroup", || {
+            "is required: 1-200 characters of [A-Za-z0-9._-] starting with a letter or digit".into()
+        });
+        let consumer = request.consumer_name.unwrap_or_default();
+        problems.check(is_valid_name(&consumer), "consumerName", || {
+            "is required: 1-200 characters of [A-Za-z0-9._-] starting with a letter or digit".into()
+        });
+        let subscription_type = match request.subscription_type.as_deref() {
+            Some("kafka_consumer") => {
+                problems.add(
+                    "subscriptionType",
+                    "'kafka_consumer' is not supported in this edition",
+                );
+                None
+            }
+            Some(text) => {
+                let parsed = SubscriptionType::parse(text);
+                problems.check(parsed.is_some(), "subscriptionType", || {
+                    format!(
+                        "must be one of {}(got '{text}')",
+                        SubscriptionType::values()
+                    )
+                });
+                parsed
+            }
+            None => {
+                problems.add(
+                    "subscriptionType",
+                    "is required (webhook or redis_consumer)",
+                );
+                None
+            }
+        };
+        let offset_reset_policy = match request.offset_reset_policy.as_deref() {
+            None => OffsetReset::Latest,
+            Some(text) => OffsetReset::parse(text).unwrap_or_else(|| {
+                problems.add(
+                    "offsetResetPolicy",
+                    format!("must be one of {}(got '{text}')", OffsetReset::values()),
+                );
+                OffsetReset::Latest
+            }),
+        };
+        let mut subscription = Subscription {
+            id: Uuid::now_v7(),
+            queue: queue_name.to_owned(),
+            queue_id,
+            consumer_group: group,
+            consumer_name: consumer,
+            subscription_type: subscription_type.unwrap_or(SubscriptionType::RedisConsumer),
+            offset_reset_policy,
+            max_poll_records: 500,
+            session_timeout_ms: defaults.session_timeout_ms,
+            heartbeat_interval_ms: 3000,
+            handler_config: HandlerConfig::default(),
+            dead_letter_queue: default_dead_letter_queue(queue_name),
+            max_retry_attempts: 3,
+            retry_delay_ms: 1000,
+            message_filter: None,
+            status: SubscriptionStatus::Active,
+            tenant_id,
+            created_at: now,
+            updated_at: now,
+            last_consumed_at: None,
+        };
+        subscription.apply(
+            &mut problems,
+            Changes {
+                max_poll_records: request.max_poll_records,
+                session_timeout_ms: request.session_timeout_ms,
+                heartbeat_interval_ms: request.heartbeat_interval_ms,
+                handler_config: request.handler_config,
+                dead_letter_queue: request.dead_letter_queue.map(Some),
+                max_retry_attempts: request.max_retry_attempts,
+                retry_delay_ms: request.retry_delay_ms,
+                message_filter: request.message_filter.map(Some),
+            },
+        );
+        if subscription_type == Some(SubscriptionType::Webhook) {
+            problems.check(
+                subscription.handler_config.url.is_some(),
+                "handlerConfig.url",
+                || "is required for a webhook subscription".into(),
+            );
+        }
+        problems.into_result(subscription)
+    }
+
+    /// Applies a partial update, refusing changes to immutable fields.
+    pub fn updated(
+        &self,
+        request: UpdateSubscriptionRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Subscription, ApiError> {
+        let mut problems = Problems::default();
+        let immutable = [
+            ("queue", request.queue.is_some_and(|v| v != self.queue)),
+            (
+                "consumerGroup",
+                request
+                    .consumer_group
+                    .is_some_and(|v| v != self.consumer_group),
+            ),
+            (
+                "consumerName",
+                request
+                    .consumer_name
+                    .is_some_and(|v| v != self.consumer_name),
+            ),
+            (
+                "subscriptionType",
+                request
+                    .subscription_type
+                    .is_some_and(|v| v != self.subscription_type.as_str()),
+            ),
+            (
+                "offsetResetPolicy",
+                request
+                    .offset_reset_policy
+                    .is_some_and(|v| v != self.offset_reset_policy.as_str()),
+            ),
+        ];
+        for (field, changed) in immutable {
+            problems.check(!changed, field, || "cannot be changed after create".into());
+        }
+        let mut next = self.clone();
+        next.apply(
+            &mut problems,
+            Changes {
+                max_poll_records: request.max_poll_records,
+                session_timeout_ms: request.session_timeout_ms,
+                heartbeat_interval_ms: request.heartbeat_interval_ms,
+                handler_config: request.handler_config,
+                dead_letter_queue: request.dead_letter_queue,
+                max_retry_attempts: request.max_retry_attempts,
+                retry_delay_ms: request.retry_delay_ms,
+                message_filter: request.message_filter,
+            },
+        );
+        if next.subscription_type == SubscriptionType::Webhook {
+            problems.check(
+                next.handler_config.url.is_some(),
+                "handlerConfig.url",
+                || "is required for a webhook subscription".into(),
+            );
+        }
+        next.updated_at = now;
+        problems.into_result(next)
+    }
+
+    /// The parsed message filter (it was validated when set).
+    pub fn filter(&self) -> Option<Filter> {
+        self.message_filter
+            .as_ref()
+            .and_then(|f| Filter::parse(f).ok())
+    }
+
+    fn apply(&mut self, problems: &mut Problems, changes: Changes) {
+        if let Some(value) = changes.max_poll_records {
+            self.max_poll_records =
+                bounded(problems, "maxPollRecords", value, 1, MAX_POLL_RECORDS) as u32;
+        }
+        if let Some(value) = changes.session_timeout_ms {
+            self.session_timeout_ms = bounded(
+                problems,
+                "sessionTimeoutMs",
+                value,
+                MIN_SESSION_TIMEOUT_MS,
+                MAX_SESSION_TIMEOUT_MS,
+            ) as u64;
+        }
+        if let Some(value) = changes.heartbeat_interval_ms {
+            self.heartbeat_interval_ms = bounded(
+                problems,
+                "heartbeatIntervalMs",
+                value,
+                100,
+                MAX_SESSION_TIMEOUT_MS,
+            ) as u64;
+        }
+        if let Some(value) = changes.max_retry_attempts {
+            self.max_retry_attempts =
+                bounded(problems, "maxRetryAttempts", value, 0, MAX_RETRY_ATTEMPTS) as u32;
+        }
+        if let Some(value) = changes.retry_delay_ms {
+            self.retry_delay_ms = bounded(
+                problems,
+                "retryDelayMs",
+                value,
+                1,
+                MAX_RETRY_DELAY_MS as i64,
+            ) as u64;
+        }
+        if let Some(value) = changes.dead_letter_queue {
+            let name = value.unwrap_or_else(|| default_dead_letter_queue(&self.queue));
+            problems.check(is_valid_name(&name), "deadLetterQueue", || {
+                "must be a valid queue name (1-200 characters of [A-Za-z0-9._-])".into()
+            });
+            problems.check(name != self.queue, "deadLetterQueue", || {
+                "cannot be the subscribed queue itself".into()
+            });
+            self.dead_letter_queue = name;
+        }
+        if let Some(value) = changes.message_filter {
+            let filter = value.filter(|v| !v.is_null());
+            if let Some(filter) = &filter {
+                if let Err(problem) = Filter::parse(filter) {
+                    problems.add("messageFilter", problem);
+                }
+            }
+            self.message_filter = filter;
+        }
+        if let Some(input) = changes.handler_config {
+            self.handler_config = handler_config(problems, input, &self.handler_config);
+        }
+    }
+}
+
+struct Changes {
+    max_poll_records: Option<i64>,
+    session_timeout_ms: Option<i64>,
+    heartbeat_interval_ms: Option<i64>,
+    handler_config: Option<HandlerConfigInput>,
+    dead_letter_queue: Option<Option<String>>,
+    max_retry_attempts: Option<i64>,
+    retry_delay_ms: Option<i64>,
+    message_filter: Option<Option<Value>>,
+}
+
+fn bounded(problems: &mut Problems, field: &str, value: i64, min: i64, max: i64) -> i64 {
+    if (min..=max).contains(&value) {
+        value
+    } else {
+        problems.add(
+            field,
+            format!("must be between {min} and {max} (got {value})"),
+        );
+        min
+    }
+}
+
+/// A handler config replaces the previous one, except that an absent `secret` keeps the
+/// stored secret (it is never shown, so a client cannot send it back).
+fn handler_config(
+    problems: &mut Problems,
+    input: HandlerConfigInput,
+    previous: &HandlerConfig,
+) -> HandlerConfig {
+    if let Some(url) = &input.url {
+        let scheme_ok = url
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
+        problems.check(scheme_ok && url.len() <= 2048, "handlerConfig.url", || {
+            "must be an http:// or https:// URL of at most 2048 characters".into()
+        });
+    }
+    let timeout_ms = input.timeout_ms.map(|value| {
+        bounded(
+            problems,
+            "handlerConfig.timeoutMs",
+            value,
+            100,
+            MAX_HANDLER_TIMEOUT_MS,
+        ) as u64
+    });
+    let concurrency = input.concurrency.map(|value| {
+        bounded(
+            problems,
+            "handlerConfig.concurrency",
+            value,
+            1,
+            MAX_CONCURRENCY,
+        ) as u32
+    });
+    let headers = input.headers.unwrap_or_default();
+    problems.check(
+        headers.len() <= MAX_HANDLER_HEADERS,
+        "handlerConfig.headers",
+        || format!("must have at most {MAX_HANDLER_HEADERS} entries"),
+    );
+    if let Some(secret) = &input.secret {
+        problems.check(
+            (1..=512).contains(&secret.len()),
+            "handlerConfig.secret",
+            || "must be 1-512 characters".into(),
+        );
+    }
+    HandlerConfig {
+        url: input.url,
+        timeout_ms,
+        concurrency,
+        headers,
+        secret: input.secret.or_else(|| previous.secret.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const DEFAULTS: SubscriptionDefaults = SubscriptionDefaults {
+        session_timeout_ms: 30_000,
+    };
+
+    fn create(body: Value) -> Result<Subscription, ApiError> {
+        Subscription::create(
+            Uuid::nil(),
+            Uuid::nil(),
+            "orders",
+            serde_json::from_value(body).unwrap(),
+            DEFAULTS,
+            Utc::now(),
+        )
+    }
+
+    fn fields(result: Result<Subscription, ApiError>) -> Value {
+        result.unwrap_err().details["fields"].clone()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = create(json!({"consumerGroup": "billing", "consumerName": "b1", "subscriptionType": "redis_consumer"})).unwrap();
+        assert_eq!(s.dead_letter_queue, "orders.dlq");
+        assert_eq!(
+            (
+                s.max_poll_records,
+                s.session_timeout_ms,
+                s.max_retry_attempts,
+                s.retry_delay_ms
+            ),
+            (500, 30_000, 3, 1000)
+        );
+        assert_eq!(s.offset_reset_policy, OffsetReset::Latest);
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(
+            fields(create(json!({}))),
+            json!(["consumerGroup", "consumerName", "subscriptionType"])
+        );
+        assert_eq!(
+            fields(create(
+                json!({"consumerGroup": "g", "consumerName": "c", "subscriptionType": "kafka_consumer"})
+            )),
+            json!(["subscriptionType"])
+        );
+        assert_eq!(
+            fields(create(
+                json!({"consumerGroup": "g", "consumerName": "c", "subscriptionType": "webhook"})
+            )),
+            json!(["handlerConfig.url"])
+        );
+        assert_eq!(
+            fields(create(
+                json!({"consumerGroup": "g", "consumerName": "c", "subscriptionType": "webhook",
+                "handlerConfig": {"url": "ftp://x"}, "messageFilter": {"nope": 1}, "maxRetryAttempts": -1})
+            )),
+            json!(["maxRetryAttempts", "messageFilter", "handlerConfig.url"])
+        );
+    }
+
+    #[test]
+    fn the_secret_is_never_serialized_and_survives_updates() {
+        let s = create(
+            json!({"consumerGroup": "g", "consumerName": "c", "subscriptionType": "webhook",
+            "handlerConfig": {"url": "http://x/hook", "secret": "s3cr3t"}}),
+        )
+        .unwrap();
+        assert!(!serde_json::to_string(&s).unwrap().contains("s3cr3t"));
+        assert_eq!(s.handler_config.to_stored()["secret"], "s3cr3t");
+        let update: UpdateSubscriptionRequest =
+            serde_json::from_value(json!({"handlerConfig": {"url": "http://y/hook"}})).unwrap();
+        let updated = s.updated(update, Utc::now()).unwrap();
+        assert_eq!(updated.handler_config.secret.as_deref(), Some("s3cr3t"));
+        let update: UpdateSubscriptionRequest =
+            serde_json::from_value(json!({"consumerGroup": "other"})).unwrap();
+        assert_eq!(
+            fields(s.updated(update, Utc::now())),
+            json!(["consumerGroup"])
+        );
+    }
+}

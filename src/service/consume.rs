@@ -1,0 +1,485 @@
+//! Consuming: pull, ack and nack of `redis_consumer` subscriptions, and the failure policy
+//! (retry schedule, dead-lettering) that every kind of delivery shares.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::auth::Tenant;
+use crate::broker::consume::{Delivery, Outcome, Settlement};
+use crate::domain::ack_token::AckToken;
+use crate::domain::filter::{Filter, MessageView};
+use crate::domain::message::{Envelope, MessageInput, PublishContext};
+use crate::domain::queue::{Queue, QueueStatus};
+use crate::domain::retry::{may_retry, retry_delay_ms};
+use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::{publish, queues, subscriptions};
+use crate::state::AppState;
+
+/// The longest a pull may wait (API.md).
+pub const MAX_WAIT_MS: i64 = 20_000;
+/// How often a waiting pull looks again for messages stored by other instances.
+const REPOLL: Duration = Duration::from_millis(500);
+const MAX_ACK_IDS: usize = 1000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequest {
+    pub max_messages: Option<i64>,
+    pub wait_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AckRequest {
+    pub ack_ids: Option<Vec<String>>,
+    pub delay_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PulledMessage {
+    pub ack_id: String,
+    pub message_id: String,
+    pub queue: String,
+    pub partition: u16,
+    pub offset: String,
+    pub payload: Value,
+    pub headers: BTreeMap<String, String>,
+    pub key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub published_at: DateTime<Utc>,
+    pub delivery_attempt: u32,
+}
+
+/// The subscription and queue a consuming request acts on, checked.
+struct Consumer {
+    subscription: Subscription,
+    queue: std::sync::Arc<Queue>,
+}
+
+async fn consumer(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<Consumer> {
+    let subscription = subscriptions::require(state, tenant.tenant_id, id).await?;
+    if subscription.subscription_type != SubscriptionType::RedisConsumer {
+        return Err(ApiError::validation(
+            format!(
+                "subscription '{id}' is a {} subscription: its messages are pushed, not pulled",
+                subscription.subscription_type.as_str()
+            ),
+            vec![],
+        ));
+    }
+    let queue = queues::resolve(state, tenant.tenant_id, &subscription.queue)
+        .await?
+        .queue;
+    subscriptions::authorize_consumer(&queue, &tenant.principal)?;
+    Ok(Consumer {
+        subscription,
+        queue,
+    })
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub async fn pull(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    request: PullRequest,
+) -> ApiResult<Vec<PulledMessage>> {
+    let Consumer {
+        subscription,
+        queue,
+    } = consumer(state, tenant, id).await?;
+    let max = i64::from(subscription.max_poll_records);
+    let max_messages = request.max_messages.unwrap_or(10.min(max));
+    let wait_ms = request.wait_ms.unwrap_or(0);
+    let mut problems = crate::domain::validation::Problems::default();
+    problems.check((1..=max).contains(&max_messages), "maxMessages", || {
+        format!("must be between 1 and {max} (the subscription's maxPollRecords)")
+    });
+    problems.check((0..=MAX_WAIT_MS).contains(&wait_ms), "waitMs", || {
+        format!("must be between 0 and {MAX_WAIT_MS}")
+    });
+    problems.into_result(())?;
+    if subscription.status == SubscriptionStatus::Paused {
+        return Err(ApiError::new(
+            ErrorCode::SubscriptionPaused,
+            format!("subscription '{id}' is paused"),
+        ));
+    }
+
+    let give_up = tokio::time::Instant::now() + Duration::from_millis(wait_ms as u64);
+    let signal = state.signals.subscribe(queue.id);
+    let filter = subscription.filter();
+    // Rotating the first partition spreads consumers over partitions.
+    let mut first_partition = fastrand::u16(..queue.partition_count.max(1));
+    loop {
+        let arrived = signal.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if queue.status != QueueStatus::Paused {
+            let now = now_ms();
+            let deliveries = state
+                .broker
+                .take(
+                    queue.id,
+                    queue.partition_count,
+                    first_partition,
+                    &subscription.consumer_group,
+                    &subscription.id.to_string(),
+                    max_messages as usize,
+                    now,
+                    now + subscription.session_timeout_ms as i64,
+                )
+                .await
+                .map_err(ApiError::during_consume)?;
+            let messages = hand_out(
+                state,
+                &subscription,
+                &queue,
+                filter.as_ref(),
+                deliveries,
+                now,
+            )
+            .await
+            .map_err(ApiError::during_consume)?;
+            if !messages.is_empty() {
+                return Ok(messages);
+            }
+        }
+        first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
+        let now = tokio::time::Instant::now();
+        if now >= give_up {
+            return Ok(Vec::new());
+        }
+        tokio::select! {
+            () = arrived => {}
+            () = tokio::time::sleep(REPOLL.min(give_up - now)) => {}
+        }
+    }
+}
+
+/// Turns deliveries into messages for the client: expired and filtered ones are settled
+/// here and never handed out.
+async fn hand_out(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    filter: Option<&Filter>,
+    deliveries: Vec<Delivery>,
+    now: i64,
+) -> ApiResult<Vec<PulledMessage>> {
+    let mut messages = Vec::with_capacity(deliveries.len());
+    let mut skipped: Vec<(Delivery, Option<Envelope>, Outcome)> = Vec::new();
+    for delivery in deliveries {
+        let envelope = delivery
+            .envelope
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<Envelope>(text).ok());
+        let Some(envelope) = envelope else {
+            skipped.push((delivery, None, Outcome::Filtered));
+            continue;
+        };
+        if envelope.expires_at <= now {
+            skipped.push((delivery, Some(envelope), Outcome::Expired));
+            continue;
+        }
+        let wanted = filter.is_none_or(|f| {
+            f.matches(&MessageView {
+                headers: &envelope.headers,
+                payload: &envelope.payload,
+                key: envelope.key.as_deref(),
+            })
+        });
+        if !wanted {
+            skipped.push((delivery, Some(envelope), Outcome::Filtered));
+            continue;
+        }
+        let token = AckToken {
+            subscription_id: subscription.id,
+            partition: delivery.partition,
+            entry_id: delivery.entry_id.clone(),
+            message_id: envelope.message_id.clone(),
+            attempt: delivery.attempt,
+            delivered_at_ms: now,
+        };
+        messages.push(PulledMessage {
+            ack_id: state.ack_signer.issue(&token),
+            message_id: envelope.message_id,
+            queue: queue.name.clone(),
+            partition: delivery.partition,
+            offset: delivery.entry_id,
+            payload: envelope.payload,
+            headers: envelope.headers,
+            key: envelope.key,
+            correlation_id: envelope.correlation_id,
+            published_at: DateTime::from_timestamp_millis(envelope.published_at)
+                .unwrap_or_default(),
+            delivery_attempt: delivery.attempt,
+        });
+    }
+    if !skipped.is_empty() {
+        let group = subscription.consumer_group.as_str();
+        let settlements: Vec<Settlement<'_>> = skipped
+            .iter()
+            .map(|(delivery, envelope, outcome)| Settlement {
+                group,
+                partition: delivery.partition,
+                entry_id: &delivery.entry_id,
+                outcome: *outcome,
+                expected_deadline: Some(&delivery.deadline),
+                expected_attempt: None,
+                message_id: envelope.as_ref().map_or("", |e| e.message_id.as_str()),
+                subscription_id: subscription.id,
+                processing_ms: None,
+                error: None,
+                now_ms: now,
+            })
+            .collect();
+        state.broker.settle(queue.id, &settlements).await?;
+    }
+    Ok(messages)
+}
+
+/// The tokens of `ack_ids` issued for this subscription; others (forged, foreign) are dropped.
+fn own_tokens(
+    state: &AppState,
+    subscription: &Subscription,
+    ack_ids: Option<Vec<String>>,
+) -> ApiResult<Vec<AckToken>> {
+    let ack_ids =
+        ack_ids.ok_or_else(|| ApiError::validation("ackIds is required", vec!["ackIds".into()]))?;
+    if ack_ids.len() > MAX_ACK_IDS {
+        return Err(ApiError::validation(
+            format!("ackIds holds at most {MAX_ACK_IDS} ids"),
+            vec!["ackIds".into()],
+        ));
+    }
+    Ok(ack_ids
+        .iter()
+        .filter_map(|id| state.ack_signer.verify(id))
+        .filter(|token| token.subscription_id == subscription.id)
+        .collect())
+}
+
+pub async fn ack(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    request: AckRequest,
+) -> ApiResult<usize> {
+    let Consumer {
+        subscription,
+        queue,
+    } = consumer(state, tenant, id).await?;
+    let tokens = own_tokens(state, &subscription, request.ack_ids)?;
+    let now = now_ms();
+    let settlements: Vec<Settlement<'_>> = tokens
+        .iter()
+        .map(|token| Settlement {
+            group: &subscription.consumer_group,
+            partition: token.partition,
+            entry_id: &token.entry_id,
+            outcome: Outcome::Acked,
+            expected_deadline: None,
+            expected_attempt: None,
+            message_id: &token.message_id,
+            subscription_id: subscription.id,
+            processing_ms: Some((now - token.delivered_at_ms).max(0)),
+            error: None,
+            now_ms: now,
+        })
+        .collect();
+    let applied = state
+        .broker
+        .settle(queue.id, &settlements)
+        .await
+        .map_err(ApiError::during_consume)?;
+    Ok(applied.into_iter().filter(|a| *a).count())
+}
+
+pub async fn nack(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    request: AckRequest,
+) -> ApiResult<usize> {
+    let Consumer {
+        subscription,
+        queue,
+    } = consumer(state, tenant, id).await?;
+    if let Some(delay) = request.delay_ms {
+        if !(0..=crate::domain::retry::MAX_RETRY_DELAY_MS as i64).contains(&delay) {
+            return Err(ApiError::validation(
+                format!(
+                    "delayMs must be between 0 and {}",
+                    crate::domain::retry::MAX_RETRY_DELAY_MS
+                ),
+                vec!["delayMs".into()],
+            ));
+        }
+    }
+    let tokens = own_tokens(state, &subscription, request.ack_ids)?;
+    let mut nacked = 0;
+    for token in tokens {
+        let failure = Failure {
+            partition: token.partition,
+            entry_id: &token.entry_id,
+            message_id: &token.message_id,
+            attempt: token.attempt,
+            expected_deadline: None,
+            expected_attempt: Some(token.attempt),
+            error: "nacked by the consumer",
+            delay_override_ms: request.delay_ms,
+            processing_ms: Some((now_ms() - token.delivered_at_ms).max(0)),
+        };
+        if record_failure(state, &subscription, &queue, failure, None)
+            .await
+            .map_err(ApiError::during_consume)?
+        {
+            nacked += 1;
+        }
+    }
+    Ok(nacked)
+}
+
+/// A failed delivery attempt (nack, ack deadline passed, webhook error).
+pub struct Failure<'a> {
+    pub partition: u16,
+    pub entry_id: &'a str,
+    pub message_id: &'a str,
+    /// Deliveries made, this one included.
+    pub attempt: u32,
+    pub expected_deadline: Option<&'a str>,
+    pub expected_attempt: Option<u32>,
+    pub error: &'a str,
+    pub delay_override_ms: Option<i64>,
+    pub processing_ms: Option<i64>,
+}
+
+/// Applies the retry policy of `subscription` to a failed delivery: schedule the next
+/// attempt, or when attempts are exhausted move the message to the dead-letter queue.
+/// `envelope` is the message when the caller has it (else it is read when needed).
+/// Returns whether the failure was recorded (false when the delivery was settled meanwhile).
+pub async fn record_failure(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    failure: Failure<'_>,
+    envelope: Option<Envelope>,
+) -> ApiResult<bool> {
+    let now = now_ms();
+    let retry = may_retry(failure.attempt, subscription.max_retry_attempts);
+    let mut outcome = if retry {
+        let delay = failure.delay_override_ms.unwrap_or_else(|| {
+            let jitter = fastrand::f64() * 2.0 - 1.0;
+            retry_delay_ms(subscription.retry_delay_ms, failure.attempt, jitter) as i64
+        });
+        Outcome::Failed {
+            retry_at_ms: now + delay,
+        }
+    } else {
+        Outcome::DeadLetter
+    };
+    if outcome == Outcome::DeadLetter {
+        let envelope = match envelope {
+            Some(envelope) => Some(envelope),
+            None => state
+                .broker
+                .read_envelope(queue.id, failure.partition, failure.entry_id)
+                .await?
+                .and_then(|text| serde_json::from_str::<Envelope>(&text).ok()),
+        };
+        if let Some(envelope) = envelope {
+            if let Err(error) = dead_letter(
+                state,
+                subscription,
+                queue,
+                envelope,
+                failure.attempt,
+                failure.error,
+            )
+            .await
+            {
+                // The dead-letter queue cannot take it now (full, down): try again later.
+                tracing::warn!(error = %error, subscription = %subscription.id, "dead-lettering failed; retrying later");
+                outcome = Outcome::Failed {
+                    retry_at_ms: now + subscription.retry_delay_ms as i64,
+                };
+            }
+        }
+    }
+    let settlement = Settlement {
+        group: &subscription.consumer_group,
+        partition: failure.partition,
+        entry_id: failure.entry_id,
+        outcome,
+        expected_deadline: failure.expected_deadline,
+        expected_attempt: failure.expected_attempt,
+        message_id: failure.message_id,
+        subscription_id: subscription.id,
+        processing_ms: failure.processing_ms,
+        error: Some(failure.error),
+        now_ms: now,
+    };
+    let applied = state.broker.settle(queue.id, &[settlement]).await?;
+    Ok(applied.first().copied().unwrap_or(false))
+}
+
+/// Publishes a copy of the message to the subscription's dead-letter queue (created on first
+/// use), with headers saying why. The copy keeps the message id, so repeating this after a
+/// crash stores it once.
+async fn dead_letter(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    envelope: Envelope,
+    deliveries: u32,
+    last_error: &str,
+) -> ApiResult<()> {
+    let mut headers = envelope.headers;
+    headers.insert("x-dead-letter-reason".into(), "max-retries-exceeded".into());
+    headers.insert("x-original-queue".into(), queue.name.clone());
+    headers.insert("x-delivery-attempts".into(), deliveries.to_string());
+    headers.insert(
+        "x-last-error".into(),
+        last_error.chars().take(1000).collect(),
+    );
+    headers.insert("x-subscription-id".into(), subscription.id.to_string());
+    headers.insert(
+        "x-consumer-group".into(),
+        subscription.consumer_group.clone(),
+    );
+    let input = MessageInput {
+        payload: Some(envelope.payload),
+        headers: Some(headers),
+        key: envelope.key,
+        message_id: Some(envelope.message_id),
+        correlation_id: envelope.correlation_id,
+        content_type: Some(envelope.content_type),
+        ..MessageInput::default()
+    };
+    let context = PublishContext {
+        now_ms: now_ms(),
+        trace_id: envelope.trace_id,
+    };
+    let tenant_id: Uuid = queue.tenant_id;
+    queues::ensure_exists(state, tenant_id, &subscription.dead_letter_queue).await?;
+    publish::publish_as_service(
+        state,
+        tenant_id,
+        &subscription.dead_letter_queue,
+        input,
+        &context,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Subscription management: configuration in PostgreSQL, the consumer group in Redis.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::Tenant;
+use crate::domain::queue::{page_number, Queue, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::domain::subscription::{
+    CreateSubscriptionRequest, OffsetReset, Subscription, SubscriptionDefaults, SubscriptionStatus,
+    UpdateSubscriptionRequest,
+};
+use crate::domain::validation::Problems;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::queues::{self, Page};
+use crate::state::AppState;
+use crate::store::subscriptions::SubscriptionListFilter;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionStats {
+    pub lag: u64,
+    pub pending: u64,
+    pub delivered: i64,
+    pub acked: i64,
+    pub failed: i64,
+    pub dead_lettered: i64,
+    pub filtered: i64,
+    pub expired: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubscriptionWithStats {
+    #[serde(flatten)]
+    pub subscription: Subscription,
+    pub stats: SubscriptionStats,
+}
+
+/// `GET /subscriptions` query parameters as sent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionListQuery {
+    pub queue: Option<String>,
+    pub consumer_group: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<String>,
+    pub offset: Option<String>,
+}
+
+impl SubscriptionListQuery {
+    pub fn validate(self) -> ApiResult<SubscriptionListFilter> {
+        let mut problems = Problems::default();
+        let limit = page_number(
+            &mut problems,
+            "limit",
+            self.limit,
+            DEFAULT_PAGE_SIZE,
+            1,
+            MAX_PAGE_SIZE,
+        );
+        let offset = page_number(&mut problems, "offset", self.offset, 0, 0, i64::MAX);
+        let status = self.status.filter(|s| !s.is_empty()).and_then(|text| {
+            let parsed = SubscriptionStatus::parse(&text);
+            problems.check(parsed.is_some(), "status", || {
+                format!(
+                    "must be one of {}(got '{text}')",
+                    SubscriptionStatus::values()
+                )
+            });
+            parsed
+        });
+        let filter = SubscriptionListFilter {
+            queue: self.queue.filter(|q| !q.is_empty()),
+            consumer_group: self.consumer_group.filter(|g| !g.is_empty()),
+            status,
+            limit,
+            offset,
+        };
+        problems.into_result(filter)
+    }
+}
+
+/// The tenant's subscription; any other id (another tenant's, or not a UUID) is not found.
+pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<Subscription> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::SubscriptionNotFound,
+            format!("subscription '{id}' not found"),
+        )
+    };
+    let id = Uuid::parse_str(id).map_err(|_| not_found())?;
+    state
+        .store
+        .find_subscription(tenant_id, id)
+        .await?
+        .ok_or_else(not_found)
+}
+
+/// 403 unless `principal` may consume from `queue`.
+pub fn authorize_consumer(queue: &Queue, principal: &str) -> ApiResult<()> {
+    if queue.allowed_consumers.is_empty() || queue.allowed_consumers.iter().any(|p| p == principal)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "principal '{principal}' may not consume from queue '{}'",
+                queue.name
+            ),
+        ))
+    }
+}
+
+pub async fn create(
+    state: &AppState,
+    tenant: &Tenant,
+    request: CreateSubscriptionRequest,
+) -> ApiResult<Subscription> {
+    let queue_name = request.queue.clone().unwrap_or_default();
+    if queue_name.is_empty() {
+        return Err(ApiError::validation(
+            "queue is required",
+            vec!["queue".into()],
+        ));
+    }
+    let queue = queues::require(state, tenant.tenant_id, &queue_name).await?;
+    authorize_consumer(&queue, &tenant.principal)?;
+    let defaults = SubscriptionDefaults {
+        session_timeout_ms: state.config.consumer_timeout_ms,
+    };
+    let subscription = Subscription::create(
+        tenant.tenant_id,
+        queue.id,
+        &queue.name,
+        request,
+        defaults,
+        Utc::now(),
+    )?;
+    state.store.insert_subscription(&subscription).await?;
+    // The group's first subscription fixes its start; later members join where it is.
+    let from_earliest = subscription.offset_reset_policy == OffsetReset::Earliest;
+    if let Err(error) = state
+        .broker
+        .ensure_consumer_group(
+            queue.id,
+            queue.partition_count,
+            &subscription.consumer_group,
+            from_earliest,
+        )
+        .await
+    {
+        // Without its group the subscription would receive nothing: undo it.
+        let _ = state.store.delete_subscription(&subscription).await;
+        return Err(error);
+    }
+    state.subscription_changed();
+    Ok(subscription)
+}
+
+pub async fn list(
+    state: &AppState,
+    tenant: &Tenant,
+    filter: SubscriptionListFilter,
+) -> ApiResult<Page<Subscription>> {
+    let (items, total) = state
+        .store
+        .list_subscriptions(tenant.tenant_id, &filter)
+        .await?;
+    Ok(Page {
+        items,
+        total,
+        limit: filter.limit,
+        offset: filter.offset,
+    })
+}
+
+pub async fn get_with_stats(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+) -> ApiResult<SubscriptionWithStats> {
+    let subscription = require(state, tenant.tenant_id, id).await?;
+    let queue = queues::require(state, tenant.tenant_id, &subscription.queue).await?;
+    let consumer = subscription.id.to_string();
+    let (group, counts) = tokio::try_join!(
+        state.broker.group_stats(
+            queue.id,
+            queue.partition_count,
+            &subscription.consumer_group,
+            &consumer,
+        ),
+        state.store.outcome_counts(subscription.id),
+    )?;
+    Ok(SubscriptionWithStats {
+        stats: SubscriptionStats {
+            lag: group.lag,
+            pending: group.consumer_pending,
+            delivered: counts.acked
+                + counts.failed
+                + counts.dead_lettered
+                + group.consumer_pending as i64,
+            acked: counts.acked,
+            failed: counts.failed,
+            dead_lettered: counts.dead_lettered,
+            filtered: counts.filtered,
+            expired: counts.expired,
+        },
+        subscription,
+    })
+}
+
+pub async fn update(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    request: UpdateSubscriptionRequest,
+) -> ApiResult<Subscription> {
+    let current = require(state, tenant.tenant_id, id).await?;
+    let updated = state
+        .store
+        .update_subscription(tenant.tenant_id, current.id, |s| {
+            s.updated(request, Utc::now())
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::SubscriptionNotFound,
+                format!("subscription '{id}' not found"),
+            )
+        })?;
+    state.subscription_changed();
+    Ok(updated)
+}
+
+pub async fn set_status(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    status: SubscriptionStatus,
+) -> ApiResult<Subscription> {
+    let current = require(state, tenant.tenant_id, id).await?;
+    let updated = state
+        .store
+        .update_subscription(tenant.tenant_id, current.id, |s| {
+            let mut next = s.clone();
+            next.status = status;
+            next.updated_at = Utc::now();
+            Ok(next)
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::SubscriptionNotFound,
+                format!("subscription '{id}' not found"),
+            )
+        })?;
+    state.subscription_changed();
+    Ok(updated)
+}
+
+/// Deletes the subscription; the last member of a group takes the group (and its delivery
+/// state) with it, so an abandoned group never holds publishing back.
+pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()> {
+    let subscription = require(state, tenant.tenant_id, id).await?;
+    let remaining = state.store.delete_subscription(&subscription).await?;
+    if remaining == 0 {
+        let queue = queues::require(state, tenant.tenant_id, &subscription.queue).await?;
+        state
+            .broker
+            .destroy_consumer_group(
+                queue.id,
+                queue.partition_count,
+                &subscription.consumer_group,
+            )
+            .await?;
+    }
+    state.subscription_changed();
+    Ok(())
+}
