@@ -52,6 +52,14 @@ impl StreamEntry {
     }
 }
 
+/// What a recorder read found.
+#[derive(Debug)]
+pub enum RecorderRead {
+    Entries(Vec<StreamEntry>),
+    /// One of the streams no longer exists: list them again.
+    StreamsChanged,
+}
+
 impl Broker {
     /// Which of `streams` exist; each that does gets the recorder group if it lacks it.
     pub async fn prepare_recorder(&self, streams: &[String]) -> ApiResult<Vec<String>> {
@@ -79,7 +87,7 @@ impl Broker {
         streams: &[String],
         count: usize,
         block_ms: u64,
-    ) -> ApiResult<Vec<StreamEntry>> {
+    ) -> ApiResult<RecorderRead> {
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
@@ -95,24 +103,33 @@ impl Broker {
             command.arg(">");
         }
         let mut connection = self.pool.get().await?;
-        let reply: Option<StreamReadReply> = command.query_async(&mut connection).await?;
-        Ok(reply
-            .map(|reply| {
-                reply
-                    .keys
-                    .into_iter()
-                    .flat_map(|key| {
-                        let stream = key.key;
-                        key.ids.into_iter().map(move |entry| {
-                            let fields = entry.map.iter().filter_map(|(name, value)| {
-                                Some((name.as_str(), String::from_redis_value(value).ok()?))
-                            });
-                            StreamEntry::from_fields(&stream, entry.id.clone(), fields)
+        let reply: Option<StreamReadReply> = match command.query_async(&mut connection).await {
+            Ok(reply) => reply,
+            // A queue deleted since the caller listed its streams.
+            Err(error) if matches!(error.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                return Ok(RecorderRead::StreamsChanged)
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Ok(RecorderRead::Entries(
+            reply
+                .map(|reply| {
+                    reply
+                        .keys
+                        .into_iter()
+                        .flat_map(|key| {
+                            let stream = key.key;
+                            key.ids.into_iter().map(move |entry| {
+                                let fields = entry.map.iter().filter_map(|(name, value)| {
+                                    Some((name.as_str(), String::from_redis_value(value).ok()?))
+                                });
+                                StreamEntry::from_fields(&stream, entry.id.clone(), fields)
+                            })
                         })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ))
     }
 
     /// Takes over entries another recorder (or an earlier run of this one) read but did not
@@ -125,7 +142,7 @@ impl Broker {
         count: usize,
     ) -> ApiResult<Vec<StreamEntry>> {
         let mut connection = self.pool.get().await?;
-        let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+        let reply: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(RECORDER_GROUP)
             .arg(consumer)
@@ -134,8 +151,13 @@ impl Broker {
             .arg("COUNT")
             .arg(count)
             .query_async(&mut connection)
-            .await?;
-        parse_autoclaim(stream, reply)
+            .await;
+        match reply {
+            Ok(reply) => parse_autoclaim(stream, reply),
+            // The stream's queue was deleted meanwhile: nothing left to record.
+            Err(error) if error.code() == Some("NOGROUP") => Ok(Vec::new()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Acknowledges recorded entries; journal entries are deleted too (nothing else reads

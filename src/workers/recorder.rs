@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::keys::KeyLayout;
-use crate::broker::recorder::StreamEntry;
+use crate::broker::recorder::{RecorderRead, StreamEntry};
 use crate::domain::message::Envelope;
 use crate::error::ApiResult;
 use crate::service::partitions::PartitionRef;
@@ -117,7 +117,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         if waiting.is_empty() {
             let read = if claimed.elapsed() >= CLAIM_EVERY {
                 claimed = Instant::now();
-                claim_stale(&state, &consumer, &streams, batch_size).await
+                claim_stale(&state, &consumer, &streams, batch_size)
+                    .await
+                    .map(RecorderRead::Entries)
             } else if streams.is_empty() {
                 pause(&shutdown, Duration::from_millis(BLOCK_MS)).await;
                 continue;
@@ -128,7 +130,11 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                     .await
             };
             match read {
-                Ok(entries) => waiting = entries,
+                Ok(RecorderRead::Entries(entries)) => waiting = entries,
+                Ok(RecorderRead::StreamsChanged) => {
+                    refreshed = None;
+                    continue;
+                }
                 Err(error) => {
                     // A stream deleted since the last refresh fails the read: refresh now.
                     refreshed = None;
