@@ -50,6 +50,10 @@ impl Application {
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
         let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
+        let webhooks = Arc::new(
+            service::webhook::WebhookClient::new(config.webhook_denied_networks.clone())
+                .context("cannot build the webhook HTTP client")?,
+        );
         let state = AppState {
             auth: Arc::new(Authenticator::new(
                 &config.jwt_secret,
@@ -67,6 +71,7 @@ impl Application {
             subscriptions: Arc::default(),
             signals: Arc::default(),
             ack_signer,
+            webhooks,
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),
@@ -108,6 +113,12 @@ impl Application {
             .workers
             .spawn("scheduler", shutdown.clone(), move |token| {
                 workers::scheduler::run(state.clone(), token)
+            });
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("dispatcher", shutdown.clone(), move |token| {
+                workers::dispatcher::run(state.clone(), token)
             });
         let state = self.state.clone();
         self.state

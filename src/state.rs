@@ -34,6 +34,7 @@ pub struct AppState {
     pub subscriptions: Arc<SubscriptionDirectory>,
     pub signals: Arc<QueueSignals>,
     pub ack_signer: Arc<AckSigner>,
+    pub webhooks: Arc<crate::service::webhook::WebhookClient>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

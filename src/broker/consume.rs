@@ -42,11 +42,18 @@ static TAKE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
 -- KEYS: stream, inflight, retry, attempts.
--- ARGV: group, consumer, how many, now (ms), ack deadline of these deliveries (ms).
+-- ARGV: group, consumer, how many, now (ms), ack deadline of these deliveries (ms),
+-- '1' for in-order delivery (nothing new while an entry of this partition is in flight or
+-- waiting for its retry).
 -- Returns {entry id, {field, value, ...}, deliveries} for each delivery: due retries first.
 local stream, inflight, retry, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local want = tonumber(ARGV[3])
+local ordered = ARGV[6] == '1'
 local out = {}
+if ordered then
+  if redis.call('ZCARD', inflight) > 0 then return out end
+  want = 1
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT', 0, want)) do
   redis.call('ZREM', retry, id)
   local entry = redis.call('XRANGE', stream, id, id)
@@ -63,6 +70,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT',
   end
 end
 local remaining = want - #out
+if ordered and redis.call('ZCARD', retry) > 0 then remaining = 0 end
 if remaining > 0 and redis.call('EXISTS', stream) == 1 then
   local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
   if type(read) == 'table' and read.err then
@@ -274,7 +282,8 @@ impl Broker {
     }
 
     /// Takes up to `count` deliveries for `consumer` of `group`, visiting partitions from
-    /// `first_partition` on (callers rotate it for fairness).
+    /// `first_partition` on (callers rotate it for fairness). `in_order` delivers one entry
+    /// of a partition at a time, in stream order, across all instances.
     #[allow(clippy::too_many_arguments)]
     pub async fn take(
         &self,
@@ -286,6 +295,7 @@ impl Broker {
         count: usize,
         now_ms: i64,
         deadline_ms: i64,
+        in_order: bool,
     ) -> ApiResult<Vec<Delivery>> {
         let mut connection = self.pool.get().await?;
         let (now, deadline) = (now_ms.to_string(), deadline_ms.to_string());
@@ -314,6 +324,7 @@ impl Broker {
                     want.as_bytes(),
                     now.as_bytes(),
                     deadline.as_bytes(),
+                    if in_order { b"1" } else { b"0" },
                 ],
             );
             let (reply,): (redis::Value,) =

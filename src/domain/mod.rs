@@ -6,5 +6,6 @@ pub mod message;
 pub mod queue;
 pub mod retry;
 pub mod schema;
+pub mod signature;
 pub mod subscription;
 pub mod validation;

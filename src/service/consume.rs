@@ -138,6 +138,7 @@ pub async fn pull(
                     max_messages as usize,
                     now,
                     now + subscription.session_timeout_ms as i64,
+                    false,
                 )
                 .await
                 .map_err(ApiError::during_consume)?;
@@ -167,8 +168,7 @@ pub async fn pull(
     }
 }
 
-/// Turns deliveries into messages for the client: expired and filtered ones are settled
-/// here and never handed out.
+/// Turns deliveries into messages for the client, with their `ackId`s.
 async fn hand_out(
     state: &AppState,
     subscription: &Subscription,
@@ -177,7 +177,48 @@ async fn hand_out(
     deliveries: Vec<Delivery>,
     now: i64,
 ) -> ApiResult<Vec<PulledMessage>> {
-    let mut messages = Vec::with_capacity(deliveries.len());
+    let deliverable = screen(state, subscription, queue, filter, deliveries, now).await?;
+    Ok(deliverable
+        .into_iter()
+        .map(|(delivery, envelope)| {
+            let token = AckToken {
+                subscription_id: subscription.id,
+                partition: delivery.partition,
+                entry_id: delivery.entry_id.clone(),
+                message_id: envelope.message_id.clone(),
+                attempt: delivery.attempt,
+                delivered_at_ms: now,
+            };
+            PulledMessage {
+                ack_id: state.ack_signer.issue(&token),
+                message_id: envelope.message_id,
+                queue: queue.name.clone(),
+                partition: delivery.partition,
+                offset: delivery.entry_id,
+                payload: envelope.payload,
+                headers: envelope.headers,
+                key: envelope.key,
+                correlation_id: envelope.correlation_id,
+                published_at: DateTime::from_timestamp_millis(envelope.published_at)
+                    .unwrap_or_default(),
+                delivery_attempt: delivery.attempt,
+            }
+        })
+        .collect())
+}
+
+/// The deliveries worth handing to the consumer, with their envelopes. Expired messages
+/// (`ttlMs` passed), messages the subscription's filter rejects and unreadable entries are
+/// settled here and never delivered.
+pub async fn screen(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    filter: Option<&Filter>,
+    deliveries: Vec<Delivery>,
+    now: i64,
+) -> ApiResult<Vec<(Delivery, Envelope)>> {
+    let mut deliverable = Vec::with_capacity(deliveries.len());
     let mut skipped: Vec<(Delivery, Option<Envelope>, Outcome)> = Vec::new();
     for delivery in deliveries {
         let envelope = delivery
@@ -199,32 +240,11 @@ async fn hand_out(
                 key: envelope.key.as_deref(),
             })
         });
-        if !wanted {
+        if wanted {
+            deliverable.push((delivery, envelope));
+        } else {
             skipped.push((delivery, Some(envelope), Outcome::Filtered));
-            continue;
         }
-        let token = AckToken {
-            subscription_id: subscription.id,
-            partition: delivery.partition,
-            entry_id: delivery.entry_id.clone(),
-            message_id: envelope.message_id.clone(),
-            attempt: delivery.attempt,
-            delivered_at_ms: now,
-        };
-        messages.push(PulledMessage {
-            ack_id: state.ack_signer.issue(&token),
-            message_id: envelope.message_id,
-            queue: queue.name.clone(),
-            partition: delivery.partition,
-            offset: delivery.entry_id,
-            payload: envelope.payload,
-            headers: envelope.headers,
-            key: envelope.key,
-            correlation_id: envelope.correlation_id,
-            published_at: DateTime::from_timestamp_millis(envelope.published_at)
-                .unwrap_or_default(),
-            delivery_attempt: delivery.attempt,
-        });
     }
     if !skipped.is_empty() {
         let group = subscription.consumer_group.as_str();
@@ -246,7 +266,7 @@ async fn hand_out(
             .collect();
         state.broker.settle(queue.id, &settlements).await?;
     }
-    Ok(messages)
+    Ok(deliverable)
 }
 
 /// The tokens of `ack_ids` issued for this subscription; others (forged, foreign) are dropped.

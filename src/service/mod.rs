@@ -10,3 +10,4 @@ pub mod queue_cache;
 pub mod queues;
 pub mod signals;
 pub mod subscriptions;
+pub mod webhook;

@@ -7,28 +7,27 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::subscription::Subscription;
 use crate::error::ApiResult;
 use crate::store::Store;
 
-const REFRESH: Duration = Duration::from_secs(2);
-
-/// A list loaded from PostgreSQL and reused until it is `REFRESH` old or expired.
+/// A list loaded from PostgreSQL and reused until it is `refresh` old or expired.
 pub struct Snapshot<T> {
+    refresh: Duration,
     cached: Mutex<(Option<Instant>, Arc<Vec<T>>)>,
 }
 
-impl<T> Default for Snapshot<T> {
-    fn default() -> Self {
+impl<T> Snapshot<T> {
+    fn new(refresh: Duration) -> Self {
         Snapshot {
+            refresh,
             cached: Mutex::new((None, Arc::new(Vec::new()))),
         }
     }
-}
 
-impl<T> Snapshot<T> {
     pub async fn current<F>(&self, load: F) -> Arc<Vec<T>>
     where
         F: Future<Output = ApiResult<Vec<T>>>,
@@ -36,7 +35,7 @@ impl<T> Snapshot<T> {
         let (fresh, list) = {
             let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
             (
-                cached.0.is_some_and(|at| at.elapsed() < REFRESH),
+                cached.0.is_some_and(|at| at.elapsed() < self.refresh),
                 cached.1.clone(),
             )
         };
@@ -71,9 +70,16 @@ pub struct PartitionRef {
 }
 
 /// Every partition of every queue.
-#[derive(Default)]
 pub struct PartitionDirectory {
     snapshot: Snapshot<PartitionRef>,
+}
+
+impl Default for PartitionDirectory {
+    fn default() -> Self {
+        PartitionDirectory {
+            snapshot: Snapshot::new(Duration::from_secs(2)),
+        }
+    }
 }
 
 impl PartitionDirectory {
@@ -101,10 +107,20 @@ impl PartitionDirectory {
     }
 }
 
-/// Every subscription of every tenant.
-#[derive(Default)]
+/// Every subscription of every tenant. Refreshed often: the dispatcher must start and stop
+/// serving a subscription changed on another instance within a second.
 pub struct SubscriptionDirectory {
     snapshot: Snapshot<Subscription>,
+    changed: Notify,
+}
+
+impl Default for SubscriptionDirectory {
+    fn default() -> Self {
+        SubscriptionDirectory {
+            snapshot: Snapshot::new(Duration::from_millis(400)),
+            changed: Notify::new(),
+        }
+    }
 }
 
 impl SubscriptionDirectory {
@@ -112,7 +128,14 @@ impl SubscriptionDirectory {
         self.snapshot.current(store.list_all_subscriptions()).await
     }
 
+    /// A subscription changed on this instance: reload now and wake who waits.
     pub fn expire(&self) {
         self.snapshot.expire();
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves at the next local change.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 }

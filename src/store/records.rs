@@ -215,10 +215,11 @@ impl Store {
              SELECT r.tenant_id, r.topic_id, r.subscription_id, r.message_id, r.attempt, r.status, \
                  r.processing_ms, r.error, r.created_at \
              FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int4[], $6::text[], \
-                 $7::int4[], $8::text[], $9::timestamptz[]) \
+                 $7::int4[], $8::text[], $9::timestamptz[]) WITH ORDINALITY \
                AS r(tenant_id, topic_id, subscription_id, message_id, attempt, status, \
-                 processing_ms, error, created_at) \
-             WHERE EXISTS (SELECT 1 FROM message_subscriptions s WHERE s.id = r.subscription_id)",
+                 processing_ms, error, created_at, position) \
+             WHERE EXISTS (SELECT 1 FROM message_subscriptions s WHERE s.id = r.subscription_id) \
+             ORDER BY r.position",
         )
         .bind(records.iter().map(|r| r.tenant_id).collect::<Vec<_>>())
         .bind(records.iter().map(|r| r.topic_id).collect::<Vec<_>>())
@@ -281,7 +282,8 @@ impl Store {
     ) -> ApiResult<Vec<DeliveryRecord>> {
         let deliveries = sqlx::query_as(
             "SELECT subscription_id, attempt, status, processing_ms, error, created_at \
-             FROM consumption_records WHERE topic_id = $1 AND message_id = $2 ORDER BY id",
+             FROM consumption_records WHERE topic_id = $1 AND message_id = $2 \
+             ORDER BY created_at, attempt, id",
         )
         .bind(topic_id)
         .bind(message_id)

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod receiver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

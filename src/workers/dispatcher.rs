@@ -1,0 +1,282 @@
+//! Pushes messages to every active webhook subscription.
+//!
+//! The dispatcher keeps one serving task per active webhook subscription, reconciled with
+//! the subscription list at least twice a second and at once after a local change, so a
+//! subscription starts or stops being served within a second of its creation, pause, resume,
+//! update or deletion. Each serving task takes messages of its consumer group (due retries
+//! first) and pushes them with at most `handlerConfig.concurrency` requests in flight (a
+//! semaphore), so a slow or dead endpoint only ever holds its own subscription's permits.
+//! Failures go through the same retry policy and dead-lettering as pull subscriptions
+//! (`service::consume::record_failure`).
+//!
+//! Several instances may serve one subscription: a message is taken by one of them at a time
+//! (the group's delivery state in Redis), and an instance that dies leaves its in-flight
+//! deliveries to be reclaimed after their deadline. At shutdown a serving task stops taking,
+//! lets in-flight pushes finish (each bounded by its timeout) and leaves the rest pending.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::consume::{Delivery, Outcome, Settlement};
+use crate::domain::message::Envelope;
+use crate::domain::queue::QueueStatus;
+use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
+use crate::service::consume::{record_failure, screen, Failure};
+use crate::service::queues;
+use crate::service::webhook::PushOutcome;
+use crate::state::AppState;
+
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How often an idle serving task looks for work it was not signalled about (other
+/// instances' publishes, retries falling due).
+const IDLE_LOOK: Duration = Duration::from_millis(250);
+/// The ack deadline of a push outlives its timeout by this much, so the reclaimer never
+/// takes a push that is still running.
+const DEADLINE_MARGIN_MS: i64 = 5000;
+
+struct Served {
+    updated_at: DateTime<Utc>,
+    stop: CancellationToken,
+}
+
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let mut served: HashMap<Uuid, Served> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    loop {
+        let subscriptions = state.subscriptions.current(&state.store).await;
+        let wanted: HashMap<Uuid, &Subscription> = subscriptions
+            .iter()
+            .filter(|s| {
+                s.subscription_type == SubscriptionType::Webhook
+                    && s.status == SubscriptionStatus::Active
+            })
+            .map(|s| (s.id, s))
+            .collect();
+        served.retain(|id, serving| {
+            let keep = wanted
+                .get(id)
+                .is_some_and(|s| s.updated_at == serving.updated_at);
+            if !keep {
+                serving.stop.cancel();
+            }
+            keep
+        });
+        for (id, subscription) in wanted {
+            if served.contains_key(&id) {
+                continue;
+            }
+            let stop = shutdown.child_token();
+            served.insert(
+                id,
+                Served {
+                    updated_at: subscription.updated_at,
+                    stop: stop.clone(),
+                },
+            );
+            tasks.spawn(serve(state.clone(), subscription.clone(), stop));
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = tokio::time::sleep(RECONCILE_EVERY) => {}
+            () = state.subscriptions.changed() => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // Serving tasks watch child tokens of `shutdown`: they are stopping; wait for their pushes.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Serves one webhook subscription until `stop`.
+async fn serve(state: AppState, subscription: Subscription, stop: CancellationToken) {
+    let concurrency = subscription
+        .handler_config
+        .concurrency
+        .map_or(state.config.max_concurrent_consumers, |c| c as usize)
+        .max(1);
+    let timeout = Duration::from_millis(
+        subscription
+            .handler_config
+            .timeout_ms
+            .unwrap_or(state.config.processing_timeout_ms),
+    );
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let filter = subscription.filter();
+    let consumer = subscription.id.to_string();
+    let mut pushes = JoinSet::new();
+    let mut first_partition = 0u16;
+    while !stop.is_cancelled() {
+        while pushes.try_join_next().is_some() {}
+        let Ok(resolved) =
+            queues::resolve(&state, subscription.tenant_id, &subscription.queue).await
+        else {
+            idle(&stop, None, &mut pushes).await;
+            continue;
+        };
+        let queue = resolved.queue;
+        let signal = state.signals.subscribe(queue.id);
+        let arrived = signal.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let available = permits.available_permits();
+        let mut pushed = 0;
+        if available > 0 && queue.status != QueueStatus::Paused {
+            let now = Utc::now().timestamp_millis();
+            let deadline = now
+                + (subscription.session_timeout_ms as i64)
+                    .max(timeout.as_millis() as i64 + DEADLINE_MARGIN_MS);
+            let taken = state
+                .broker
+                .take(
+                    queue.id,
+                    queue.partition_count,
+                    first_partition,
+                    &subscription.consumer_group,
+                    &consumer,
+                    available,
+                    now,
+                    deadline,
+                    concurrency == 1,
+                )
+                .await;
+            first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
+            let deliverable = match taken {
+                Ok(deliveries) => {
+                    screen(
+                        &state,
+                        &subscription,
+                        &queue,
+                        filter.as_ref(),
+                        deliveries,
+                        now,
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            };
+            match deliverable {
+                Ok(deliverable) => {
+                    for (delivery, envelope) in deliverable {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break;
+                        };
+                        pushes.spawn(push(
+                            state.clone(),
+                            subscription.clone(),
+                            queue.clone(),
+                            delivery,
+                            envelope,
+                            timeout,
+                            permit,
+                        ));
+                        pushed += 1;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, subscription = %subscription.id, "taking messages failed")
+                }
+            }
+        }
+        if pushed == 0 {
+            idle(&stop, Some(arrived), &mut pushes).await;
+        }
+    }
+    // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
+    while pushes.join_next().await.is_some() {}
+}
+
+/// Waits for a reason to look again: a message arrived, a push finished, or time passed.
+async fn idle(
+    stop: &CancellationToken,
+    arrived: Option<std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>>,
+    pushes: &mut JoinSet<()>,
+) {
+    let arrived = async {
+        match arrived {
+            Some(arrived) => arrived.await,
+            None => std::future::pending().await,
+        }
+    };
+    let finished = async {
+        if pushes.is_empty() {
+            std::future::pending::<()>().await;
+        } else {
+            let _ = pushes.join_next().await;
+        }
+    };
+    tokio::select! {
+        () = arrived => {}
+        () = finished => {}
+        () = tokio::time::sleep(IDLE_LOOK) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// One push and its settlement.
+async fn push(
+    state: AppState,
+    subscription: Subscription,
+    queue: Arc<crate::domain::queue::Queue>,
+    delivery: Delivery,
+    envelope: Envelope,
+    timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let outcome = state
+        .webhooks
+        .push(&subscription, &queue.name, &delivery, &envelope, timeout)
+        .await;
+    let settled = match outcome {
+        PushOutcome::Delivered { elapsed_ms } => {
+            let settlement = Settlement {
+                group: &subscription.consumer_group,
+                partition: delivery.partition,
+                entry_id: &delivery.entry_id,
+                outcome: Outcome::Acked,
+                expected_deadline: Some(&delivery.deadline),
+                expected_attempt: None,
+                message_id: &envelope.message_id,
+                subscription_id: subscription.id,
+                processing_ms: Some(elapsed_ms),
+                error: None,
+                now_ms: Utc::now().timestamp_millis(),
+            };
+            state
+                .broker
+                .settle(queue.id, &[settlement])
+                .await
+                .map(|_| ())
+        }
+        PushOutcome::Failed {
+            error,
+            retry_after_ms,
+            elapsed_ms,
+        } => {
+            let message_id = envelope.message_id.clone();
+            let failure = Failure {
+                partition: delivery.partition,
+                entry_id: &delivery.entry_id,
+                message_id: &message_id,
+                attempt: delivery.attempt,
+                expected_deadline: Some(&delivery.deadline),
+                expected_attempt: None,
+                error: &error,
+                delay_override_ms: retry_after_ms,
+                processing_ms: Some(elapsed_ms),
+            };
+            record_failure(&state, &subscription, &queue, failure, Some(envelope))
+                .await
+                .map(|_| ())
+        }
+    };
+    if let Err(error) = settled {
+        // Left in flight: the reclaimer settles it when its deadline passes.
+        tracing::warn!(error = %error, subscription = %subscription.id, "settling a push failed");
+    }
+}
