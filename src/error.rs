@@ -210,6 +210,12 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %error, "postgres unavailable");
                 ApiError::unavailable("PostgreSQL")
             }
+            // Only ever a race with a deletion (a batch naming a queue or subscription that
+            // was just deleted); callers retry, and the retry skips the deleted rows.
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                tracing::warn!(error = %error, "write raced a deletion");
+                ApiError::new(ErrorCode::Internal, "internal error")
+            }
             _ => ApiError::internal(format!("postgres: {error}")),
         }
     }
