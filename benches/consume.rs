@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{micros_now, percentile, setting};
+
 #[derive(Clone)]
 struct Client {
     http: reqwest::Client,
@@ -24,39 +29,15 @@ struct Client {
     token: String,
 }
 
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn micros_now() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
 impl Client {
     fn new() -> Client {
-        let secret = std::env::var("JWT_SECRET")
-            .unwrap_or_else(|_| "dev-only-jwt-secret-change-me-0123456789abcdef".to_owned());
-        let claims = json!({
-            "tenant_id": uuid::Uuid::new_v4().to_string(),
-            "sub": "bench",
-            "exp": chrono::Utc::now().timestamp() + 3600,
-        });
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("sign bench token");
         Client {
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()
                 .expect("client"),
-            url: std::env::var("BENCH_URL").unwrap_or_else(|_| "http://127.0.0.1:3010".to_owned()),
-            token,
+            url: support::service_url(),
+            token: support::tenant_token(),
         }
     }
 
@@ -127,10 +108,6 @@ async fn consume(
         let ack_ids: Vec<&Value> = messages.iter().map(|m| &m["ackId"]).collect();
         client.post(&ack, &json!({"ackIds": ack_ids})).await;
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 async fn latency_at_fixed_rate(client: &Client, rate: u64, seconds: u64, consumers: u64) {

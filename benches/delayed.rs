@@ -21,6 +21,9 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use mq::broker::keys::KeyLayout;
 use serde_json::{json, Value};
 
+#[path = "support/mod.rs"]
+mod support;
+
 const PARTITIONS: u16 = 4;
 
 struct Bench {
@@ -31,28 +34,8 @@ struct Bench {
     keys: KeyLayout,
 }
 
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 impl Bench {
     async fn new() -> Bench {
-        let secret = std::env::var("JWT_SECRET")
-            .unwrap_or_else(|_| "dev-only-jwt-secret-change-me-0123456789abcdef".to_owned());
-        let claims = json!({
-            "tenant_id": uuid::Uuid::new_v4().to_string(),
-            "sub": "bench",
-            "exp": chrono::Utc::now().timestamp() + 3600,
-        });
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("sign bench token");
         let redis_url =
             std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
         let redis = redis::Client::open(redis_url)
@@ -62,8 +45,8 @@ impl Bench {
             .expect("connect to the service's Redis");
         Bench {
             client: reqwest::Client::new(),
-            url: std::env::var("BENCH_URL").unwrap_or_else(|_| "http://127.0.0.1:3010".to_owned()),
-            token,
+            url: support::service_url(),
+            token: support::tenant_token(),
             redis,
             keys: KeyLayout::new(
                 std::env::var("REDIS_KEY_PREFIX").unwrap_or_else(|_| "mq:".into()),
@@ -150,7 +133,7 @@ impl Bench {
 
 fn report(label: &str, mut lags: Vec<i64>) {
     lags.sort_unstable();
-    let at = |p: f64| lags[((lags.len() as f64 - 1.0) * p).round() as usize];
+    let at = |p: f64| support::percentile(&lags, p);
     println!(
         "{label}: {} messages; release lag ms p50 {} p99 {} max {} (min {})",
         lags.len(),
@@ -170,8 +153,8 @@ fn rfc3339(ms: i64) -> String {
 #[tokio::main]
 async fn main() {
     let mut bench = Bench::new().await;
-    let burst = setting("BENCH_BURST", 10_000);
-    let spread = setting("BENCH_SPREAD", 200);
+    let burst = support::setting("BENCH_BURST", 10_000) as usize;
+    let spread = support::setting("BENCH_SPREAD", 200) as usize;
 
     // Burst: every message due at the same moment.
     let (name, queue_id) = bench.create_queue().await;

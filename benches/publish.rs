@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{setting, tenant_token};
+
 struct Settings {
     url: String,
     token: String,
@@ -26,35 +31,15 @@ struct Settings {
     partitions: usize,
 }
 
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn settings() -> Settings {
-    let secret = std::env::var("JWT_SECRET")
-        .unwrap_or_else(|_| "dev-only-jwt-secret-change-me-0123456789abcdef".to_owned());
-    let claims = json!({
-        "tenant_id": uuid::Uuid::new_v4().to_string(),
-        "sub": "bench",
-        "exp": chrono::Utc::now().timestamp() + 3600,
-    });
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("sign bench token");
     Settings {
-        url: std::env::var("BENCH_URL").unwrap_or_else(|_| "http://127.0.0.1:3010".to_owned()),
-        token,
-        messages: setting("BENCH_MESSAGES", 20_000),
-        concurrency: setting("BENCH_CONCURRENCY", 32),
-        batch_size: setting("BENCH_BATCH_SIZE", 100),
-        payload_bytes: setting("BENCH_PAYLOAD_BYTES", 256),
-        partitions: setting("BENCH_PARTITIONS", 4),
+        url: support::service_url(),
+        token: tenant_token(),
+        messages: setting("BENCH_MESSAGES", 20_000) as usize,
+        concurrency: setting("BENCH_CONCURRENCY", 32) as usize,
+        batch_size: setting("BENCH_BATCH_SIZE", 100) as usize,
+        payload_bytes: setting("BENCH_PAYLOAD_BYTES", 256) as usize,
+        partitions: setting("BENCH_PARTITIONS", 4) as usize,
     }
 }
 
@@ -104,8 +89,7 @@ async fn run(
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index].as_secs_f64() * 1000.0
+    support::percentile(sorted, p).as_secs_f64() * 1000.0
 }
 
 fn report(label: &str, mut latencies: Vec<Duration>, wall: Duration, messages_per_request: usize) {

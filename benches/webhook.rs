@@ -20,21 +20,15 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{micros_now, percentile, setting};
+
 #[derive(Default)]
 struct Received {
     count: AtomicUsize,
     latencies_ms: Mutex<Vec<f64>>,
-}
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn micros_now() -> i64 {
-    chrono::Utc::now().timestamp_micros()
 }
 
 async fn receive(State(received): State<Arc<Received>>, Json(body): Json<Value>) -> &'static str {
@@ -101,10 +95,6 @@ impl Bench {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 async fn wait_for(received: &Received, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while received.count.load(Ordering::Relaxed) < count && Instant::now() < deadline {
@@ -124,23 +114,13 @@ async fn main() {
     let receiver = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let secret = std::env::var("JWT_SECRET")
-        .unwrap_or_else(|_| "dev-only-jwt-secret-change-me-0123456789abcdef".to_owned());
-    let claims = json!({"tenant_id": uuid::Uuid::new_v4().to_string(), "sub": "bench",
-                        "exp": chrono::Utc::now().timestamp() + 3600});
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("sign bench token");
     let bench = Arc::new(Bench {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()
             .expect("client"),
-        url: std::env::var("BENCH_URL").unwrap_or_else(|_| "http://127.0.0.1:3010".to_owned()),
-        token,
+        url: support::service_url(),
+        token: support::tenant_token(),
         receiver,
     });
     let concurrency = setting("BENCH_CONCURRENCY", 32);

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::validation::{is_valid_name, nullable, Problems};
+use super::validation::{is_valid_name, nullable, string_enum, Problems};
 use crate::error::ApiError;
 
 pub const MAX_PARTITIONS: i64 = 64;
@@ -18,26 +18,6 @@ const MAX_REPLICATION_FACTOR: i64 = 10;
 const MAX_PRINCIPALS: usize = 100;
 const MAX_PRINCIPAL_CHARS: usize = 200;
 const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
-
-/// A closed set of lowercase string values, with its wire form and parser.
-macro_rules! string_enum {
-    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [&'static str] = &[$($text),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-
-            pub fn parse(text: &str) -> Option<Self> {
-                match text { $($text => Some($name::$variant),)+ _ => None }
-            }
-        }
-    };
-}
 
 string_enum!(TopicType { RedisStream => "redis_stream" });
 string_enum!(MessageFormat { Json => "json", Text => "text", Binary => "binary" });
@@ -140,18 +120,17 @@ impl Queue {
                 problems.add("topicType", "'kafka' is not supported in this edition");
                 TopicType::RedisStream
             }
-            Some(other) => parse_enum(&mut problems, "topicType", other, TopicType::parse)
+            Some(other) => problems
+                .choice("topicType", other, TopicType::parse, TopicType::ALL)
                 .unwrap_or(TopicType::RedisStream),
         };
-        let partition_count = in_range(
-            &mut problems,
+        let partition_count = problems.in_range(
             "partitionCount",
             request.partition_count.unwrap_or(1),
             1,
             MAX_PARTITIONS,
         );
-        let replication_factor = in_range(
-            &mut problems,
+        let replication_factor = problems.in_range(
             "replicationFactor",
             request.replication_factor.unwrap_or(1),
             1,
@@ -161,7 +140,12 @@ impl Queue {
             .message_format
             .as_deref()
             .map_or(Some(MessageFormat::Json), |text| {
-                parse_enum(&mut problems, "messageFormat", text, MessageFormat::parse)
+                problems.choice(
+                    "messageFormat",
+                    text,
+                    MessageFormat::parse,
+                    MessageFormat::ALL,
+                )
             })
             .unwrap_or(MessageFormat::Json);
         let encrypted = request.encrypted.unwrap_or(false);
@@ -272,17 +256,12 @@ impl Queue {
             self.description = description;
         }
         if let Some(retention) = fields.retention_ms {
-            let value = in_range(
-                problems,
-                "retentionMs",
-                retention,
-                MIN_RETENTION_MS,
-                MAX_RETENTION_MS,
-            );
+            let value =
+                problems.in_range("retentionMs", retention, MIN_RETENTION_MS, MAX_RETENTION_MS);
             self.retention_ms = value as u64;
         }
         if let Some(max_length) = fields.max_length {
-            self.max_length = in_range(problems, "maxLength", max_length, 1, MAX_MAX_LENGTH) as u64;
+            self.max_length = problems.in_range("maxLength", max_length, 1, MAX_MAX_LENGTH) as u64;
         }
         if let Some(schema) = fields.schema_definition {
             let schema = schema.filter(|value| !value.is_null());
@@ -297,8 +276,12 @@ impl Queue {
             self.schema_definition = schema;
         }
         if let Some(text) = fields.compression_type {
-            if let Some(value) = parse_enum(problems, "compressionType", &text, Compression::parse)
-            {
+            if let Some(value) = problems.choice(
+                "compressionType",
+                &text,
+                Compression::parse,
+                Compression::ALL,
+            ) {
                 self.compression_type = value;
             }
         }
@@ -314,7 +297,9 @@ impl Queue {
             self.allowed_consumers = list;
         }
         if let Some(text) = fields.status {
-            if let Some(value) = parse_enum(problems, "status", &text, QueueStatus::parse) {
+            if let Some(value) =
+                problems.choice("status", &text, QueueStatus::parse, QueueStatus::ALL)
+            {
                 self.status = value;
             }
         }
@@ -350,50 +335,6 @@ struct MutableFields {
     allowed_consumers: Option<Vec<String>>,
     status: Option<String>,
 }
-
-fn in_range(problems: &mut Problems, field: &str, value: i64, min: i64, max: i64) -> i64 {
-    if (min..=max).contains(&value) {
-        value
-    } else {
-        problems.add(
-            field,
-            format!("must be between {min} and {max} (got {value})"),
-        );
-        min
-    }
-}
-
-fn parse_enum<T>(
-    problems: &mut Problems,
-    field: &str,
-    text: &str,
-    parse: fn(&str) -> Option<T>,
-) -> Option<T>
-where
-    T: EnumValues,
-{
-    let parsed = parse(text);
-    if parsed.is_none() {
-        problems.add(
-            field,
-            format!("must be one of {} (got '{text}')", T::values().join(", ")),
-        );
-    }
-    parsed
-}
-
-trait EnumValues {
-    fn values() -> &'static [&'static str];
-}
-
-macro_rules! enum_values {
-    ($($name:ident),+) => {
-        $(impl EnumValues for $name {
-            fn values() -> &'static [&'static str] { $name::ALL }
-        })+
-    };
-}
-enum_values!(TopicType, MessageFormat, Compression, QueueStatus);
 
 fn check_principals(problems: &mut Problems, field: &str, list: &[String]) {
     if list.len() > MAX_PRINCIPALS {
@@ -549,8 +490,9 @@ impl QueueListQuery {
             MAX_PAGE_SIZE,
         );
         let offset = page_number(&mut problems, "offset", self.offset, 0, 0, i64::MAX);
-        let status = non_empty(self.status)
-            .and_then(|text| parse_enum(&mut problems, "status", &text, QueueStatus::parse));
+        let status = non_empty(self.status).and_then(|text| {
+            problems.choice("status", &text, QueueStatus::parse, QueueStatus::ALL)
+        });
         let filter = QueueListFilter {
             status,
             name_prefix: non_empty(self.search),

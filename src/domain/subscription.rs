@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::filter::Filter;
 use super::retry::MAX_RETRY_DELAY_MS;
-use super::validation::{is_valid_name, nullable, Problems};
+use super::validation::{is_valid_name, nullable, string_enum, Problems};
 use crate::error::ApiError;
 
 const MAX_POLL_RECORDS: i64 = 1000;
@@ -19,27 +19,6 @@ const MAX_RETRY_ATTEMPTS: i64 = 100;
 const MAX_HANDLER_TIMEOUT_MS: i64 = 10 * 60 * 1000;
 const MAX_CONCURRENCY: i64 = 1000;
 const MAX_HANDLER_HEADERS: usize = 32;
-
-macro_rules! string_enum {
-    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-
-            pub fn parse(text: &str) -> Option<Self> {
-                match text { $($text => Some($name::$variant),)+ _ => None }
-            }
-
-            pub fn values() -> &'static str {
-                concat!($($text, " "),+)
-            }
-        }
-    };
-}
 
 string_enum!(SubscriptionType { Webhook => "webhook", RedisConsumer => "redis_consumer" });
 string_enum!(OffsetReset { Latest => "latest", Earliest => "earliest" });
@@ -185,16 +164,12 @@ impl Subscription {
                 );
                 None
             }
-            Some(text) => {
-                let parsed = SubscriptionType::parse(text);
-                problems.check(parsed.is_some(), "subscriptionType", || {
-                    format!(
-                        "must be one of {}(got '{text}')",
-                        SubscriptionType::values()
-                    )
-                });
-                parsed
-            }
+            Some(text) => problems.choice(
+                "subscriptionType",
+                text,
+                SubscriptionType::parse,
+                SubscriptionType::ALL,
+            ),
             None => {
                 problems.add(
                     "subscriptionType",
@@ -205,13 +180,14 @@ impl Subscription {
         };
         let offset_reset_policy = match request.offset_reset_policy.as_deref() {
             None => OffsetReset::Latest,
-            Some(text) => OffsetReset::parse(text).unwrap_or_else(|| {
-                problems.add(
+            Some(text) => problems
+                .choice(
                     "offsetResetPolicy",
-                    format!("must be one of {}(got '{text}')", OffsetReset::values()),
-                );
-                OffsetReset::Latest
-            }),
+                    text,
+                    OffsetReset::parse,
+                    OffsetReset::ALL,
+                )
+                .unwrap_or(OffsetReset::Latest),
         };
         let mut subscription = Subscription {
             id: Uuid::now_v7(),
@@ -330,11 +306,10 @@ impl Subscription {
     fn apply(&mut self, problems: &mut Problems, changes: Changes) {
         if let Some(value) = changes.max_poll_records {
             self.max_poll_records =
-                bounded(problems, "maxPollRecords", value, 1, MAX_POLL_RECORDS) as u32;
+                problems.in_range("maxPollRecords", value, 1, MAX_POLL_RECORDS) as u32;
         }
         if let Some(value) = changes.session_timeout_ms {
-            self.session_timeout_ms = bounded(
-                problems,
+            self.session_timeout_ms = problems.in_range(
                 "sessionTimeoutMs",
                 value,
                 MIN_SESSION_TIMEOUT_MS,
@@ -342,26 +317,16 @@ impl Subscription {
             ) as u64;
         }
         if let Some(value) = changes.heartbeat_interval_ms {
-            self.heartbeat_interval_ms = bounded(
-                problems,
-                "heartbeatIntervalMs",
-                value,
-                100,
-                MAX_SESSION_TIMEOUT_MS,
-            ) as u64;
+            self.heartbeat_interval_ms =
+                problems.in_range("heartbeatIntervalMs", value, 100, MAX_SESSION_TIMEOUT_MS) as u64;
         }
         if let Some(value) = changes.max_retry_attempts {
             self.max_retry_attempts =
-                bounded(problems, "maxRetryAttempts", value, 0, MAX_RETRY_ATTEMPTS) as u32;
+                problems.in_range("maxRetryAttempts", value, 0, MAX_RETRY_ATTEMPTS) as u32;
         }
         if let Some(value) = changes.retry_delay_ms {
-            self.retry_delay_ms = bounded(
-                problems,
-                "retryDelayMs",
-                value,
-                1,
-                MAX_RETRY_DELAY_MS as i64,
-            ) as u64;
+            self.retry_delay_ms =
+                problems.in_range("retryDelayMs", value, 1, MAX_RETRY_DELAY_MS as i64) as u64;
         }
         if let Some(value) = changes.dead_letter_queue {
             let name = value.unwrap_or_else(|| default_dead_letter_queue(&self.queue));
@@ -399,18 +364,6 @@ struct Changes {
     message_filter: Option<Option<Value>>,
 }
 
-fn bounded(problems: &mut Problems, field: &str, value: i64, min: i64, max: i64) -> i64 {
-    if (min..=max).contains(&value) {
-        value
-    } else {
-        problems.add(
-            field,
-            format!("must be between {min} and {max} (got {value})"),
-        );
-        min
-    }
-}
-
 /// A handler config replaces the previous one, except that an absent `secret` keeps the
 /// stored secret (it is never shown, so a client cannot send it back).
 fn handler_config(
@@ -427,8 +380,7 @@ fn handler_config(
         });
     }
     let timeout_ms = input.timeout_ms.map(|value| {
-        bounded(
-            problems,
+        problems.in_range(
             "handlerConfig.timeoutMs",
             value,
             100,
@@ -436,13 +388,7 @@ fn handler_config(
         ) as u64
     });
     let concurrency = input.concurrency.map(|value| {
-        bounded(
-            problems,
-            "handlerConfig.concurrency",
-            value,
-            1,
-            MAX_CONCURRENCY,
-        ) as u32
+        problems.in_range("handlerConfig.concurrency", value, 1, MAX_CONCURRENCY) as u32
     });
     let headers = input.headers.unwrap_or_default();
     problems.check(

@@ -24,6 +24,37 @@ impl Problems {
         self.items.is_empty()
     }
 
+    /// `value` when it lies in `min..=max`; otherwise notes the problem and returns `min`.
+    pub fn in_range(&mut self, field: &str, value: i64, min: i64, max: i64) -> i64 {
+        if (min..=max).contains(&value) {
+            value
+        } else {
+            self.add(
+                field,
+                format!("must be between {min} and {max} (got {value})"),
+            );
+            min
+        }
+    }
+
+    /// One of a closed set of values (see `string_enum!`), or a problem listing them.
+    pub fn choice<T>(
+        &mut self,
+        field: &str,
+        text: &str,
+        parse: fn(&str) -> Option<T>,
+        all: &[&str],
+    ) -> Option<T> {
+        let parsed = parse(text);
+        if parsed.is_none() {
+            self.add(
+                field,
+                format!("must be one of {} (got '{text}')", all.join(", ")),
+            );
+        }
+        parsed
+    }
+
     /// `Ok(value)` when nothing was found wrong, else one 400 naming every field.
     pub fn into_result<T>(self, value: T) -> Result<T, ApiError> {
         if self.items.is_empty() {
@@ -39,6 +70,27 @@ impl Problems {
         Err(ApiError::validation(message, fields))
     }
 }
+
+/// A closed set of lowercase string values, with its wire form and parser.
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+pub(crate) use string_enum;
 
 /// For partial updates: distinguishes an absent field (`None`) from an explicit `null`
 /// (`Some(None)`), which clears it.

@@ -60,14 +60,12 @@ impl SubscriptionListQuery {
         );
         let offset = page_number(&mut problems, "offset", self.offset, 0, 0, i64::MAX);
         let status = self.status.filter(|s| !s.is_empty()).and_then(|text| {
-            let parsed = SubscriptionStatus::parse(&text);
-            problems.check(parsed.is_some(), "status", || {
-                format!(
-                    "must be one of {}(got '{text}')",
-                    SubscriptionStatus::values()
-                )
-            });
-            parsed
+            problems.choice(
+                "status",
+                &text,
+                SubscriptionStatus::parse,
+                SubscriptionStatus::ALL,
+            )
         });
         let filter = SubscriptionListFilter {
             queue: self.queue.filter(|q| !q.is_empty()),
