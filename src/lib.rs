@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod service;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod workers;
@@ -49,6 +50,7 @@ impl Application {
             &config.redis_key_prefix,
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
+        let metrics = Arc::new(Metrics::new(config.metrics_max_queue_series));
         let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
         let webhooks = Arc::new(
             service::webhook::WebhookClient::new(config.webhook_denied_networks.clone())
@@ -62,7 +64,7 @@ impl Application {
             config: Arc::new(config),
             store,
             broker,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             workers: Workers::default(),
             queue_cache: Arc::new(service::queue_cache::QueueCache::default()),
             recorder: Arc::default(),
@@ -72,6 +74,7 @@ impl Application {
             signals: Arc::default(),
             ack_signer,
             webhooks,
+            stats: Arc::default(),
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),

@@ -3,15 +3,18 @@
 //! Labels are bounded: HTTP metrics use the matched route template (never the raw path), so
 //! a client cannot grow the series count by inventing URLs.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use uuid::Uuid;
 
 pub struct Metrics {
     registry: Registry,
@@ -20,10 +23,21 @@ pub struct Metrics {
     pub dependency_up: IntGaugeVec,
     pub dependency_latency: GaugeVec,
     pub pool_connections: IntGaugeVec,
+    messages: IntCounterVec,
+    queue_messages: IntGaugeVec,
+    delivery_latency: Histogram,
+    pub record_writer_backlog: IntGauge,
+    /// The (tenant, queue) pairs that have their own series; past `max_queue_series` the
+    /// rest share the labels `_other` (bounded cardinality).
+    queue_series: Mutex<HashSet<(Uuid, String)>>,
+    max_queue_series: usize,
 }
 
+/// The label value of series beyond the cap.
+pub const OTHER: &str = "_other";
+
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub fn new(max_queue_series: usize) -> Metrics {
         let registry = Registry::new_custom(Some("mq".into()), None)
             .expect("a constant, valid metrics prefix");
         let http_requests = IntCounterVec::new(
@@ -64,12 +78,48 @@ impl Metrics {
             &["pool", "state"],
         )
         .expect("valid metric definition");
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "messages_total",
+                "Messages by queue and event: published, delivered, acked, failed, dead_lettered, expired, filtered",
+            ),
+            &["tenant", "queue", "event"],
+        )
+        .expect("valid metric definition");
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "queue_messages",
+                "Messages of a queue by state: stored, pending, delayed, lag (at scrape time)",
+            ),
+            &["tenant", "queue", "state"],
+        )
+        .expect("valid metric definition");
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "delivery_latency_seconds",
+                "Time from publish to ack of delivered messages",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric definition");
+        let record_writer_backlog = IntGauge::new(
+            "record_writer_backlog",
+            "Stream entries and events not yet written to PostgreSQL (at scrape time)",
+        )
+        .expect("valid metric definition");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
             Box::new(dependency_up.clone()),
             Box::new(dependency_latency.clone()),
             Box::new(pool_connections.clone()),
+            Box::new(messages.clone()),
+            Box::new(queue_messages.clone()),
+            Box::new(delivery_latency.clone()),
+            Box::new(record_writer_backlog.clone()),
         ] {
             registry
                 .register(collector)
@@ -82,6 +132,52 @@ impl Metrics {
             dependency_up,
             dependency_latency,
             pool_connections,
+            messages,
+            queue_messages,
+            delivery_latency,
+            record_writer_backlog,
+            queue_series: Mutex::new(HashSet::new()),
+            max_queue_series,
+        }
+    }
+
+    /// The (tenant, queue) labels of a queue, or `_other` once the cap is reached.
+    fn queue_labels(&self, tenant_id: Uuid, queue: &str) -> (String, String) {
+        let mut series = self.queue_series.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant_id, queue.to_owned());
+        if series.contains(&key) || series.len() < self.max_queue_series {
+            series.insert(key);
+            (tenant_id.to_string(), queue.to_owned())
+        } else {
+            (OTHER.to_owned(), OTHER.to_owned())
+        }
+    }
+
+    /// Counts `count` messages of `queue` reaching `event`.
+    pub fn count_messages(&self, tenant_id: Uuid, queue: &str, event: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let (tenant, queue) = self.queue_labels(tenant_id, queue);
+        self.messages
+            .with_label_values(&[tenant.as_str(), queue.as_str(), event])
+            .inc_by(count);
+    }
+
+    pub fn observe_delivery_latency(&self, seconds: f64) {
+        self.delivery_latency.observe(seconds.max(0.0));
+    }
+
+    /// Replaces the per-queue state gauges (queues deleted since the last scrape disappear).
+    pub fn set_queue_gauges(&self, queues: &[(Uuid, String, [(&'static str, u64); 4])]) {
+        self.queue_messages.reset();
+        for (tenant_id, queue, states) in queues {
+            let (tenant, queue) = self.queue_labels(*tenant_id, queue);
+            for (state, value) in states {
+                self.queue_messages
+                    .with_label_values(&[tenant.as_str(), queue.as_str(), state])
+                    .add(*value as i64);
+            }
         }
     }
 
@@ -105,7 +201,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(1000)
     }
 }
 

@@ -35,6 +35,7 @@ pub struct AppState {
     pub signals: Arc<QueueSignals>,
     pub ack_signer: Arc<AckSigner>,
     pub webhooks: Arc<crate::service::webhook::WebhookClient>,
+    pub stats: Arc<crate::stats::Stats>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

@@ -183,6 +183,7 @@ async fn list_pages_filters_and_searches_by_prefix() {
             .collect()
     };
 
+    // The first change also created the tenant's audit trail queue, "audit-logs".
     let (status, page) = list("").await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -191,13 +192,13 @@ async fn list_pages_filters_and_searches_by_prefix() {
             page["limit"].clone(),
             page["offset"].clone()
         ),
-        (json!(5), json!(50), json!(0))
+        (json!(6), json!(50), json!(0))
     );
-    assert_eq!(names(&page), ["a_1", "ab", "b.1", "b.2", "c"]);
+    assert_eq!(names(&page), ["a_1", "ab", "audit-logs", "b.1", "b.2", "c"]);
 
-    let (_, page) = list("?limit=2&offset=1").await;
-    assert_eq!(names(&page), ["ab", "b.1"]);
-    assert_eq!(page["total"], 5);
+    let (_, page) = list("?limit=2&offset=2").await;
+    assert_eq!(names(&page), ["audit-logs", "b.1"]);
+    assert_eq!(page["total"], 6);
 
     let (_, page) = list("?search=b.").await;
     assert_eq!(names(&page), ["b.1", "b.2"]);
@@ -208,7 +209,7 @@ async fn list_pages_filters_and_searches_by_prefix() {
     let (_, page) = list("?status=paused").await;
     assert_eq!(names(&page), ["c"]);
     let (_, page) = list("?status=&search=").await;
-    assert_eq!(page["total"], 5);
+    assert_eq!(page["total"], 6);
 
     for query in [
         "?limit=0",

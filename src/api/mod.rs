@@ -2,6 +2,7 @@
 //! SQL appears below this module.
 
 pub mod extract;
+mod internal;
 mod messages;
 mod monitoring;
 mod publish;
@@ -79,6 +80,32 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/mq/subscriptions/{id}/nack",
             post(subscriptions::nack),
+        )
+        .route("/api/v1/mq/metrics", get(monitoring::tenant_metrics))
+        .route("/api/v1/mq/metrics/topics", get(monitoring::topic_metrics))
+        .route(
+            "/api/v1/mq/metrics/consumers",
+            get(monitoring::consumer_metrics),
+        )
+        .route("/internal/mq/user-events", post(internal::user_events))
+        .route(
+            "/internal/mq/user-notifications",
+            post(internal::user_notifications),
+        )
+        .route("/internal/mq/audit-logs", post(internal::audit_logs))
+        .route("/internal/mq/notifications", post(internal::notifications))
+        .route(
+            "/internal/mq/audit-queue-status",
+            get(internal::audit_queue_status),
+        )
+        .route(
+            "/internal/mq/notification-queue",
+            get(internal::notification_queue),
+        )
+        .route("/internal/mq/metrics", get(internal::metrics))
+        .route(
+            "/internal/mq/health-detailed",
+            get(internal::health_detailed),
         )
         .route("/api/v1/mq/health", get(monitoring::health))
         .route("/api/v1/mq/status", get(monitoring::status))

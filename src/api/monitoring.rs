@@ -6,8 +6,9 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::auth::Tenant;
 use crate::error::ApiError;
-use crate::service::health;
+use crate::service::{health, monitoring};
 use crate::state::AppState;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -67,11 +68,45 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
     if !state.config.metrics_enabled {
         return Err(ApiError::route_not_found("GET", "/metrics"));
     }
+    // Per-queue gauges are read at scrape time; a slow dependency must not stall the scrape.
+    let timeout = std::time::Duration::from_millis(state.config.dependency_timeout_ms);
+    match tokio::time::timeout(timeout, monitoring::refresh_gauges(&state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(error = %error, "queue gauges not refreshed"),
+        Err(_) => tracing::warn!("queue gauges not refreshed in time"),
+    }
     Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render(),
+    ))
+}
+
+pub async fn tenant_metrics(
+    tenant: Tenant,
+    State(state): State<AppState>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        monitoring::overview(&state, Some(tenant.tenant_id)).await?,
+    ))
+}
+
+pub async fn topic_metrics(
+    tenant: Tenant,
+    State(state): State<AppState>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        json!({ "topics": monitoring::topics(&state, tenant.tenant_id).await? }),
+    ))
+}
+
+pub async fn consumer_metrics(
+    tenant: Tenant,
+    State(state): State<AppState>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        json!({ "consumers": monitoring::consumers(&state, tenant.tenant_id).await? }),
     ))
 }

@@ -207,6 +207,15 @@ pub struct Settlement<'a> {
     pub processing_ms: Option<i64>,
     pub error: Option<&'a str>,
     pub now_ms: i64,
+    /// When the message was published (ms), if known: not stored, for latency metrics.
+    pub published_at_ms: Option<i64>,
+}
+
+impl Outcome {
+    /// The event name of this outcome in metrics.
+    pub fn event(self) -> &'static str {
+        self.as_str()
+    }
 }
 
 /// A delivery whose ack deadline passed.
@@ -483,26 +492,49 @@ impl Broker {
         group: &str,
         consumer: &str,
     ) -> ApiResult<GroupStats> {
+        let mut all = self
+            .groups_stats(&[(queue_id, partition_count, group, consumer)])
+            .await?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// `group_stats` of many (queue, partitions, group, consumer) in one round trip.
+    pub async fn groups_stats(
+        &self,
+        groups: &[(Uuid, u16, &str, &str)],
+    ) -> ApiResult<Vec<GroupStats>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipeline = redis::pipe();
-        for keys in self.keys.partitions(queue_id, partition_count) {
-            GROUP_STATS.add_to(
-                &mut pipeline,
-                &[&keys.stream],
-                &[group.as_bytes(), consumer.as_bytes()],
-            );
+        for (queue_id, partition_count, group, consumer) in groups {
+            for keys in self.keys.partitions(*queue_id, *partition_count) {
+                GROUP_STATS.add_to(
+                    &mut pipeline,
+                    &[&keys.stream],
+                    &[group.as_bytes(), consumer.as_bytes()],
+                );
+            }
         }
         let mut connection = self.pool.get().await?;
         let partitions: Vec<(u64, u64, u64)> =
             scripts::run(&mut connection, &pipeline, &[&GROUP_STATS]).await?;
-        Ok(partitions
-            .into_iter()
-            .fold(GroupStats::default(), |sum, (lag, pending, mine)| {
-                GroupStats {
-                    lag: sum.lag + lag,
-                    pending: sum.pending + pending,
-                    consumer_pending: sum.consumer_pending + mine,
-                }
-            }))
+        let mut partitions = partitions.into_iter();
+        Ok(groups
+            .iter()
+            .map(|(_, partition_count, _, _)| {
+                partitions
+                    .by_ref()
+                    .take(usize::from(*partition_count))
+                    .fold(GroupStats::default(), |sum, (lag, pending, mine)| {
+                        GroupStats {
+                            lag: sum.lag + lag,
+                            pending: sum.pending + pending,
+                            consumer_pending: sum.consumer_pending + mine,
+                        }
+                    })
+            })
+            .collect())
     }
 }
 

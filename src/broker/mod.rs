@@ -42,6 +42,8 @@ pub struct QueueStreamStats {
     pub lag: u64,
     /// Stream time (ms since epoch) of the oldest delivered-but-unacked entry.
     pub oldest_pending_ms: Option<u64>,
+    /// Entries and events the recorder has not written to PostgreSQL yet.
+    pub unrecorded: u64,
 }
 
 /// Per partition: length, delayed, pending and lag summed over the consumer groups (the
@@ -50,14 +52,16 @@ pub struct QueueStreamStats {
 static PARTITION_STATS: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
-local stream, delayed = KEYS[1], KEYS[2]
-local length, pending, lag, oldest = 0, 0, 0, -1
+local stream, delayed, journal = KEYS[1], KEYS[2], KEYS[3]
+local length, pending, lag, oldest, unrecorded = 0, 0, 0, -1, 0
 if redis.call('EXISTS', stream) == 1 then
   length = redis.call('XLEN', stream)
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local group = {}
     for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
-    if group['name'] ~= ARGV[1] then
+    if group['name'] == ARGV[1] then
+      unrecorded = unrecorded + group['pending'] + (group['lag'] or 0)
+    else
     pending = pending + group['pending']
     if group['lag'] then
       lag = lag + group['lag']
@@ -73,7 +77,9 @@ if redis.call('EXISTS', stream) == 1 then
     end
   end
 end
-return {length, redis.call('ZCARD', delayed), pending, lag, oldest}
+-- Journal entries are deleted once recorded: what is left is not recorded yet.
+unrecorded = unrecorded + redis.call('XLEN', journal)
+return {length, redis.call('ZCARD', delayed), pending, lag, oldest, unrecorded}
 "#,
     )
 });
@@ -129,29 +135,49 @@ impl Broker {
     }
 
     pub async fn queue_stats(&self, queue: &Queue) -> ApiResult<QueueStreamStats> {
-        let mut pipeline = redis::pipe();
-        for keys in self.keys.partitions(queue.id, queue.partition_count) {
-            PARTITION_STATS.add_to(
-                &mut pipeline,
-                &[&keys.stream, &keys.delayed],
-                &[RECORDER_GROUP.as_bytes()],
-            );
+        let mut all = self.queues_stats(std::slice::from_ref(queue)).await?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// Stats of many queues in one round trip (monitoring views, Prometheus gauges).
+    pub async fn queues_stats(&self, queues: &[Queue]) -> ApiResult<Vec<QueueStreamStats>> {
+        if queues.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut connection = self.pool.get().await?;
-        let partitions: Vec<(u64, u64, u64, u64, i64)> =
-            scripts::run(&mut connection, &pipeline, &[&PARTITION_STATS]).await?;
-        let mut stats = QueueStreamStats::default();
-        for (length, delayed, pending, lag, oldest) in partitions {
-            stats.message_count += length;
-            stats.delayed_count += delayed;
-            stats.pending_count += pending;
-            stats.lag += lag;
-            if let Ok(oldest) = u64::try_from(oldest) {
-                stats.oldest_pending_ms =
-                    Some(stats.oldest_pending_ms.map_or(oldest, |o| o.min(oldest)));
+        let mut pipeline = redis::pipe();
+        for queue in queues {
+            for keys in self.keys.partitions(queue.id, queue.partition_count) {
+                PARTITION_STATS.add_to(
+                    &mut pipeline,
+                    &[&keys.stream, &keys.delayed, &keys.journal],
+                    &[RECORDER_GROUP.as_bytes()],
+                );
             }
         }
-        Ok(stats)
+        let mut connection = self.pool.get().await?;
+        let partitions: Vec<(u64, u64, u64, u64, i64, u64)> =
+            scripts::run(&mut connection, &pipeline, &[&PARTITION_STATS]).await?;
+        let mut partitions = partitions.into_iter();
+        Ok(queues
+            .iter()
+            .map(|queue| {
+                let mut stats = QueueStreamStats::default();
+                for (length, delayed, pending, lag, oldest, unrecorded) in
+                    partitions.by_ref().take(usize::from(queue.partition_count))
+                {
+                    stats.message_count += length;
+                    stats.delayed_count += delayed;
+                    stats.pending_count += pending;
+                    stats.lag += lag;
+                    stats.unrecorded += unrecorded;
+                    if let Ok(oldest) = u64::try_from(oldest) {
+                        stats.oldest_pending_ms =
+                            Some(stats.oldest_pending_ms.map_or(oldest, |o| o.min(oldest)));
+                    }
+                }
+                stats
+            })
+            .collect())
     }
 
     /// Removes every stored and delayed message; returns how many.

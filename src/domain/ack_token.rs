@@ -30,6 +30,9 @@ pub struct AckToken {
     /// When the delivery was made (ms), for processing times.
     #[serde(rename = "t")]
     pub delivered_at_ms: i64,
+    /// When the message was published (ms), for publish→ack latency.
+    #[serde(rename = "u", default)]
+    pub published_at_ms: i64,
 }
 
 pub struct AckSigner {
@@ -85,6 +88,7 @@ mod tests {
             message_id: "m".into(),
             attempt: 2,
             delivered_at_ms: 5,
+            published_at_ms: 4,
         }
     }
 

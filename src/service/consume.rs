@@ -178,6 +178,12 @@ async fn hand_out(
     now: i64,
 ) -> ApiResult<Vec<PulledMessage>> {
     let deliverable = screen(state, subscription, queue, filter, deliveries, now).await?;
+    state.metrics.count_messages(
+        queue.tenant_id,
+        &queue.name,
+        "delivered",
+        deliverable.len() as u64,
+    );
     Ok(deliverable
         .into_iter()
         .map(|(delivery, envelope)| {
@@ -188,6 +194,7 @@ async fn hand_out(
                 message_id: envelope.message_id.clone(),
                 attempt: delivery.attempt,
                 delivered_at_ms: now,
+                published_at_ms: envelope.published_at,
             };
             PulledMessage {
                 ack_id: state.ack_signer.issue(&token),
@@ -262,9 +269,10 @@ pub async fn screen(
                 processing_ms: None,
                 error: None,
                 now_ms: now,
+                published_at_ms: None,
             })
             .collect();
-        state.broker.settle(queue.id, &settlements).await?;
+        settle(state, queue, &settlements).await?;
     }
     Ok(deliverable)
 }
@@ -316,11 +324,10 @@ pub async fn ack(
             processing_ms: Some((now - token.delivered_at_ms).max(0)),
             error: None,
             now_ms: now,
+            published_at_ms: Some(token.published_at_ms),
         })
         .collect();
-    let applied = state
-        .broker
-        .settle(queue.id, &settlements)
+    let applied = settle(state, &queue, &settlements)
         .await
         .map_err(ApiError::during_consume)?;
     Ok(applied.into_iter().filter(|a| *a).count())
@@ -449,9 +456,53 @@ pub async fn record_failure(
         processing_ms: failure.processing_ms,
         error: Some(failure.error),
         now_ms: now,
+        published_at_ms: None,
     };
-    let applied = state.broker.settle(queue.id, &[settlement]).await?;
+    let applied = settle(state, queue, &[settlement]).await?;
     Ok(applied.first().copied().unwrap_or(false))
+}
+
+/// Applies settlements and counts those that took effect in the metrics and statistics.
+/// Every settlement of a delivery goes through here.
+pub async fn settle(
+    state: &AppState,
+    queue: &Queue,
+    settlements: &[Settlement<'_>],
+) -> ApiResult<Vec<bool>> {
+    let applied = state.broker.settle(queue.id, settlements).await?;
+    for (settlement, _) in settlements
+        .iter()
+        .zip(&applied)
+        .filter(|(_, applied)| **applied)
+    {
+        state
+            .metrics
+            .count_messages(queue.tenant_id, &queue.name, settlement.outcome.event(), 1);
+        match settlement.outcome {
+            Outcome::Acked => {
+                let latency_ms = settlement.published_at_ms.map(|at| settlement.now_ms - at);
+                if let Some(latency) = latency_ms {
+                    state
+                        .metrics
+                        .observe_delivery_latency(latency as f64 / 1000.0);
+                }
+                state.stats.acked(
+                    queue.tenant_id,
+                    queue.id,
+                    settlement.subscription_id,
+                    settlement.processing_ms,
+                    latency_ms,
+                );
+            }
+            Outcome::Failed { .. } | Outcome::DeadLetter => {
+                state
+                    .stats
+                    .failed(queue.tenant_id, settlement.subscription_id);
+            }
+            Outcome::Filtered | Outcome::Expired => {}
+        }
+    }
+    Ok(applied)
 }
 
 /// Publishes a copy of the message to the subscription's dead-letter queue (created on first

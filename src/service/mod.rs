@@ -1,13 +1,16 @@
 //! Operations that combine the store (PostgreSQL) and the broker (Redis). Handlers call one
 //! function here after parsing and authorizing; these functions hold no HTTP types.
 
+pub mod audit;
 pub mod consume;
 pub mod health;
 pub mod messages;
+pub mod monitoring;
 pub mod partitions;
 pub mod publish;
 pub mod queue_cache;
 pub mod queues;
 pub mod signals;
 pub mod subscriptions;
+pub mod system_queues;
 pub mod webhook;

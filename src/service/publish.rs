@@ -131,6 +131,15 @@ async fn publish(
     if let Some(earliest) = messages.iter().filter_map(|m| m.hold_until).min() {
         state.scheduler.message_waiting(earliest);
     }
+    let stored_new = outcome
+        .stored
+        .iter()
+        .filter(|stored| stored.as_ref().is_some_and(|s| !s.duplicate))
+        .count() as u64;
+    state
+        .metrics
+        .count_messages(queue.tenant_id, &queue.name, "published", stored_new);
+    state.stats.published(queue.tenant_id, queue.id, stored_new);
     let results: Vec<Option<PublishResult>> = messages
         .iter()
         .zip(outcome.stored)

@@ -11,10 +11,11 @@ use crate::domain::queue::{
     CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
 };
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::audit::{self, Resource};
 use crate::service::queue_cache::{Lookup, ResolvedQueue};
 use crate::state::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStats {
     pub message_count: u64,
@@ -126,6 +127,15 @@ pub async fn create(
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
     let created = state.store.insert_queue(&queue).await?;
     state.partitions.expire();
+    audit::record(
+        state,
+        tenant,
+        "created",
+        Resource::Queue,
+        created.id,
+        &created.name,
+    )
+    .await;
     Ok(created)
 }
 
@@ -183,6 +193,15 @@ pub async fn update(
         .await?
         .ok_or_else(|| ApiError::queue_not_found(name))?;
     state.queue_cache.invalidate(tenant.tenant_id, name);
+    audit::record(
+        state,
+        tenant,
+        "updated",
+        Resource::Queue,
+        updated.id,
+        &updated.name,
+    )
+    .await;
     Ok(updated)
 }
 
@@ -196,10 +215,29 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     state.queue_cache.invalidate(tenant.tenant_id, name);
     state.partitions.expire();
     state.subscription_changed();
+    audit::record(
+        state,
+        tenant,
+        "deleted",
+        Resource::Queue,
+        queue.id,
+        &queue.name,
+    )
+    .await;
     Ok(())
 }
 
 pub async fn purge(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<u64> {
     let queue = require(state, tenant.tenant_id, name).await?;
-    state.broker.purge_queue(&queue).await
+    let purged = state.broker.purge_queue(&queue).await?;
+    audit::record(
+        state,
+        tenant,
+        "purged",
+        Resource::Queue,
+        queue.id,
+        &queue.name,
+    )
+    .await;
+    Ok(purged)
 }

@@ -12,6 +12,7 @@ use crate::domain::subscription::{
 };
 use crate::domain::validation::Problems;
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::service::audit::{self, Resource};
 use crate::service::queues::{self, Page};
 use crate::state::AppState;
 use crate::store::subscriptions::SubscriptionListFilter;
@@ -153,6 +154,15 @@ pub async fn create(
         return Err(error);
     }
     state.subscription_changed();
+    audit::record(
+        state,
+        tenant,
+        "created",
+        Resource::Subscription,
+        subscription.id,
+        &subscription.consumer_name,
+    )
+    .await;
     Ok(subscription)
 }
 
@@ -228,6 +238,15 @@ pub async fn update(
             )
         })?;
     state.subscription_changed();
+    audit::record(
+        state,
+        tenant,
+        "updated",
+        Resource::Subscription,
+        updated.id,
+        &updated.consumer_name,
+    )
+    .await;
     Ok(updated)
 }
 
@@ -254,6 +273,20 @@ pub async fn set_status(
             )
         })?;
     state.subscription_changed();
+    let action = if status == SubscriptionStatus::Paused {
+        "paused"
+    } else {
+        "resumed"
+    };
+    audit::record(
+        state,
+        tenant,
+        action,
+        Resource::Subscription,
+        updated.id,
+        &updated.consumer_name,
+    )
+    .await;
     Ok(updated)
 }
 
@@ -274,5 +307,14 @@ pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()
             .await?;
     }
     state.subscription_changed();
+    audit::record(
+        state,
+        tenant,
+        "deleted",
+        Resource::Subscription,
+        subscription.id,
+        &subscription.consumer_name,
+    )
+    .await;
     Ok(())
 }

@@ -223,6 +223,33 @@ impl Store {
         Ok(result.rows_affected() > 0)
     }
 
+    /// Every queue of one tenant, or of all tenants (`None`), by tenant and name.
+    pub async fn all_queues(&self, tenant_id: Option<Uuid>) -> ApiResult<Vec<Queue>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM message_topics WHERE ($1::uuid IS NULL OR tenant_id = $1) \
+             ORDER BY tenant_id, name"
+        );
+        let rows: Vec<QueueRow> = sqlx::query_as(&sql)
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Queue::try_from).collect()
+    }
+
+    /// Queues named `name` of one tenant or of all (the system queues of the internal API).
+    pub async fn queues_named(&self, tenant_id: Option<Uuid>, name: &str) -> ApiResult<Vec<Queue>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM message_topics WHERE ($1::uuid IS NULL OR tenant_id = $1) \
+             AND name = $2"
+        );
+        let rows: Vec<QueueRow> = sqlx::query_as(&sql)
+            .bind(tenant_id)
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Queue::try_from).collect()
+    }
+
     pub async fn count_subscriptions(&self, queue_id: Uuid) -> ApiResult<i64> {
         let count =
             sqlx::query_scalar("SELECT count(*) FROM message_subscriptions WHERE topic_id = $1")

@@ -271,6 +271,17 @@ impl Store {
         Ok(groups)
     }
 
+    /// Every subscription of one tenant, or of all (`None`).
+    pub async fn subscriptions_of(&self, tenant_id: Option<Uuid>) -> ApiResult<Vec<Subscription>> {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(&format!(
+            "{SELECT} WHERE ($1::uuid IS NULL OR s.tenant_id = $1) ORDER BY s.created_at, s.id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Subscription::try_from).collect()
+    }
+
     /// Every subscription of every tenant, for the workers that serve them.
     pub async fn list_all_subscriptions(&self) -> ApiResult<Vec<Subscription>> {
         let rows: Vec<SubscriptionRow> = sqlx::query_as(SELECT).fetch_all(&self.pool).await?;

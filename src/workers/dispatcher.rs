@@ -28,7 +28,7 @@ use crate::broker::consume::{Delivery, Outcome, Settlement};
 use crate::domain::message::Envelope;
 use crate::domain::queue::QueueStatus;
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
-use crate::service::consume::{record_failure, screen, Failure};
+use crate::service::consume::{record_failure, screen, settle, Failure};
 use crate::service::queues;
 use crate::service::webhook::PushOutcome;
 use crate::state::AppState;
@@ -228,6 +228,9 @@ async fn push(
     timeout: Duration,
     _permit: OwnedSemaphorePermit,
 ) {
+    state
+        .metrics
+        .count_messages(queue.tenant_id, &queue.name, "delivered", 1);
     let outcome = state
         .webhooks
         .push(&subscription, &queue.name, &delivery, &envelope, timeout)
@@ -246,12 +249,9 @@ async fn push(
                 processing_ms: Some(elapsed_ms),
                 error: None,
                 now_ms: Utc::now().timestamp_millis(),
+                published_at_ms: Some(envelope.published_at),
             };
-            state
-                .broker
-                .settle(queue.id, &[settlement])
-                .await
-                .map(|_| ())
+            settle(&state, &queue, &[settlement]).await.map(|_| ())
         }
         PushOutcome::Failed {
             error,

@@ -1,0 +1,223 @@
+//! The monitoring views: `GET /metrics` (tenant), `/metrics/topics`, `/metrics/consumers`, the
+//! all-tenant view of the internal API, and the per-queue gauges of the Prometheus scrape.
+//!
+//! Depth, pending, delayed and lag come from Redis (one pipelined round trip for all queues);
+//! rates and latencies from the in-process windows of `stats`. PostgreSQL is read once per
+//! view for the list of queues and subscriptions, never scanned for records.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::subscription::SubscriptionStatus;
+use crate::error::ApiResult;
+use crate::state::AppState;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsView {
+    pub redis_streams: StreamTotals,
+    pub consumers: ConsumerTotals,
+    pub performance: PerformanceView,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamTotals {
+    pub total_streams: u64,
+    pub total_consumer_groups: u64,
+    pub total_messages: u64,
+    pub pending_messages: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerTotals {
+    pub active_consumers: u64,
+    pub total_lag: u64,
+    pub processing_rate: f64,
+    pub error_rate: f64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerformanceView {
+    pub average_latency: f64,
+    pub p95_latency: f64,
+    pub p99_latency: f64,
+    pub throughput: f64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicMetrics {
+    pub name: String,
+    pub message_count: u64,
+    pub pending_count: u64,
+    pub delayed_count: u64,
+    pub lag: u64,
+    pub publish_rate: f64,
+    pub consume_rate: f64,
+    pub subscription_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerMetrics {
+    pub subscription_id: Uuid,
+    pub queue: String,
+    pub consumer_group: String,
+    pub consumer_name: String,
+    pub status: SubscriptionStatus,
+    pub lag: u64,
+    pub pending: u64,
+    pub processing_rate: f64,
+    pub error_rate: f64,
+    pub avg_processing_ms: f64,
+    pub last_consumed_at: Option<DateTime<Utc>>,
+}
+
+/// Rates round to what a dashboard shows.
+fn rounded(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// `GET /metrics` of one tenant, or of all tenants (`None`, internal API).
+pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
+    let (queues, subscriptions) = tokio::try_join!(
+        state.store.all_queues(tenant_id),
+        state.store.subscriptions_of(tenant_id),
+    )?;
+    let streams = state.broker.queues_stats(&queues).await?;
+    let groups: HashSet<(Uuid, &str)> = subscriptions
+        .iter()
+        .map(|s| (s.queue_id, s.consumer_group.as_str()))
+        .collect();
+    let performance = state.stats.performance(tenant_id);
+    Ok(MetricsView {
+        redis_streams: StreamTotals {
+            total_streams: queues.iter().map(|q| u64::from(q.partition_count)).sum(),
+            total_consumer_groups: groups.len() as u64,
+            total_messages: streams.iter().map(|s| s.message_count).sum(),
+            pending_messages: streams.iter().map(|s| s.pending_count).sum(),
+        },
+        consumers: ConsumerTotals {
+            active_consumers: subscriptions
+                .iter()
+                .filter(|s| s.status == SubscriptionStatus::Active)
+                .count() as u64,
+            total_lag: streams.iter().map(|s| s.lag).sum(),
+            processing_rate: rounded(performance.processing_rate),
+            error_rate: rounded(performance.error_rate),
+        },
+        performance: PerformanceView {
+            average_latency: rounded(performance.average_latency_ms),
+            p95_latency: performance.p95_latency_ms,
+            p99_latency: performance.p99_latency_ms,
+            throughput: rounded(performance.throughput),
+        },
+    })
+}
+
+pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
+    let (queues, subscriptions) = tokio::try_join!(
+        state.store.all_queues(Some(tenant_id)),
+        state.store.subscriptions_of(Some(tenant_id)),
+    )?;
+    let streams = state.broker.queues_stats(&queues).await?;
+    let mut subscription_counts: HashMap<Uuid, u64> = HashMap::new();
+    for subscription in &subscriptions {
+        *subscription_counts
+            .entry(subscription.queue_id)
+            .or_default() += 1;
+    }
+    Ok(queues
+        .iter()
+        .zip(streams)
+        .map(|(queue, stream)| {
+            let (publish_rate, consume_rate) = state.stats.queue_rates(queue.id);
+            TopicMetrics {
+                name: queue.name.clone(),
+                message_count: stream.message_count,
+                pending_count: stream.pending_count,
+                delayed_count: stream.delayed_count,
+                lag: stream.lag,
+                publish_rate: rounded(publish_rate),
+                consume_rate: rounded(consume_rate),
+                subscription_count: subscription_counts.get(&queue.id).copied().unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
+pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
+    let (queues, subscriptions) = tokio::try_join!(
+        state.store.all_queues(Some(tenant_id)),
+        state.store.subscriptions_of(Some(tenant_id)),
+    )?;
+    let partitions: HashMap<Uuid, u16> = queues.iter().map(|q| (q.id, q.partition_count)).collect();
+    let names: Vec<String> = subscriptions.iter().map(|s| s.id.to_string()).collect();
+    let wanted: Vec<(Uuid, u16, &str, &str)> = subscriptions
+        .iter()
+        .zip(&names)
+        .map(|(s, consumer)| {
+            let count = partitions.get(&s.queue_id).copied().unwrap_or(1);
+            (
+                s.queue_id,
+                count,
+                s.consumer_group.as_str(),
+                consumer.as_str(),
+            )
+        })
+        .collect();
+    let groups = state.broker.groups_stats(&wanted).await?;
+    Ok(subscriptions
+        .into_iter()
+        .zip(groups)
+        .map(|(subscription, group)| {
+            let rates = state.stats.consumer_rates(subscription.id);
+            ConsumerMetrics {
+                subscription_id: subscription.id,
+                queue: subscription.queue,
+                consumer_group: subscription.consumer_group,
+                consumer_name: subscription.consumer_name,
+                status: subscription.status,
+                lag: group.lag,
+                pending: group.consumer_pending,
+                processing_rate: rounded(rates.processing_rate),
+                error_rate: rounded(rates.error_rate),
+                avg_processing_ms: rounded(rates.avg_processing_ms),
+                last_consumed_at: subscription.last_consumed_at,
+            }
+        })
+        .collect())
+}
+
+/// Sets the per-queue gauges and the record-writer backlog for a Prometheus scrape.
+pub async fn refresh_gauges(state: &AppState) -> ApiResult<()> {
+    let queues = state.store.all_queues(None).await?;
+    let streams = state.broker.queues_stats(&queues).await?;
+    let mut backlog = state.recorder.report().waiting_batch;
+    let gauges: Vec<(Uuid, String, [(&'static str, u64); 4])> = queues
+        .iter()
+        .zip(&streams)
+        .map(|(queue, stream)| {
+            backlog += stream.unrecorded;
+            (
+                queue.tenant_id,
+                queue.name.clone(),
+                [
+                    ("stored", stream.message_count),
+                    ("pending", stream.pending_count),
+                    ("delayed", stream.delayed_count),
+                    ("lag", stream.lag),
+                ],
+            )
+        })
+        .collect();
+    state.metrics.set_queue_gauges(&gauges);
+    state.metrics.record_writer_backlog.set(backlog as i64);
+    Ok(())
+}

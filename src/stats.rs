@@ -1,0 +1,332 @@
+//! In-process rates and latency percentiles for the JSON monitoring views: rates over the
+//! last minute (one-second buckets), publish→ack latency over the last five minutes
+//! (one-minute HDR histograms). Cheap to update on every message and to read every second;
+//! nothing here scans PostgreSQL.
+//!
+//! They are this instance's view: with several instances, each reports what it handled
+//! (Prometheus sums the counters across instances).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::Utc;
+use hdrhistogram::Histogram;
+use uuid::Uuid;
+
+const RATE_WINDOW_SECS: usize = 60;
+const LATENCY_WINDOW_MINUTES: usize = 5;
+const MAX_LATENCY_MS: u64 = 24 * 3600 * 1000;
+
+/// Events per second over the last minute.
+#[derive(Clone)]
+struct RollingCounter {
+    buckets: [(i64, u64); RATE_WINDOW_SECS],
+}
+
+impl Default for RollingCounter {
+    fn default() -> Self {
+        RollingCounter {
+            buckets: [(-1, 0); RATE_WINDOW_SECS],
+        }
+    }
+}
+
+impl RollingCounter {
+    fn add(&mut self, now_s: i64, amount: u64) {
+        let slot = &mut self.buckets[now_s.rem_euclid(RATE_WINDOW_SECS as i64) as usize];
+        if slot.0 != now_s {
+            *slot = (now_s, 0);
+        }
+        slot.1 += amount;
+    }
+
+    fn total(&self, now_s: i64) -> u64 {
+        self.buckets
+            .iter()
+            .filter(|(second, _)| *second > now_s - RATE_WINDOW_SECS as i64 && *second <= now_s)
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    fn per_second(&self, now_s: i64) -> f64 {
+        self.total(now_s) as f64 / RATE_WINDOW_SECS as f64
+    }
+}
+
+/// Latencies (ms) over the last five minutes.
+struct RollingLatency {
+    minutes: Vec<(i64, Histogram<u32>)>,
+}
+
+impl Default for RollingLatency {
+    fn default() -> Self {
+        RollingLatency {
+            minutes: (0..LATENCY_WINDOW_MINUTES)
+                .map(|_| (-1, histogram()))
+                .collect(),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_MS, 2).expect("valid histogram bounds")
+}
+
+impl RollingLatency {
+    fn record(&mut self, now_s: i64, latency_ms: u64) {
+        let minute = now_s.div_euclid(60);
+        let slot = &mut self.minutes[minute.rem_euclid(LATENCY_WINDOW_MINUTES as i64) as usize];
+        if slot.0 != minute {
+            slot.0 = minute;
+            slot.1.reset();
+        }
+        slot.1
+            .saturating_record(latency_ms.clamp(1, MAX_LATENCY_MS));
+    }
+
+    fn merged(&self, now_s: i64) -> Histogram<u32> {
+        let minute = now_s.div_euclid(60);
+        let mut merged = histogram();
+        for (slot_minute, slot) in &self.minutes {
+            if *slot_minute > minute - LATENCY_WINDOW_MINUTES as i64 {
+                let _ = merged.add(slot);
+            }
+        }
+        merged
+    }
+}
+
+#[derive(Default)]
+struct QueueWindow {
+    published: RollingCounter,
+    consumed: RollingCounter,
+}
+
+#[derive(Default)]
+struct SubscriptionWindow {
+    acked: RollingCounter,
+    failed: RollingCounter,
+    processing_ms: RollingCounter,
+    timed: RollingCounter,
+}
+
+#[derive(Default)]
+struct TenantWindow {
+    published: RollingCounter,
+    acked: RollingCounter,
+    failed: RollingCounter,
+    latency: RollingLatency,
+}
+
+#[derive(Default)]
+struct Windows {
+    tenants: HashMap<Uuid, TenantWindow>,
+    queues: HashMap<Uuid, QueueWindow>,
+    subscriptions: HashMap<Uuid, SubscriptionWindow>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    windows: Mutex<Windows>,
+}
+
+/// Latency and rates of one tenant (or of all), as `GET /metrics` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Performance {
+    pub average_latency_ms: f64,
+    pub p95_latency_ms: f64,
+    pub p99_latency_ms: f64,
+    /// Messages published per second.
+    pub throughput: f64,
+    /// Messages acked per second.
+    pub processing_rate: f64,
+    /// Failed attempts / (acked + failed attempts), 0–1.
+    pub error_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConsumerRates {
+    pub processing_rate: f64,
+    pub error_rate: f64,
+    pub avg_processing_ms: f64,
+}
+
+fn now_s() -> i64 {
+    Utc::now().timestamp()
+}
+
+fn error_rate(acked: u64, failed: u64) -> f64 {
+    if acked + failed == 0 {
+        0.0
+    } else {
+        failed as f64 / (acked + failed) as f64
+    }
+}
+
+impl Stats {
+    fn with<R>(&self, f: impl FnOnce(&mut Windows) -> R) -> R {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut windows)
+    }
+
+    pub fn published(&self, tenant_id: Uuid, queue_id: Uuid, count: u64) {
+        let now = now_s();
+        self.with(|w| {
+            w.tenants
+                .entry(tenant_id)
+                .or_default()
+                .published
+                .add(now, count);
+            w.queues
+                .entry(queue_id)
+                .or_default()
+                .published
+                .add(now, count);
+        });
+    }
+
+    /// A delivery was acked: `processing_ms` from delivery to ack, `latency_ms` from publish
+    /// to ack.
+    pub fn acked(
+        &self,
+        tenant_id: Uuid,
+        queue_id: Uuid,
+        subscription_id: Uuid,
+        processing_ms: Option<i64>,
+        latency_ms: Option<i64>,
+    ) {
+        let now = now_s();
+        self.with(|w| {
+            let tenant = w.tenants.entry(tenant_id).or_default();
+            tenant.acked.add(now, 1);
+            if let Some(latency) = latency_ms {
+                tenant.latency.record(now, latency.max(0) as u64);
+            }
+            w.queues.entry(queue_id).or_default().consumed.add(now, 1);
+            let subscription = w.subscriptions.entry(subscription_id).or_default();
+            subscription.acked.add(now, 1);
+            if let Some(ms) = processing_ms {
+                subscription.processing_ms.add(now, ms.max(0) as u64);
+                subscription.timed.add(now, 1);
+            }
+        });
+    }
+
+    pub fn failed(&self, tenant_id: Uuid, subscription_id: Uuid) {
+        let now = now_s();
+        self.with(|w| {
+            w.tenants.entry(tenant_id).or_default().failed.add(now, 1);
+            w.subscriptions
+                .entry(subscription_id)
+                .or_default()
+                .failed
+                .add(now, 1);
+        });
+    }
+
+    /// One tenant's performance, or all tenants' together (`None`).
+    pub fn performance(&self, tenant_id: Option<Uuid>) -> Performance {
+        let now = now_s();
+        self.with(|w| {
+            let mut latency = histogram();
+            let (mut published, mut acked, mut failed) = (0.0, 0, 0);
+            for (id, tenant) in &w.tenants {
+                if tenant_id.is_some_and(|wanted| wanted != *id) {
+                    continue;
+                }
+                let _ = latency.add(tenant.latency.merged(now));
+                published += tenant.published.per_second(now);
+                acked += tenant.acked.total(now);
+                failed += tenant.failed.total(now);
+            }
+            let quantile = |q: f64| {
+                if latency.is_empty() {
+                    0.0
+                } else {
+                    latency.value_at_quantile(q) as f64
+                }
+            };
+            Performance {
+                average_latency_ms: if latency.is_empty() {
+                    0.0
+                } else {
+                    latency.mean()
+                },
+                p95_latency_ms: quantile(0.95),
+                p99_latency_ms: quantile(0.99),
+                throughput: published,
+                processing_rate: acked as f64 / RATE_WINDOW_SECS as f64,
+                error_rate: error_rate(acked, failed),
+            }
+        })
+    }
+
+    /// (publish rate, consume rate) of a queue, per second over the last minute.
+    pub fn queue_rates(&self, queue_id: Uuid) -> (f64, f64) {
+        let now = now_s();
+        self.with(|w| {
+            w.queues.get(&queue_id).map_or((0.0, 0.0), |q| {
+                (q.published.per_second(now), q.consumed.per_second(now))
+            })
+        })
+    }
+
+    pub fn consumer_rates(&self, subscription_id: Uuid) -> ConsumerRates {
+        let now = now_s();
+        self.with(|w| {
+            w.subscriptions
+                .get(&subscription_id)
+                .map_or(ConsumerRates::default(), |s| {
+                    let (acked, failed, timed) =
+                        (s.acked.total(now), s.failed.total(now), s.timed.total(now));
+                    ConsumerRates {
+                        processing_rate: acked as f64 / RATE_WINDOW_SECS as f64,
+                        error_rate: error_rate(acked, failed),
+                        avg_processing_ms: if timed == 0 {
+                            0.0
+                        } else {
+                            s.processing_ms.total(now) as f64 / timed as f64
+                        },
+                    }
+                })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_counter_forgets_after_a_minute() {
+        let mut counter = RollingCounter::default();
+        counter.add(100, 30);
+        counter.add(130, 30);
+        assert_eq!(counter.total(130), 60);
+        assert_eq!(counter.total(165), 30);
+        assert_eq!(counter.total(200), 0);
+        assert!((counter.per_second(130) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn latency_percentiles_cover_five_minutes() {
+        let mut latency = RollingLatency::default();
+        for ms in 1..=100 {
+            latency.record(600, ms);
+        }
+        let merged = latency.merged(600);
+        assert_eq!(merged.len(), 100);
+        assert!((94..=96).contains(&merged.value_at_quantile(0.95)));
+        assert_eq!(
+            latency.merged(600 + 6 * 60).len(),
+            0,
+            "older than five minutes"
+        );
+    }
+
+    #[test]
+    fn error_rate_is_a_fraction() {
+        assert_eq!(error_rate(0, 0), 0.0);
+        assert_eq!(error_rate(3, 1), 0.25);
+    }
+}
