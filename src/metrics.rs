@@ -33,6 +33,9 @@ pub struct Metrics {
     max_queue_series: usize,
 }
 
+/// One queue's state gauges: tenant, queue name, (state, value) pairs.
+pub type QueueGauges = (Uuid, String, [(&'static str, u64); 4]);
+
 /// The label value of series beyond the cap.
 pub const OTHER: &str = "_other";
 
@@ -169,7 +172,7 @@ impl Metrics {
     }
 
     /// Replaces the per-queue state gauges (queues deleted since the last scrape disappear).
-    pub fn set_queue_gauges(&self, queues: &[(Uuid, String, [(&'static str, u64); 4])]) {
+    pub fn set_queue_gauges(&self, queues: &[QueueGauges]) {
         self.queue_messages.reset();
         for (tenant_id, queue, states) in queues {
             let (tenant, queue) = self.queue_labels(*tenant_id, queue);

@@ -49,7 +49,9 @@ async fn redis_down_is_503_and_reported_by_health() {
         assert_unavailable(status, &body, header.as_deref());
     }
     // The failed delete removed nothing (the other queue is the audit trail's).
-    let (status, list) = app.call(Method::GET, "/api/v1/mq/queues?search=orders", None).await;
+    let (status, list) = app
+        .call(Method::GET, "/api/v1/mq/queues?search=orders", None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(list["total"], 1);
 }

@@ -503,9 +503,13 @@ async fn delete_removes_data_subscriptions_and_records() {
         .collect();
     assert!(leftover.is_empty(), "redis keys left: {leftover:?}");
     let counts: (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM message_subscriptions), (SELECT count(*) FROM message_records)",
+        "SELECT (SELECT count(*) FROM message_subscriptions WHERE topic_id = $1), \
+                (SELECT count(*) FROM message_records WHERE topic_id = $1)",
     )
-    .fetch_one(&mut db).await.unwrap();
+    .bind(queue_id(&queue))
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
     assert_eq!(counts, (0, 0));
     let (_, kept) = get_queue(&app, "keep").await;
     assert_eq!(

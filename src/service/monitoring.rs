@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::domain::subscription::SubscriptionStatus;
 use crate::error::ApiResult;
+use crate::metrics::QueueGauges;
 use crate::state::AppState;
 
 #[derive(Debug, Serialize)]
@@ -200,7 +201,7 @@ pub async fn refresh_gauges(state: &AppState) -> ApiResult<()> {
     let queues = state.store.all_queues(None).await?;
     let streams = state.broker.queues_stats(&queues).await?;
     let mut backlog = state.recorder.report().waiting_batch;
-    let gauges: Vec<(Uuid, String, [(&'static str, u64); 4])> = queues
+    let gauges: Vec<QueueGauges> = queues
         .iter()
         .zip(&streams)
         .map(|(queue, stream)| {

@@ -1,0 +1,685 @@
+//! Monitoring views, Prometheus output, the internal API, the audit trail and the OpenAPI
+//! description.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_error, eventually, read, TestApp, SERVICE_TOKEN};
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn topic(app: &TestApp, name: &str) -> Value {
+    let (status, body) = app
+        .call(Method::GET, "/api/v1/mq/metrics/topics", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+async fn pull_subscription(app: &TestApp, queue: &str) -> String {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": queue, "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "redis_consumer", "retryDelayMs": 60000}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn monitoring_views_follow_the_messages() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "q", "partitionCount": 2}))
+        .await;
+    let sub = pull_subscription(&app, "q").await;
+    let messages: Vec<Value> = (0..5).map(|n| json!({"payload": n})).collect();
+    app.call(
+        Method::POST,
+        "/api/v1/mq/publish/batch",
+        Some(json!({"queue": "q", "messages": messages})),
+    )
+    .await;
+
+    let before = topic(&app, "q").await;
+    assert_eq!(before["messageCount"], 5);
+    assert_eq!(before["lag"], 5, "lag counts what no consumer took yet");
+    assert_eq!(before["pendingCount"], 0);
+    assert_eq!(before["subscriptionCount"], 1);
+    assert!(before["publishRate"].as_f64().unwrap() > 0.0);
+
+    let (_, pulled) = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{sub}/pull"),
+            Some(json!({"maxMessages": 3})),
+        )
+        .await;
+    let pulled = pulled["messages"].as_array().unwrap().clone();
+    assert_eq!(pulled.len(), 3);
+    let during = topic(&app, "q").await;
+    assert_eq!(
+        (during["lag"].clone(), during["pendingCount"].clone()),
+        (json!(2), json!(3))
+    );
+
+    let ack_ids: Vec<&Value> = pulled.iter().map(|m| &m["ackId"]).collect();
+    app.call(
+        Method::POST,
+        &format!("/api/v1/mq/subscriptions/{sub}/ack"),
+        Some(json!({"ackIds": [ack_ids[0], ack_ids[1]]})),
+    )
+    .await;
+    app.call(
+        Method::POST,
+        &format!("/api/v1/mq/subscriptions/{sub}/nack"),
+        Some(json!({"ackIds": [ack_ids[2]]})),
+    )
+    .await;
+    let after = topic(&app, "q").await;
+    assert_eq!(after["lag"], 2);
+    assert_eq!(
+        after["pendingCount"], 1,
+        "the nacked message waits for its retry"
+    );
+    assert!(after["consumeRate"].as_f64().unwrap() > 0.0);
+
+    let (status, metrics) = app.call(Method::GET, "/api/v1/mq/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(metrics["redisStreams"]["totalStreams"].as_u64().unwrap() >= 2);
+    assert_eq!(metrics["redisStreams"]["totalConsumerGroups"], 1);
+    assert!(metrics["redisStreams"]["totalMessages"].as_u64().unwrap() >= 5);
+    assert_eq!(metrics["redisStreams"]["pendingMessages"], 1);
+    assert_eq!(metrics["consumers"]["activeConsumers"], 1);
+    assert!(metrics["consumers"]["totalLag"].as_u64().unwrap() >= 2);
+    assert!(metrics["consumers"]["processingRate"].as_f64().unwrap() > 0.0);
+    let error_rate = metrics["consumers"]["errorRate"].as_f64().unwrap();
+    assert!(
+        (error_rate - 1.0 / 3.0).abs() < 0.01,
+        "one failure in three attempts: {error_rate}"
+    );
+    assert!(
+        metrics["performance"]["p99Latency"].as_f64().unwrap() > 0.0,
+        "{metrics}"
+    );
+    assert!(metrics["performance"]["p95Latency"].as_f64().unwrap() > 0.0);
+    assert!(metrics["performance"]["averageLatency"].as_f64().unwrap() > 0.0);
+    assert!(metrics["performance"]["throughput"].as_f64().unwrap() > 0.0);
+
+    let (_, consumers) = app
+        .call(Method::GET, "/api/v1/mq/metrics/consumers", None)
+        .await;
+    let consumer = &consumers["consumers"][0];
+    assert_eq!(consumer["subscriptionId"], sub);
+    assert_eq!(consumer["queue"], "q");
+    assert_eq!(consumer["consumerGroup"], "g");
+    assert_eq!(consumer["status"], "active");
+    assert_eq!(consumer["lag"], 2);
+    assert_eq!(consumer["pending"], 1);
+    assert!(consumer["processingRate"].as_f64().unwrap() > 0.0);
+    assert!(consumer["errorRate"].as_f64().unwrap() > 0.0);
+    assert!(consumer["avgProcessingMs"].as_f64().is_some());
+    assert!(
+        eventually(WAIT, || async {
+            app.call(Method::GET, "/api/v1/mq/metrics/consumers", None)
+                .await
+                .1["consumers"][0]["lastConsumedAt"]
+                .is_string()
+        })
+        .await
+    );
+
+    // Another tenant sees none of it.
+    let stranger = Uuid::new_v4();
+    for path in [
+        "/api/v1/mq/metrics",
+        "/api/v1/mq/metrics/topics",
+        "/api/v1/mq/metrics/consumers",
+    ] {
+        let (status, body) = read(
+            app.request_as(stranger, "x", Method::GET, path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let text = body.to_string();
+        assert!(
+            !text.contains("\"q\"") && !text.contains(&sub),
+            "{path}: {text}"
+        );
+    }
+    let (_, foreign) = read(
+        app.request_as(stranger, "x", Method::GET, "/api/v1/mq/metrics")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(foreign["redisStreams"]["totalMessages"], 0);
+    assert_eq!(foreign["performance"]["throughput"], 0.0);
+}
+
+fn sample_value(
+    samples: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref buckets) => {
+                buckets.last().map_or(0.0, |b| b.count)
+            }
+            _ => f64::NAN,
+        })
+}
+
+async fn scrape(app: &TestApp) -> prometheus_parse::Scrape {
+    let text = app
+        .anonymous(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format")
+}
+
+#[tokio::test]
+async fn prometheus_output_parses_and_counts_per_queue() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("METRICS_MAX_QUEUE_SERIES".into(), "3".into());
+    })
+    .await;
+    app.create_queue(json!({"name": "q"})).await;
+    let sub = pull_subscription(&app, "q").await;
+    for n in 0..4 {
+        app.call(
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": "q", "payload": n})),
+        )
+        .await;
+    }
+    let (_, pulled) = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{sub}/pull"),
+            Some(json!({"maxMessages": 2})),
+        )
+        .await;
+    let ack_ids: Vec<Value> = pulled["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["ackId"].clone())
+        .collect();
+    app.call(
+        Method::POST,
+        &format!("/api/v1/mq/subscriptions/{sub}/ack"),
+        Some(json!({"ackIds": ack_ids})),
+    )
+    .await;
+
+    let tenant = app.tenant.to_string();
+    let scraped = scrape(&app).await;
+    let count = |event: &str| {
+        sample_value(
+            &scraped,
+            "mq_messages_total",
+            &[("tenant", &tenant), ("queue", "q"), ("event", event)],
+        )
+    };
+    assert_eq!(count("published"), Some(4.0));
+    assert_eq!(count("delivered"), Some(2.0));
+    assert_eq!(count("acked"), Some(2.0));
+    let state = |state: &str| {
+        sample_value(
+            &scraped,
+            "mq_queue_messages",
+            &[("tenant", &tenant), ("queue", "q"), ("state", state)],
+        )
+    };
+    assert_eq!(state("stored"), Some(4.0));
+    assert_eq!(state("lag"), Some(2.0));
+    assert_eq!(state("pending"), Some(0.0));
+    assert_eq!(state("delayed"), Some(0.0));
+    assert_eq!(
+        sample_value(&scraped, "mq_delivery_latency_seconds_count", &[]),
+        Some(2.0)
+    );
+    assert!(sample_value(&scraped, "mq_record_writer_backlog", &[]).is_some());
+    assert!(sample_value(
+        &scraped,
+        "mq_pool_connections",
+        &[("pool", "redis"), ("state", "open")]
+    )
+    .is_some());
+    assert!(sample_value(
+        &scraped,
+        "mq_http_requests_total",
+        &[("route", "/api/v1/mq/publish"), ("status", "201")]
+    )
+    .is_some());
+
+    // Past METRICS_MAX_QUEUE_SERIES, further queues share the "_other" series.
+    for name in ["r1", "r2", "r3"] {
+        app.create_queue(json!({"name": name})).await;
+        app.call(
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": name, "payload": 1})),
+        )
+        .await;
+    }
+    let scraped = scrape(&app).await;
+    let distinct: std::collections::BTreeSet<String> = scraped
+        .samples
+        .iter()
+        .filter(|s| s.metric == "mq_queue_messages")
+        .map(|s| s.labels.get("queue").unwrap_or_default().to_owned())
+        .collect();
+    assert!(distinct.contains("_other"), "{distinct:?}");
+    assert!(
+        distinct.len() <= 4,
+        "at most the cap plus _other: {distinct:?}"
+    );
+}
+
+fn internal(app: &TestApp, method: Method, path: &str) -> reqwest::RequestBuilder {
+    app.anonymous(method, path)
+        .header("x-service-token", SERVICE_TOKEN)
+        .header("x-service-name", "tests")
+}
+
+#[tokio::test]
+async fn internal_routes_publish_to_system_queues_and_report() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant.to_string();
+    for (path, body, queue, event) in [
+        (
+            "/internal/mq/user-events",
+            json!({"tenantId": tenant, "eventType": "user.created", "userId": "u1", "data": {"a": 1}}),
+            "user-events",
+            "user.created",
+        ),
+        (
+            "/internal/mq/user-notifications",
+            json!({"tenantId": tenant, "eventType": "welcome", "userId": "u1"}),
+            "user-notifications",
+            "welcome",
+        ),
+        (
+            "/internal/mq/audit-logs",
+            json!({"tenantId": tenant, "action": "login", "actor": "u1", "resource": "session"}),
+            "audit-logs",
+            "login",
+        ),
+        (
+            "/internal/mq/notifications",
+            json!({"tenantId": tenant, "channel": "email", "recipient": "a@b.c", "template": "t"}),
+            "notifications",
+            "email",
+        ),
+    ] {
+        let (status, result) = read(
+            internal(&app, Method::POST, path)
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 201, "{path}: {result}");
+        assert_eq!(result["queue"], queue);
+        let (status, stored) = app
+            .call(
+                Method::GET,
+                &format!(
+                    "/api/v1/mq/messages/{}?queue={queue}",
+                    result["messageId"].as_str().unwrap()
+                ),
+                None,
+            )
+            .await;
+        if status == 200 {
+            assert!(
+                stored["payload"].get("tenantId").is_none(),
+                "tenantId is not part of the payload"
+            );
+            assert_eq!(stored["headers"]["eventType"], event);
+        }
+        let entries = common::stream_entries(
+            &app,
+            &app.call(Method::GET, &format!("/api/v1/mq/queues/{queue}"), None)
+                .await
+                .1,
+            0,
+        )
+        .await;
+        let (_, envelope) = entries
+            .iter()
+            .find(|(_, e)| e["messageId"] == result["messageId"])
+            .unwrap();
+        assert_eq!(envelope["headers"]["eventType"], event);
+        assert!(envelope["payload"].get("tenantId").is_none());
+    }
+    // Tenant from the header; conflicting or missing tenant is 400.
+    let (status, _) = read(
+        internal(&app, Method::POST, "/internal/mq/user-events")
+            .header("x-tenant-id", &tenant)
+            .json(&json!({"eventType": "x"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for (header, body) in [
+        (
+            Some(Uuid::new_v4().to_string()),
+            json!({"tenantId": tenant}),
+        ),
+        (None, json!({"eventType": "x"})),
+        (None, json!({"tenantId": "not-a-uuid"})),
+    ] {
+        let mut request = internal(&app, Method::POST, "/internal/mq/user-events").json(&body);
+        if let Some(header) = header {
+            request = request.header("x-tenant-id", header);
+        }
+        let (status, error) = read(request.send().await.unwrap()).await;
+        assert_error(status, &error, 400, "MQ_VALIDATION_ERROR");
+    }
+
+    let (status, audit) = read(
+        internal(
+            &app,
+            Method::GET,
+            &format!("/internal/mq/audit-queue-status?tenantId={tenant}"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(audit["messageCount"].as_u64().unwrap() >= 1, "{audit}");
+    let (_, all) = read(
+        internal(&app, Method::GET, "/internal/mq/audit-queue-status")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(all["messageCount"].as_u64().unwrap() >= audit["messageCount"].as_u64().unwrap());
+    let (status, notifications) = read(
+        internal(
+            &app,
+            Method::GET,
+            &format!("/internal/mq/notification-queue?tenantId={tenant}"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(notifications["messageCount"], 1);
+    let (_, none) = read(
+        internal(
+            &app,
+            Method::GET,
+            &format!(
+                "/internal/mq/notification-queue?tenantId={}",
+                Uuid::new_v4()
+            ),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        none["messageCount"], 0,
+        "a tenant without the queue has zeros"
+    );
+    let (status, metrics) = read(
+        internal(&app, Method::GET, "/internal/mq/metrics")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(metrics["redisStreams"]["totalMessages"].as_u64().unwrap() >= 5);
+    let (status, detailed) = read(
+        internal(&app, Method::GET, "/internal/mq/health-detailed")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{detailed}");
+    assert_eq!(detailed["workers"]["dispatcher"], "running");
+    assert!(detailed["pools"]["redis"]["max"].as_u64().is_some());
+    assert!(detailed["checks"]["postgres"]["latencyMs"]
+        .as_f64()
+        .is_some());
+}
+
+#[tokio::test]
+async fn internal_routes_refuse_bad_tokens() {
+    let app = TestApp::spawn().await;
+    for (method, path) in [
+        (Method::POST, "/internal/mq/user-events"),
+        (Method::POST, "/internal/mq/user-notifications"),
+        (Method::POST, "/internal/mq/audit-logs"),
+        (Method::POST, "/internal/mq/notifications"),
+        (Method::GET, "/internal/mq/audit-queue-status"),
+        (Method::GET, "/internal/mq/notification-queue"),
+        (Method::GET, "/internal/mq/metrics"),
+        (Method::GET, "/internal/mq/health-detailed"),
+    ] {
+        for token in [None, Some("wrong-token"), Some("")] {
+            let mut request = app
+                .anonymous(method.clone(), path)
+                .json(&json!({"tenantId": app.tenant}));
+            if let Some(token) = token {
+                request = request.header("x-service-token", token);
+            }
+            let (status, error) = read(request.send().await.unwrap()).await;
+            assert_error(status, &error, 401, "MQ_UNAUTHORIZED");
+        }
+        // A gateway JWT is not a service credential.
+        let (status, error) = read(
+            app.request(method.clone(), path)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_error(status, &error, 401, "MQ_UNAUTHORIZED");
+    }
+}
+
+#[tokio::test]
+async fn queue_and_subscription_changes_are_audited() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "orders"})).await;
+    app.call(
+        Method::PUT,
+        "/api/v1/mq/queues/orders",
+        Some(json!({"description": "d"})),
+    )
+    .await;
+    let sub = pull_subscription(&app, "orders").await;
+    app.call(
+        Method::POST,
+        &format!("/api/v1/mq/subscriptions/{sub}/pause"),
+        None,
+    )
+    .await;
+    app.call(
+        Method::POST,
+        &format!("/api/v1/mq/subscriptions/{sub}/resume"),
+        None,
+    )
+    .await;
+    app.call(
+        Method::DELETE,
+        &format!("/api/v1/mq/subscriptions/{sub}"),
+        None,
+    )
+    .await;
+    app.call(Method::POST, "/api/v1/mq/queues/orders/purge", None)
+        .await;
+    app.call(Method::DELETE, "/api/v1/mq/queues/orders", None)
+        .await;
+    let (_, audit_queue) = app
+        .call(Method::GET, "/api/v1/mq/queues/audit-logs", None)
+        .await;
+    let events = common::stream_entries(&app, &audit_queue, 0).await;
+    let actions: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["payload"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "queue.created",
+            "queue.updated",
+            "subscription.created",
+            "subscription.paused",
+            "subscription.resumed",
+            "subscription.deleted",
+            "queue.purged",
+            "queue.deleted"
+        ]
+    );
+    let first = &events[0].1;
+    assert_eq!(first["payload"]["actor"], "tester");
+    assert_eq!(first["payload"]["resource"]["type"], "queue");
+    assert_eq!(first["payload"]["resource"]["name"], "orders");
+    assert!(first["payload"]["at"].is_string());
+    assert_eq!(first["headers"]["eventType"], "queue.created");
+}
+
+/// The routes of API.md, as (method, path) with `{...}` for parameters.
+const CONTRACT: &[(&str, &str)] = &[
+    ("POST", "/api/v1/mq/queues"),
+    ("GET", "/api/v1/mq/queues"),
+    ("GET", "/api/v1/mq/queues/{name}"),
+    ("PUT", "/api/v1/mq/queues/{name}"),
+    ("DELETE", "/api/v1/mq/queues/{name}"),
+    ("POST", "/api/v1/mq/queues/{name}/purge"),
+    ("POST", "/api/v1/mq/publish"),
+    ("POST", "/api/v1/mq/publish/batch"),
+    ("POST", "/api/v1/mq/publish/delayed"),
+    ("POST", "/api/v1/mq/publish/scheduled"),
+    ("POST", "/api/v1/mq/topics/{name}/publish"),
+    ("GET", "/api/v1/mq/messages/{messageId}"),
+    ("DELETE", "/api/v1/mq/messages/{messageId}"),
+    ("POST", "/api/v1/mq/subscriptions"),
+    ("GET", "/api/v1/mq/subscriptions"),
+    ("GET", "/api/v1/mq/subscriptions/{id}"),
+    ("PUT", "/api/v1/mq/subscriptions/{id}"),
+    ("DELETE", "/api/v1/mq/subscriptions/{id}"),
+    ("POST", "/api/v1/mq/subscriptions/{id}/pause"),
+    ("POST", "/api/v1/mq/subscriptions/{id}/resume"),
+    ("POST", "/api/v1/mq/subscriptions/{id}/pull"),
+    ("POST", "/api/v1/mq/subscriptions/{id}/ack"),
+    ("POST", "/api/v1/mq/subscriptions/{id}/nack"),
+    ("GET", "/api/v1/mq/metrics"),
+    ("GET", "/api/v1/mq/metrics/topics"),
+    ("GET", "/api/v1/mq/metrics/consumers"),
+    ("GET", "/api/v1/mq/health"),
+    ("GET", "/api/v1/mq/status"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/mq/openapi.json"),
+    ("POST", "/internal/mq/user-events"),
+    ("POST", "/internal/mq/user-notifications"),
+    ("POST", "/internal/mq/audit-logs"),
+    ("GET", "/internal/mq/audit-queue-status"),
+    ("POST", "/internal/mq/notifications"),
+    ("GET", "/internal/mq/notification-queue"),
+    ("GET", "/internal/mq/metrics"),
+    ("GET", "/internal/mq/health-detailed"),
+];
+
+#[tokio::test]
+async fn openapi_describes_every_route_the_router_serves() {
+    let app = TestApp::spawn().await;
+    let (status, document) = app.get_anonymous("/api/v1/mq/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(document["openapi"], "3.0.3");
+    let paths = document["paths"].as_object().unwrap();
+    let documented: Vec<(String, String)> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| (method.to_ascii_uppercase(), path.clone()))
+        })
+        .collect();
+    for (method, path) in CONTRACT {
+        assert!(
+            documented.contains(&((*method).to_owned(), (*path).to_owned())),
+            "{method} {path} is not in openapi.json"
+        );
+    }
+    assert_eq!(
+        documented.len(),
+        CONTRACT.len(),
+        "openapi.json documents exactly the contract's routes"
+    );
+    // Every documented route is served: none answers "no route".
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{name}", "x")
+            .replace("{messageId}", "x")
+            .replace("{id}", "x");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let (status, body) = read(
+            app.request(method.clone(), &concrete)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let unrouted = status == 404 && body["code"] == "MQ_NOT_FOUND";
+        assert!(!unrouted, "{method} {path} is documented but not served");
+    }
+    let operation = &paths["/api/v1/mq/queues/{name}"]["delete"];
+    assert_eq!(operation["security"], json!([{"bearerAuth": []}]));
+    assert!(operation["responses"]["204"].is_object());
+    assert_eq!(
+        paths["/internal/mq/metrics"]["get"]["security"],
+        json!([{"serviceToken": []}])
+    );
+}
