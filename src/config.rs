@@ -20,7 +20,15 @@ pub struct Config {
     pub redis_key_prefix: String,
     pub jwt_secret: String,
     pub internal_service_token: String,
-    pub encryption_key: Option<[u8; 32]>,
+    /// Master keys for encrypted queues, by key id, and the one new messages use.
+    pub encryption: Option<KeyRing>,
+    /// Development mode: allows default or short secrets.
+    pub dev_mode: bool,
+    /// Per-tenant publish limits (0 = unlimited): requests and payload bytes per second.
+    pub tenant_publish_rps: u64,
+    pub tenant_publish_bytes_per_sec: u64,
+    /// Webhook pushes one tenant may have in flight at once, over all its subscriptions.
+    pub webhook_tenant_concurrency: usize,
     pub max_message_size: usize,
     pub default_ttl_secs: u64,
     pub max_queue_length: u64,
@@ -50,7 +58,8 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("port", &self.port)
             .field("redis_key_prefix", &self.redis_key_prefix)
-            .field("encryption", &self.encryption_key.is_some())
+            .field("encryption", &self.encryption.is_some())
+            .field("dev_mode", &self.dev_mode)
             .field("max_message_size", &self.max_message_size)
             .field("max_request_bytes", &self.max_request_bytes)
             .finish_non_exhaustive()
@@ -123,6 +132,43 @@ impl FromStr for Cidr {
     }
 }
 
+/// Master encryption keys by id; `active` encrypts new messages, all of them decrypt.
+#[derive(Clone)]
+pub struct KeyRing {
+    pub active: String,
+    pub keys: Vec<(String, [u8; 32])>,
+}
+
+impl KeyRing {
+    pub fn key(&self, id: &str) -> Option<&[u8; 32]> {
+        self.keys
+            .iter()
+            .find(|(known, _)| known == id)
+            .map(|(_, key)| key)
+    }
+}
+
+const MIN_SECRET_LEN: usize = 32;
+/// Values shipped in examples; never acceptable outside development.
+const KNOWN_DEFAULT_SECRETS: &[&str] = &[
+    "dev-only-jwt-secret-change-me-0123456789abcdef",
+    "dev-only-service-token-change-me-0123456789",
+    "secret",
+    "changeme",
+    "change-me",
+];
+
+fn decode_key(variable: &'static str, raw: &str) -> Result<[u8; 32], ConfigError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(raw.as_bytes())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+        .ok_or_else(|| ConfigError {
+            variable,
+            problem: "must hold base64 encodings of exactly 32 bytes".into(),
+        })
+}
+
 /// A configuration problem: which variable, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -151,6 +197,7 @@ impl Config {
     /// process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env { lookup: &lookup };
+        let dev_mode = env.boolean("MQ_DEV_MODE", false)?;
         Ok(Config {
             port: env.number("PORT", 3010, 0..=65535)?,
             database_url: env.url("DATABASE_URL", &["postgres", "postgresql"])?,
@@ -158,9 +205,21 @@ impl Config {
             redis_url: env.url("REDIS_URL", &["redis", "rediss"])?,
             redis_pool_size: env.number("REDIS_POOL_SIZE", 64, 1..=10_000)?,
             redis_key_prefix: env.key_prefix("REDIS_KEY_PREFIX", "mq:")?,
-            jwt_secret: env.required_secret("JWT_SECRET")?,
-            internal_service_token: env.required_secret("INTERNAL_SERVICE_TOKEN")?,
-            encryption_key: env.encryption_key("MQ_ENCRYPTION_KEY")?,
+            jwt_secret: env.strong_secret("JWT_SECRET", dev_mode)?,
+            internal_service_token: env.strong_secret("INTERNAL_SERVICE_TOKEN", dev_mode)?,
+            encryption: env.key_ring()?,
+            dev_mode,
+            tenant_publish_rps: env.number("TENANT_RATE_LIMIT_RPS", 10_000, 0..=u64::MAX)?,
+            tenant_publish_bytes_per_sec: env.number(
+                "TENANT_RATE_LIMIT_BYTES_PER_SEC",
+                100 * 1024 * 1024,
+                0..=u64::MAX,
+            )?,
+            webhook_tenant_concurrency: env.number(
+                "WEBHOOK_TENANT_CONCURRENCY",
+                100,
+                1..=100_000,
+            )?,
             max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
             default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,
             max_queue_length: env.number("MAX_QUEUE_LENGTH", 10_000, 1..=u64::MAX)?,
@@ -270,19 +329,79 @@ impl Env<'_> {
         Ok(prefix)
     }
 
-    fn encryption_key(&self, name: &'static str) -> Result<Option<[u8; 32]>, ConfigError> {
-        let Some(raw) = self.get(name) else {
-            return Ok(None);
-        };
-        base64::engine::general_purpose::STANDARD
-            .decode(raw.as_bytes())
-            .ok()
-            .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-            .map(Some)
-            .ok_or_else(|| ConfigError {
+    /// A secret that must not be a known default or short, unless in development mode.
+    fn strong_secret(&self, name: &'static str, dev_mode: bool) -> Result<String, ConfigError> {
+        let secret = self.required_secret(name)?;
+        if dev_mode {
+            return Ok(secret);
+        }
+        let weak = secret.len() < MIN_SECRET_LEN
+            || KNOWN_DEFAULT_SECRETS
+                .iter()
+                .any(|d| secret.eq_ignore_ascii_case(d))
+            || secret.contains("change-me");
+        if weak {
+            return Err(ConfigError {
                 variable: name,
-                problem: "must be the base64 encoding of exactly 32 bytes".into(),
-            })
+                problem: format!(
+                    "must be a random secret of at least {MIN_SECRET_LEN} characters, not a default (set MQ_DEV_MODE=true to allow it in development)"
+                ),
+            });
+        }
+        Ok(secret)
+    }
+
+    /// `MQ_ENCRYPTION_KEY` (key id `default`) and/or `MQ_ENCRYPTION_KEYS` (`id:base64,...`),
+    /// with `MQ_ENCRYPTION_ACTIVE_KEY` naming the key new messages use (needed when there are
+    /// several).
+    fn key_ring(&self) -> Result<Option<KeyRing>, ConfigError> {
+        let mut keys: Vec<(String, [u8; 32])> = Vec::new();
+        if let Some(raw) = self.get("MQ_ENCRYPTION_KEY") {
+            keys.push(("default".to_owned(), decode_key("MQ_ENCRYPTION_KEY", &raw)?));
+        }
+        if let Some(raw) = self.get("MQ_ENCRYPTION_KEYS") {
+            for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let (id, key) = entry.split_once(':').ok_or_else(|| ConfigError {
+                    variable: "MQ_ENCRYPTION_KEYS",
+                    problem: "must be a comma-separated list of <key id>:<base64 of 32 bytes>"
+                        .into(),
+                })?;
+                let id = id.trim();
+                if id.is_empty() || keys.iter().any(|(known, _)| known == id) {
+                    return Err(ConfigError {
+                        variable: "MQ_ENCRYPTION_KEYS",
+                        problem: format!("has an empty or repeated key id '{id}'"),
+                    });
+                }
+                keys.push((id.to_owned(), decode_key("MQ_ENCRYPTION_KEYS", key.trim())?));
+            }
+        }
+        if keys.is_empty() {
+            if self.get("MQ_ENCRYPTION_ACTIVE_KEY").is_some() {
+                return Err(ConfigError {
+                    variable: "MQ_ENCRYPTION_ACTIVE_KEY",
+                    problem: "is set but no MQ_ENCRYPTION_KEY or MQ_ENCRYPTION_KEYS is".into(),
+                });
+            }
+            return Ok(None);
+        }
+        let active = match self.get("MQ_ENCRYPTION_ACTIVE_KEY") {
+            Some(id) if keys.iter().any(|(known, _)| *known == id) => id,
+            Some(id) => {
+                return Err(ConfigError {
+                    variable: "MQ_ENCRYPTION_ACTIVE_KEY",
+                    problem: format!("names key '{id}', which no configured key has"),
+                })
+            }
+            None if keys.len() == 1 => keys[0].0.clone(),
+            None => {
+                return Err(ConfigError {
+                    variable: "MQ_ENCRYPTION_ACTIVE_KEY",
+                    problem: "is required when several encryption keys are configured".into(),
+                })
+            }
+        };
+        Ok(Some(KeyRing { active, keys }))
     }
 
     fn cidr_list(&self, name: &'static str) -> Result<Vec<Cidr>, ConfigError> {

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod metrics;
@@ -51,6 +52,7 @@ impl Application {
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_queue_series));
+        let sealer = Arc::new(crypto::Sealer::new(config.encryption.clone()));
         let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
         let webhooks = Arc::new(
             service::webhook::WebhookClient::new(config.webhook_denied_networks.clone())
@@ -75,6 +77,7 @@ impl Application {
             ack_signer,
             webhooks,
             stats: Arc::default(),
+            sealer,
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),

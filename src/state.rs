@@ -36,6 +36,7 @@ pub struct AppState {
     pub ack_signer: Arc<AckSigner>,
     pub webhooks: Arc<crate::service::webhook::WebhookClient>,
     pub stats: Arc<crate::stats::Stats>,
+    pub sealer: Arc<crate::crypto::Sealer>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

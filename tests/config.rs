@@ -13,8 +13,11 @@ fn valid_env() -> HashMap<&'static str, String> {
             "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
         ),
         ("REDIS_URL", "redis://127.0.0.1:6379".to_owned()),
-        ("JWT_SECRET", "a-secret".to_owned()),
-        ("INTERNAL_SERVICE_TOKEN", "a-token".to_owned()),
+        ("JWT_SECRET", "k3Jd9Qm2Xv8Lp4Rt7Wz1Yc6Nb5Hg0Fs3".to_owned()),
+        (
+            "INTERNAL_SERVICE_TOKEN",
+            "T9vQ2mX7pL4rW8zY1cN6bH5gF0sK3dJq".to_owned(),
+        ),
     ])
 }
 
@@ -41,7 +44,9 @@ fn defaults_follow_the_contract() {
     assert!(config.webhook_denied_networks.is_empty());
     assert!(config.metrics_enabled);
     assert_eq!(config.health_check_interval_secs, 30);
-    assert!(config.encryption_key.is_none());
+    assert!(config.encryption.is_none());
+    assert!(!config.dev_mode);
+    assert_eq!(config.tenant_publish_rps, 10_000);
 }
 
 #[test]
@@ -65,6 +70,18 @@ fn each_bad_value_names_its_variable() {
         ("METRICS_ENABLED", Some("maybe")),
         ("REDIS_KEY_PREFIX", Some("mq{x}:")),
         ("AUTH_SERVICE_URL", Some("ftp://auth")),
+        ("JWT_SECRET", Some("short-secret")),
+        (
+            "JWT_SECRET",
+            Some("dev-only-jwt-secret-change-me-0123456789abcdef"),
+        ),
+        (
+            "INTERNAL_SERVICE_TOKEN",
+            Some("please-change-me-please-change-me-please"),
+        ),
+        ("MQ_ENCRYPTION_KEYS", Some("k1")),
+        ("MQ_ENCRYPTION_ACTIVE_KEY", Some("nope")),
+        ("TENANT_RATE_LIMIT_RPS", Some("fast")),
     ];
     for (variable, value) in cases {
         let mut env = valid_env();
@@ -92,7 +109,9 @@ fn optional_values_parse() {
     );
     env.insert("METRICS_ENABLED", "false".into());
     let config = load(&env).unwrap();
-    assert_eq!(config.encryption_key.unwrap()[..4], *b"0123");
+    let ring = config.encryption.unwrap();
+    assert_eq!(ring.active, "default");
+    assert_eq!(ring.key("default").unwrap()[..4], *b"0123");
     assert_eq!(config.webhook_denied_networks.len(), 2);
     assert!(!config.metrics_enabled);
 }
@@ -121,4 +140,36 @@ fn the_binary_refuses_to_start_with_one_line_naming_the_variable() {
         stderr.trim(),
         "invalid configuration: JWT_SECRET is required but not set"
     );
+}
+
+#[test]
+fn development_mode_allows_default_secrets() {
+    let mut env = valid_env();
+    env.insert(
+        "JWT_SECRET",
+        "dev-only-jwt-secret-change-me-0123456789abcdef".into(),
+    );
+    env.insert("INTERNAL_SERVICE_TOKEN", "short".into());
+    assert_eq!(load(&env).unwrap_err().variable, "JWT_SECRET");
+    env.insert("MQ_DEV_MODE", "true".into());
+    assert!(load(&env).unwrap().dev_mode);
+}
+
+#[test]
+fn key_rings_name_their_active_key() {
+    let mut env = valid_env();
+    let one = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let two = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=";
+    env.insert("MQ_ENCRYPTION_KEYS", format!("k1:{one},k2:{two}"));
+    assert_eq!(
+        load(&env).unwrap_err().variable,
+        "MQ_ENCRYPTION_ACTIVE_KEY",
+        "several keys need an active one"
+    );
+    env.insert("MQ_ENCRYPTION_ACTIVE_KEY", "k2".into());
+    let ring = load(&env).unwrap().encryption.unwrap();
+    assert_eq!(ring.active, "k2");
+    assert!(ring.key("k1").is_some() && ring.key("k2").is_some() && ring.key("k3").is_none());
+    env.insert("MQ_ENCRYPTION_KEYS", format!("k1:{one},k1:{two}"));
+    assert_eq!(load(&env).unwrap_err().variable, "MQ_ENCRYPTION_KEYS");
 }

@@ -58,7 +58,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "messageBatchSize": config.message_batch_size,
             "maxConcurrentConsumers": config.max_concurrent_consumers,
             "processingTimeoutMs": config.processing_timeout_ms,
-            "encryptionEnabled": config.encryption_key.is_some(),
+            "encryptionEnabled": config.encryption.is_some(),
             "metricsEnabled": config.metrics_enabled,
         },
     }))

@@ -55,7 +55,10 @@ pub struct Envelope {
     /// When the producer asked for delivery (ms), for delayed and scheduled messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<i64>,
+    /// The payload; `null` when it is stored sealed (compressed and/or encrypted) instead.
     pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<crate::crypto::SealedPayload>,
 }
 
 /// A message that passed validation, ready to be stored.
@@ -70,6 +73,9 @@ pub struct ValidMessage {
     /// For a message due in the future: when the scheduler must handle it (ms), its due time
     /// or, when that comes first, its expiry (it is then recorded as expired, never delivered).
     pub hold_until: Option<i64>,
+    /// Size of the payload's JSON text, and of what is stored for it.
+    pub original_bytes: usize,
+    pub stored_bytes: usize,
 }
 
 /// Request-independent facts a message is validated against.
@@ -210,9 +216,9 @@ pub fn validate(
         expires_at: context.now_ms.saturating_add(ttl_ms),
         scheduled_at,
         payload,
+        sealed: None,
     };
-    let encoded = serde_json::to_string(&envelope)
-        .map_err(|error| ApiError::internal(format!("encode envelope: {error}")))?;
+    let encoded = encode(&envelope)?;
     let hold_until = scheduled_at
         .filter(|due| *due > context.now_ms)
         .map(|due| due.min(envelope.expires_at));
@@ -222,7 +228,15 @@ pub fn validate(
         envelope,
         encoded,
         hold_until,
+        original_bytes: encoded_payload_len,
+        stored_bytes: encoded_payload_len,
     })
+}
+
+/// The envelope as stored (JSON text).
+pub fn encode(envelope: &Envelope) -> Result<String, ApiError> {
+    serde_json::to_string(envelope)
+        .map_err(|error| ApiError::internal(format!("encode envelope: {error}")))
 }
 
 /// The requested delivery time (ms) of a delayed or scheduled message, checking its bounds.

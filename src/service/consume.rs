@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::consume::{Delivery, Outcome, Settlement};
+use crate::crypto::{Binding, SealError};
 use crate::domain::ack_token::AckToken;
 use crate::domain::filter::{Filter, MessageView};
 use crate::domain::message::{Envelope, MessageInput, PublishContext};
@@ -232,10 +233,33 @@ pub async fn screen(
             .envelope
             .as_deref()
             .and_then(|text| serde_json::from_str::<Envelope>(text).ok());
-        let Some(envelope) = envelope else {
+        let Some(mut envelope) = envelope else {
             skipped.push((delivery, None, Outcome::Filtered));
             continue;
         };
+        if let Err(error) = open_envelope(state, queue, &mut envelope) {
+            // Tampered or unreadable: never delivered, dead-lettered with the reason.
+            tracing::warn!(error = %error, message_id = envelope.message_id, "stored payload cannot be opened");
+            let reason = error.to_string();
+            match dead_letter(
+                state,
+                subscription,
+                queue,
+                envelope.clone(),
+                delivery.attempt,
+                "decryption-failed",
+                &reason,
+            )
+            .await
+            {
+                Ok(()) => skipped.push((delivery, Some(envelope), Outcome::DeadLetter)),
+                // Left in flight: retried, and dead-lettered then.
+                Err(error) => {
+                    tracing::warn!(error = %error, "dead-lettering an unreadable message failed")
+                }
+            }
+            continue;
+        }
         if envelope.expires_at <= now {
             skipped.push((delivery, Some(envelope), Outcome::Expired));
             continue;
@@ -432,6 +456,7 @@ pub async fn record_failure(
                 queue,
                 envelope,
                 failure.attempt,
+                "max-retries-exceeded",
                 failure.error,
             )
             .await
@@ -506,18 +531,40 @@ pub async fn settle(
 }
 
 /// Publishes a copy of the message to the subscription's dead-letter queue (created on first
-/// use), with headers saying why. The copy keeps the message id, so repeating this after a
-/// crash stores it once.
+/// use, encrypted and compressed like the queue), with headers saying why. The copy keeps the
+/// message id, so repeating this after a crash stores it once. A payload of an encrypted queue
+/// never lands in plaintext in an unencrypted dead-letter queue: it is copied sealed instead.
+#[allow(clippy::too_many_arguments)]
 async fn dead_letter(
     state: &AppState,
     subscription: &Subscription,
     queue: &Queue,
     envelope: Envelope,
     deliveries: u32,
+    reason: &str,
     last_error: &str,
 ) -> ApiResult<()> {
+    let tenant_id: Uuid = queue.tenant_id;
+    let dlq_name = &subscription.dead_letter_queue;
+    queues::ensure_exists(state, tenant_id, dlq_name, Some(queue)).await?;
+    let dlq_encrypted = queues::resolve(state, tenant_id, dlq_name)
+        .await?
+        .queue
+        .encrypted;
+    let plaintext = if !envelope.payload.is_null() || envelope.sealed.is_none() {
+        Some(envelope.payload.clone())
+    } else {
+        envelope
+            .sealed
+            .as_ref()
+            .and_then(|sealed| state.sealer.open(sealed, binding(queue, &envelope)).ok())
+    };
+    let payload = match plaintext {
+        Some(plain) if !queue.encrypted || dlq_encrypted => plain,
+        _ => serde_json::to_value(&envelope.sealed).unwrap_or(Value::Null),
+    };
     let mut headers = envelope.headers;
-    headers.insert("x-dead-letter-reason".into(), "max-retries-exceeded".into());
+    headers.insert("x-dead-letter-reason".into(), reason.to_owned());
     headers.insert("x-original-queue".into(), queue.name.clone());
     headers.insert("x-delivery-attempts".into(), deliveries.to_string());
     headers.insert(
@@ -530,7 +577,7 @@ async fn dead_letter(
         subscription.consumer_group.clone(),
     );
     let input = MessageInput {
-        payload: Some(envelope.payload),
+        payload: Some(payload),
         headers: Some(headers),
         key: envelope.key,
         message_id: Some(envelope.message_id),
@@ -542,15 +589,27 @@ async fn dead_letter(
         now_ms: now_ms(),
         trace_id: envelope.trace_id,
     };
-    let tenant_id: Uuid = queue.tenant_id;
-    queues::ensure_exists(state, tenant_id, &subscription.dead_letter_queue).await?;
-    publish::publish_as_service(
-        state,
-        tenant_id,
-        &subscription.dead_letter_queue,
-        input,
-        &context,
-    )
-    .await?;
+    publish::publish_as_service(state, tenant_id, dlq_name, input, &context).await?;
+    Ok(())
+}
+
+/// What a sealed payload is bound to.
+fn binding<'a>(queue: &Queue, envelope: &'a Envelope) -> Binding<'a> {
+    Binding {
+        tenant_id: queue.tenant_id,
+        queue_id: queue.id,
+        message_id: &envelope.message_id,
+    }
+}
+
+/// Opens a sealed payload in place (a plain one is left as it is).
+pub fn open_envelope(
+    state: &AppState,
+    queue: &Queue,
+    envelope: &mut Envelope,
+) -> Result<(), SealError> {
+    if let Some(sealed) = &envelope.sealed {
+        envelope.payload = state.sealer.open(sealed, binding(queue, envelope))?;
+    }
     Ok(())
 }

@@ -11,11 +11,14 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::scheduler::Cancellation;
+use crate::crypto::{Binding, SealedPayload};
 use crate::domain::message::Envelope;
+use crate::domain::queue::Queue;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::queues;
 use crate::state::AppState;
 use crate::store::records::{DeliveryRecord, MessageRecord};
+use crate::workers::recorder::SEALED_RECORD_KEY;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -68,16 +71,43 @@ pub async fn get(
         .await?
     {
         let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
-        return Ok(from_record(&queue.name, record, deliveries));
+        let mut view = from_record(&queue.name, record, deliveries);
+        if let Some(sealed) = view.payload.get(SEALED_RECORD_KEY) {
+            let sealed: SealedPayload =
+                serde_json::from_value(sealed.clone()).map_err(|error| {
+                    ApiError::internal(format!("sealed record unreadable: {error}"))
+                })?;
+            view.payload = open(state, &queue, &sealed, message_id)?;
+        }
+        return Ok(view);
     }
     let waiting = state
         .broker
         .find_delayed(queue.id, queue.partition_count, message_id)
         .await?;
     let (partition, envelope) = waiting.ok_or_else(|| not_found(message_id))?;
-    let envelope: Envelope = serde_json::from_str(&envelope)
+    let mut envelope: Envelope = serde_json::from_str(&envelope)
         .map_err(|error| ApiError::internal(format!("stored envelope unreadable: {error}")))?;
+    if let Some(sealed) = envelope.sealed.take() {
+        envelope.payload = open(state, &queue, &sealed, message_id)?;
+    }
     Ok(from_waiting(&queue.name, partition, envelope))
+}
+
+fn open(
+    state: &AppState,
+    queue: &Queue,
+    sealed: &SealedPayload,
+    message_id: &str,
+) -> ApiResult<Value> {
+    let binding = Binding {
+        tenant_id: queue.tenant_id,
+        queue_id: queue.id,
+        message_id,
+    };
+    state.sealer.open(sealed, binding).map_err(|error| {
+        ApiError::internal(format!("stored payload of message {message_id}: {error}"))
+    })
 }
 
 /// Cancels a message still waiting for its time; 409 once it was released or cancelled.

@@ -9,8 +9,9 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::publish::{queue_full, Stored};
+use crate::crypto::Binding;
 use crate::domain::message::{self, MessageInput, MessageLimits, PublishContext, ValidMessage};
-use crate::domain::queue::QueueStatus;
+use crate::domain::queue::{Compression, Queue, QueueStatus};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::queue_cache::ResolvedQueue;
 use crate::service::queues;
@@ -212,6 +213,7 @@ fn validate_all(
                 context,
                 uuid::Uuid::now_v7().to_string(),
             )
+            .and_then(|message| seal(state, &resolved.queue, message))
             .map_err(|error| {
                 if batch {
                     at_batch_index(error, index)
@@ -221,6 +223,33 @@ fn validate_all(
             })
         })
         .collect()
+}
+
+/// Stores the payload of a compressed or encrypted queue sealed (see `crypto`): the
+/// envelope then carries no plaintext payload.
+fn seal(state: &AppState, queue: &Queue, mut message: ValidMessage) -> ApiResult<ValidMessage> {
+    if queue.compression_type == Compression::None && !queue.encrypted {
+        return Ok(message);
+    }
+    let binding = Binding {
+        tenant_id: queue.tenant_id,
+        queue_id: queue.id,
+        message_id: &message.envelope.message_id,
+    };
+    let sealed = state
+        .sealer
+        .seal(
+            &message.envelope.payload,
+            queue.compression_type,
+            queue.encrypted,
+            binding,
+        )
+        .map_err(|error| ApiError::internal(format!("sealing a payload: {error}")))?;
+    message.stored_bytes = sealed.data.len();
+    message.envelope.payload = serde_json::Value::Null;
+    message.envelope.sealed = Some(sealed);
+    message.encoded = message::encode(&message.envelope)?;
+    Ok(message)
 }
 
 /// Re-addresses an error about one message to its place in the batch.

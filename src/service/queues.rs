@@ -44,7 +44,7 @@ pub struct Page<T> {
 fn defaults(state: &AppState) -> QueueDefaults {
     QueueDefaults {
         max_length: state.config.max_queue_length,
-        encryption_available: state.config.encryption_key.is_some(),
+        encryption_available: state.config.encryption.is_some(),
     }
 }
 
@@ -95,8 +95,14 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
 }
 
 /// Makes sure the tenant has a queue of this name, creating it with the defaults if not
-/// (dead-letter and system queues are created on first use).
-pub async fn ensure_exists(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<()> {
+/// (dead-letter and system queues are created on first use). A queue created for `like`
+/// (a dead-letter queue) is encrypted and compressed like it.
+pub async fn ensure_exists(
+    state: &AppState,
+    tenant_id: Uuid,
+    name: &str,
+    like: Option<&Queue>,
+) -> ApiResult<()> {
     if let Lookup::Fresh(_) = state.queue_cache.lookup(tenant_id, name) {
         return Ok(());
     }
@@ -105,6 +111,8 @@ pub async fn ensure_exists(state: &AppState, tenant_id: Uuid, name: &str) -> Api
     }
     let request = CreateQueueRequest {
         name: Some(name.to_owned()),
+        encrypted: like.map(|q| q.encrypted),
+        compression_type: like.map(|q| q.compression_type.as_str().to_owned()),
         ..CreateQueueRequest::default()
     };
     let queue = Queue::create(tenant_id, request, defaults(state), Utc::now())?;

@@ -26,7 +26,7 @@ pub async fn publish_event(
     event: Option<String>,
     trace_id: Option<String>,
 ) -> ApiResult<PublishResult> {
-    queues::ensure_exists(state, tenant_id, queue).await?;
+    queues::ensure_exists(state, tenant_id, queue, None).await?;
     let input = MessageInput {
         payload: Some(Value::Object(body)),
         headers: Some(

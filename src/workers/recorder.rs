@@ -26,6 +26,8 @@ use crate::state::AppState;
 use crate::store::records::{NewConsumptionRecord, NewMessageRecord, RecordStatusChange};
 
 const BLOCK_MS: u64 = 1000;
+/// The key under which a record holds a sealed payload.
+pub const SEALED_RECORD_KEY: &str = "$sealed";
 const STREAMS_REFRESH: Duration = Duration::from_secs(2);
 const CLAIM_EVERY: Duration = Duration::from_secs(10);
 const STALE_AFTER_MS: u64 = 30_000;
@@ -376,7 +378,19 @@ fn to_record(
     offset: Option<&str>,
     envelope: Envelope,
 ) -> NewMessageRecord {
-    let payload = envelope.payload.to_string();
+    // A sealed payload is recorded sealed: PostgreSQL never holds an encrypted queue's
+    // plaintext.
+    let (payload, payload_bytes) = match &envelope.sealed {
+        Some(sealed) => (
+            serde_json::json!({ SEALED_RECORD_KEY: sealed }).to_string(),
+            sealed.original_bytes,
+        ),
+        None => {
+            let text = envelope.payload.to_string();
+            let length = text.len();
+            (text, length)
+        }
+    };
     let timestamp = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
     NewMessageRecord {
         topic_id: owner.queue_id,
@@ -387,7 +401,7 @@ fn to_record(
         message_key: envelope.key,
         correlation_id: envelope.correlation_id,
         headers: serde_json::to_string(&envelope.headers).unwrap_or_else(|_| "{}".into()),
-        payload_bytes: i32::try_from(payload.len()).unwrap_or(i32::MAX),
+        payload_bytes: i32::try_from(payload_bytes).unwrap_or(i32::MAX),
         payload,
         trace_id: envelope.trace_id,
         published_at: timestamp(envelope.published_at),
