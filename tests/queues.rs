@@ -46,7 +46,8 @@ async fn create_returns_the_queue_with_defaults() {
     assert_eq!(
         fetched["stats"],
         json!({"messageCount": 0, "pendingCount": 0, "delayedCount": 0, "lag": 0,
-               "subscriptionCount": 0, "oldestUnackedAgeMs": null})
+               "subscriptionCount": 0, "oldestUnackedAgeMs": null,
+               "originalBytes": 0, "storedBytes": 0})
     );
 }
 

@@ -9,6 +9,7 @@
 //! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by the time
 //!                                    the scheduler handles them (due time, or expiry if sooner)
 //! <prefix>{<queue id>.<p>}:delayed-envelopes  hash of delayed message id -> envelope
+//! <prefix>{<queue id>.<p>}:bytes     hash: original and stored payload bytes published
 //! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
 //!                                    for the recorder; entries are deleted once recorded
 //! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
@@ -17,6 +18,9 @@
 //! <prefix>{<queue id>.<p>}:retry:<group>     entry id -> when a failed delivery is retried
 //! <prefix>{<queue id>.<p>}:attempts:<group>  entry id -> deliveries made (absent = 1)
 //! ```
+//!
+//! Per tenant: `<prefix>{rate.<tenant id>}:<second>:requests|bytes`, publish counters of one
+//! second (expire after two).
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
 //! same name never sees the old queue's data, and keys that outlive a deletion (idempotency
@@ -53,6 +57,8 @@ pub struct PartitionKeys {
     pub delayed: String,
     pub delayed_envelopes: String,
     pub journal: String,
+    /// Hash: `original` and `stored` payload bytes of the messages stored.
+    pub bytes: String,
 }
 
 impl PartitionKeys {
@@ -81,6 +87,7 @@ impl KeyLayout {
             delayed: format!("{tag}:delayed"),
             delayed_envelopes: format!("{tag}:delayed-envelopes"),
             journal: format!("{tag}:journal"),
+            bytes: format!("{tag}:bytes"),
         }
     }
 
@@ -99,6 +106,15 @@ impl KeyLayout {
         format!(
             "{}{{{}.{}}}:cancelled:{}",
             self.prefix, queue_id, partition, message_id
+        )
+    }
+
+    /// A tenant's publish counters (requests, bytes) of one second, in one slot.
+    pub fn rate_window(&self, tenant_id: Uuid, unix_second: i64) -> (String, String) {
+        let tag = format!("{}{{rate.{}}}", self.prefix, tenant_id);
+        (
+            format!("{tag}:{unix_second}:requests"),
+            format!("{tag}:{unix_second}:bytes"),
         )
     }
 

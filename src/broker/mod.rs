@@ -5,6 +5,7 @@
 pub mod consume;
 pub mod keys;
 pub mod publish;
+pub mod rate_limit;
 pub mod recorder;
 pub mod scheduler;
 mod scripts;
@@ -33,6 +34,10 @@ pub struct Broker {
     keys: KeyLayout,
 }
 
+/// The stats script's answer: length, delayed, pending, lag, oldest pending (ms, -1 for
+/// none), unrecorded, original bytes, stored bytes.
+type PartitionStatsReply = (u64, u64, u64, u64, i64, u64, u64, u64);
+
 /// What Redis knows about a queue, summed over its partitions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueStreamStats {
@@ -44,6 +49,9 @@ pub struct QueueStreamStats {
     pub oldest_pending_ms: Option<u64>,
     /// Entries and events the recorder has not written to PostgreSQL yet.
     pub unrecorded: u64,
+    /// Payload bytes published (since create or purge), as sent and as stored.
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
 }
 
 /// Per partition: length, delayed, pending and lag summed over the consumer groups (the
@@ -52,7 +60,7 @@ pub struct QueueStreamStats {
 static PARTITION_STATS: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
-local stream, delayed, journal = KEYS[1], KEYS[2], KEYS[3]
+local stream, delayed, journal, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local length, pending, lag, oldest, unrecorded = 0, 0, 0, -1, 0
 if redis.call('EXISTS', stream) == 1 then
   length = redis.call('XLEN', stream)
@@ -79,7 +87,9 @@ if redis.call('EXISTS', stream) == 1 then
 end
 -- Journal entries are deleted once recorded: what is left is not recorded yet.
 unrecorded = unrecorded + redis.call('XLEN', journal)
-return {length, redis.call('ZCARD', delayed), pending, lag, oldest, unrecorded}
+local sizes = redis.call('HMGET', bytes, 'original', 'stored')
+return {length, redis.call('ZCARD', delayed), pending, lag, oldest, unrecorded,
+        tonumber(sizes[1]) or 0, tonumber(sizes[2]) or 0}
 "#,
     )
 });
@@ -91,7 +101,7 @@ static PARTITION_PURGE: LazyLock<LuaScript> = LazyLock::new(|| {
         r#"
 local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return removed
 "#,
     )
@@ -149,22 +159,24 @@ impl Broker {
             for keys in self.keys.partitions(queue.id, queue.partition_count) {
                 PARTITION_STATS.add_to(
                     &mut pipeline,
-                    &[&keys.stream, &keys.delayed, &keys.journal],
+                    &[&keys.stream, &keys.delayed, &keys.journal, &keys.bytes],
                     &[RECORDER_GROUP.as_bytes()],
                 );
             }
         }
         let mut connection = self.pool.get().await?;
-        let partitions: Vec<(u64, u64, u64, u64, i64, u64)> =
+        let partitions: Vec<PartitionStatsReply> =
             scripts::run(&mut connection, &pipeline, &[&PARTITION_STATS]).await?;
         let mut partitions = partitions.into_iter();
         Ok(queues
             .iter()
             .map(|queue| {
                 let mut stats = QueueStreamStats::default();
-                for (length, delayed, pending, lag, oldest, unrecorded) in
+                for (length, delayed, pending, lag, oldest, unrecorded, original, stored) in
                     partitions.by_ref().take(usize::from(queue.partition_count))
                 {
+                    stats.original_bytes += original;
+                    stats.stored_bytes += stored;
                     stats.message_count += length;
                     stats.delayed_count += delayed;
                     stats.pending_count += pending;
@@ -186,7 +198,12 @@ impl Broker {
         for keys in self.keys.partitions(queue.id, queue.partition_count) {
             PARTITION_PURGE.add_to(
                 &mut pipeline,
-                &[&keys.stream, &keys.delayed, &keys.delayed_envelopes],
+                &[
+                    &keys.stream,
+                    &keys.delayed,
+                    &keys.delayed_envelopes,
+                    &keys.bytes,
+                ],
                 &[],
             );
         }

@@ -26,19 +26,19 @@ static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
 -- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] delayed envelopes, KEYS[4] journal,
--- KEYS[4 + i] idempotency key of message i.
+-- KEYS[5] byte counts, KEYS[5 + i] idempotency key of message i.
 -- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder group.
--- Message i, ARGV[3 + 7(i-1) + n] for n = 1..7: '1' when it has a producer id, publishedAt,
+-- Message i, ARGV[3 + 9(i-1) + n] for n = 1..9: '1' when it has a producer id, publishedAt,
 -- scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt, message id,
--- envelope.
-local stream, delayed, envelopes, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- envelope, original payload bytes, stored payload bytes.
+local stream, delayed, envelopes, journal, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local limit = tonumber(ARGV[1])
-local count = #KEYS - 4
+local count = #KEYS - 5
 
-local function arg(i, n) return ARGV[3 + 7 * (i - 1) + n] end
+local function arg(i, n) return ARGV[3 + 9 * (i - 1) + n] end
 
 local function previous(i)
-  if arg(i, 1) == '1' then return redis.call('GET', KEYS[4 + i]) end
+  if arg(i, 1) == '1' then return redis.call('GET', KEYS[5 + i]) end
   return false
 end
 
@@ -99,8 +99,10 @@ for i = 1, count do
       results[#results + 1] = 's|'
     end
     if arg(i, 1) == '1' then
-      redis.call('SET', KEYS[4 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
+      redis.call('SET', KEYS[5 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
     end
+    redis.call('HINCRBY', bytes, 'original', arg(i, 8))
+    redis.call('HINCRBY', bytes, 'stored', arg(i, 9))
   end
 end
 return results
@@ -153,7 +155,7 @@ impl Broker {
         let window = dedup_window_ms.to_string();
         for (partition, indexes) in &chunks {
             let keys = self.keys.partition(queue.id, *partition);
-            let per_message: Vec<[String; 4]> = indexes
+            let per_message: Vec<[String; 6]> = indexes
                 .iter()
                 .map(|&i| {
                     let envelope = &messages[i].envelope;
@@ -168,6 +170,8 @@ impl Broker {
                             .map(|t| t.to_string())
                             .unwrap_or_default(),
                         envelope.expires_at.to_string(),
+                        messages[i].original_bytes.to_string(),
+                        messages[i].stored_bytes.to_string(),
                     ]
                 })
                 .collect();
@@ -183,6 +187,7 @@ impl Broker {
                 &keys.delayed,
                 &keys.delayed_envelopes,
                 &keys.journal,
+                &keys.bytes,
             ];
             all_keys.extend(id_keys.iter().map(String::as_str));
             let mut args: Vec<&[u8]> = vec![
@@ -192,11 +197,14 @@ impl Broker {
             ];
             for (n, &i) in indexes.iter().enumerate() {
                 args.push(if messages[i].producer_id { b"1" } else { b"0" });
-                for value in &per_message[n] {
+                let [published, scheduled, hold, expires, original, stored] = &per_message[n];
+                for value in [published, scheduled, hold, expires] {
                     args.push(value.as_bytes());
                 }
                 args.push(messages[i].envelope.message_id.as_bytes());
                 args.push(messages[i].encoded.as_bytes());
+                args.push(original.as_bytes());
+                args.push(stored.as_bytes());
             }
             PUBLISH.add_to(&mut pipeline, &all_keys, &args);
         }

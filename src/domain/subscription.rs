@@ -58,6 +58,8 @@ pub struct Subscription {
     pub queue: String,
     #[serde(skip)]
     pub queue_id: Uuid,
+    /// The tenant owning the queue: another tenant's only for a public queue (API-NOTES).
+    pub queue_tenant_id: Uuid,
     pub consumer_group: String,
     pub consumer_name: String,
     pub subscription_type: SubscriptionType,
@@ -77,6 +79,14 @@ pub struct Subscription {
     pub last_consumed_at: Option<DateTime<Utc>>,
 }
 
+/// The queue a subscription is created on.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueRef<'a> {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: &'a str,
+}
+
 /// Configuration defaults for new subscriptions.
 #[derive(Debug, Clone, Copy)]
 pub struct SubscriptionDefaults {
@@ -87,6 +97,8 @@ pub struct SubscriptionDefaults {
 #[serde(rename_all = "camelCase")]
 pub struct CreateSubscriptionRequest {
     pub queue: Option<String>,
+    /// The tenant owning `queue`, to subscribe to another tenant's public queue.
+    pub queue_tenant_id: Option<Uuid>,
     pub consumer_group: Option<String>,
     pub consumer_name: Option<String>,
     pub subscription_type: Option<String>,
@@ -141,8 +153,7 @@ impl Subscription {
     /// Validates a create request for the queue `queue_name` (id `queue_id`).
     pub fn create(
         tenant_id: Uuid,
-        queue_id: Uuid,
-        queue_name: &str,
+        queue: QueueRef<'_>,
         request: CreateSubscriptionRequest,
         defaults: SubscriptionDefaults,
         now: DateTime<Utc>,
@@ -189,10 +200,12 @@ impl Subscription {
                 )
                 .unwrap_or(OffsetReset::Latest),
         };
+        let queue_name = queue.name;
         let mut subscription = Subscription {
             id: Uuid::now_v7(),
             queue: queue_name.to_owned(),
-            queue_id,
+            queue_id: queue.id,
+            queue_tenant_id: queue.tenant_id,
             consumer_group: group,
             consumer_name: consumer,
             subscription_type: subscription_type.unwrap_or(SubscriptionType::RedisConsumer),
@@ -424,8 +437,11 @@ mod tests {
     fn create(body: Value) -> Result<Subscription, ApiError> {
         Subscription::create(
             Uuid::nil(),
-            Uuid::nil(),
-            "orders",
+            QueueRef {
+                id: Uuid::nil(),
+                tenant_id: Uuid::nil(),
+                name: "orders",
+            },
             serde_json::from_value(body).unwrap(),
             DEFAULTS,
             Utc::now(),

@@ -75,10 +75,10 @@ async fn consumer(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<Cons
             vec![],
         ));
     }
-    let queue = queues::resolve(state, tenant.tenant_id, &subscription.queue)
+    let queue = queues::resolve(state, subscription.queue_tenant_id, &subscription.queue)
         .await?
         .queue;
-    subscriptions::authorize_consumer(&queue, &tenant.principal)?;
+    subscriptions::authorize_consumer(&queue, tenant)?;
     Ok(Consumer {
         subscription,
         queue,
@@ -544,7 +544,8 @@ async fn dead_letter(
     reason: &str,
     last_error: &str,
 ) -> ApiResult<()> {
-    let tenant_id: Uuid = queue.tenant_id;
+    // The dead-letter queue is the subscriber's (for a public queue, not the owner's).
+    let tenant_id: Uuid = subscription.tenant_id;
     let dlq_name = &subscription.dead_letter_queue;
     queues::ensure_exists(state, tenant_id, dlq_name, Some(queue)).await?;
     let dlq_encrypted = queues::resolve(state, tenant_id, dlq_name)

@@ -119,6 +119,10 @@ async fn publish(
         .map_err(ApiError::during_publish)?;
     authorize_producer(&resolved, producer)?;
     let messages = validate_all(state, &resolved, inputs, context, batch)?;
+    if let Producer::Principal(tenant) = producer {
+        let bytes = messages.iter().map(|m| m.original_bytes as u64).sum();
+        admit(state, tenant.tenant_id, bytes).await?;
+    }
     let queue = &resolved.queue;
     let outcome = state
         .broker
@@ -162,6 +166,37 @@ async fn publish(
             }
             Err(error)
         }
+    }
+}
+
+/// Counts the request against the tenant's publish limits; 429 when over them.
+async fn admit(state: &AppState, tenant_id: Uuid, bytes: u64) -> ApiResult<()> {
+    let config = &state.config;
+    if config.tenant_publish_rps == 0 && config.tenant_publish_bytes_per_sec == 0 {
+        return Ok(());
+    }
+    let admitted = state
+        .broker
+        .admit_publish(
+            tenant_id,
+            chrono::Utc::now().timestamp(),
+            bytes,
+            config.tenant_publish_rps,
+            config.tenant_publish_bytes_per_sec,
+        )
+        .await
+        .map_err(ApiError::during_publish)?;
+    if admitted {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "tenant is over its publish limit ({} requests, {} bytes per second)",
+                config.tenant_publish_rps, config.tenant_publish_bytes_per_sec
+            ),
+        )
+        .with_retry_after(1))
     }
 }
 

@@ -24,6 +24,10 @@ pub struct QueueStats {
     pub lag: u64,
     pub subscription_count: i64,
     pub oldest_unacked_age_ms: Option<u64>,
+    /// Payload bytes published since create or purge: as sent, and as stored (after
+    /// compression and encryption).
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,6 +186,8 @@ pub async fn get_with_stats(
             oldest_unacked_age_ms: streams
                 .oldest_pending_ms
                 .map(|oldest| now_ms.saturating_sub(oldest)),
+            original_bytes: streams.original_bytes,
+            stored_bytes: streams.stored_bytes,
         },
         queue,
     })

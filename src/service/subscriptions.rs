@@ -7,8 +7,8 @@ use uuid::Uuid;
 use crate::auth::Tenant;
 use crate::domain::queue::{page_number, Queue, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use crate::domain::subscription::{
-    CreateSubscriptionRequest, OffsetReset, Subscription, SubscriptionDefaults, SubscriptionStatus,
-    UpdateSubscriptionRequest,
+    CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription, SubscriptionDefaults,
+    SubscriptionStatus, UpdateSubscriptionRequest,
 };
 use crate::domain::validation::Problems;
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -95,8 +95,17 @@ pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<S
         .ok_or_else(not_found)
 }
 
-/// 403 unless `principal` may consume from `queue`.
-pub fn authorize_consumer(queue: &Queue, principal: &str) -> ApiResult<()> {
+/// 403 unless the caller may consume from `queue`: a principal listed in
+/// `allowedConsumers` (or any, when empty) of the queue's own tenant, or of another tenant
+/// while the queue is public.
+pub fn authorize_consumer(queue: &Queue, tenant: &Tenant) -> ApiResult<()> {
+    if queue.tenant_id != tenant.tenant_id && !queue.is_public {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("queue '{}' of another tenant is not public", queue.name),
+        ));
+    }
+    let principal = tenant.principal.as_str();
     if queue.allowed_consumers.is_empty() || queue.allowed_consumers.iter().any(|p| p == principal)
     {
         Ok(())
@@ -123,19 +132,23 @@ pub async fn create(
             vec!["queue".into()],
         ));
     }
-    let queue = queues::require(state, tenant.tenant_id, &queue_name).await?;
-    authorize_consumer(&queue, &tenant.principal)?;
+    // Another tenant's queue only when it is public; otherwise it is not found, as if absent.
+    let owner = request.queue_tenant_id.unwrap_or(tenant.tenant_id);
+    let queue = queues::require(state, owner, &queue_name).await?;
+    if owner != tenant.tenant_id && !queue.is_public {
+        return Err(ApiError::queue_not_found(&queue_name));
+    }
+    authorize_consumer(&queue, tenant)?;
     let defaults = SubscriptionDefaults {
         session_timeout_ms: state.config.consumer_timeout_ms,
     };
-    let subscription = Subscription::create(
-        tenant.tenant_id,
-        queue.id,
-        &queue.name,
-        request,
-        defaults,
-        Utc::now(),
-    )?;
+    let queue_ref = QueueRef {
+        id: queue.id,
+        tenant_id: queue.tenant_id,
+        name: &queue.name,
+    };
+    let subscription =
+        Subscription::create(tenant.tenant_id, queue_ref, request, defaults, Utc::now())?;
     state.store.insert_subscription(&subscription).await?;
     // The group's first subscription fixes its start; later members join where it is.
     let from_earliest = subscription.offset_reset_policy == OffsetReset::Earliest;
@@ -189,7 +202,7 @@ pub async fn get_with_stats(
     id: &str,
 ) -> ApiResult<SubscriptionWithStats> {
     let subscription = require(state, tenant.tenant_id, id).await?;
-    let queue = queues::require(state, tenant.tenant_id, &subscription.queue).await?;
+    let queue = queues::require(state, subscription.queue_tenant_id, &subscription.queue).await?;
     let consumer = subscription.id.to_string();
     let (group, counts) = tokio::try_join!(
         state.broker.group_stats(
@@ -296,7 +309,8 @@ pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()
     let subscription = require(state, tenant.tenant_id, id).await?;
     let remaining = state.store.delete_subscription(&subscription).await?;
     if remaining == 0 {
-        let queue = queues::require(state, tenant.tenant_id, &subscription.queue).await?;
+        let queue =
+            queues::require(state, subscription.queue_tenant_id, &subscription.queue).await?;
         state
             .broker
             .destroy_consumer_group(

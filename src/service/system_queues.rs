@@ -60,6 +60,8 @@ pub async fn stats(
         total.pending_count += stream.pending_count;
         total.delayed_count += stream.delayed_count;
         total.lag += stream.lag;
+        total.original_bytes += stream.original_bytes;
+        total.stored_bytes += stream.stored_bytes;
         total.subscription_count += state.store.count_subscriptions(queue.id).await?;
         if let Some(oldest) = stream.oldest_pending_ms {
             let age = now_ms.saturating_sub(oldest);

@@ -16,6 +16,7 @@ struct SubscriptionRow {
     id: Uuid,
     tenant_id: Uuid,
     topic_id: Uuid,
+    queue_tenant_id: Uuid,
     queue: String,
     consumer_group: String,
     consumer_name: String,
@@ -59,6 +60,7 @@ impl TryFrom<SubscriptionRow> for Subscription {
             id: row.id,
             tenant_id: row.tenant_id,
             queue_id: row.topic_id,
+            queue_tenant_id: row.queue_tenant_id,
             queue: row.queue,
             consumer_group: row.consumer_group,
             consumer_name: row.consumer_name,
@@ -75,7 +77,7 @@ impl TryFrom<SubscriptionRow> for Subscription {
     }
 }
 
-const SELECT: &str = "SELECT s.id, s.tenant_id, s.topic_id, t.name AS queue, s.consumer_group, \
+const SELECT: &str = "SELECT s.id, s.tenant_id, s.topic_id, t.tenant_id AS queue_tenant_id, t.name AS queue, s.consumer_group, \
     s.consumer_name, s.subscription_type, s.offset_reset_policy, s.max_poll_records, \
     s.session_timeout_ms, s.heartbeat_interval_ms, s.handler_config, s.dead_letter_queue, \
     s.max_retry_attempts, s.retry_delay_ms, s.message_filter, s.status, s.created_at, \

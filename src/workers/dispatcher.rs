@@ -46,7 +46,26 @@ struct Served {
     stop: CancellationToken,
 }
 
+/// Push permits per tenant, shared by all its subscriptions (`WEBHOOK_TENANT_CONCURRENCY`):
+/// a tenant whose endpoints hang holds at most that many pushes, however many subscriptions
+/// it has.
+#[derive(Default)]
+struct TenantPermits {
+    tenants: std::sync::Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+}
+
+impl TenantPermits {
+    fn of(&self, tenant_id: Uuid, capacity: usize) -> Arc<Semaphore> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        tenants
+            .entry(tenant_id)
+            .or_insert_with(|| Arc::new(Semaphore::new(capacity)))
+            .clone()
+    }
+}
+
 pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let tenant_permits = Arc::new(TenantPermits::default());
     let mut served: HashMap<Uuid, Served> = HashMap::new();
     let mut tasks = JoinSet::new();
     loop {
@@ -80,7 +99,11 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                     stop: stop.clone(),
                 },
             );
-            tasks.spawn(serve(state.clone(), subscription.clone(), stop));
+            let tenant = tenant_permits.of(
+                subscription.tenant_id,
+                state.config.webhook_tenant_concurrency,
+            );
+            tasks.spawn(serve(state.clone(), subscription.clone(), tenant, stop));
         }
         while tasks.try_join_next().is_some() {}
         tokio::select! {
@@ -94,7 +117,12 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
 }
 
 /// Serves one webhook subscription until `stop`.
-async fn serve(state: AppState, subscription: Subscription, stop: CancellationToken) {
+async fn serve(
+    state: AppState,
+    subscription: Subscription,
+    tenant_permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let concurrency = subscription
         .handler_config
         .concurrency
@@ -114,7 +142,7 @@ async fn serve(state: AppState, subscription: Subscription, stop: CancellationTo
     while !stop.is_cancelled() {
         while pushes.try_join_next().is_some() {}
         let Ok(resolved) =
-            queues::resolve(&state, subscription.tenant_id, &subscription.queue).await
+            queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
         else {
             idle(&stop, None, &mut pushes).await;
             continue;
@@ -124,7 +152,9 @@ async fn serve(state: AppState, subscription: Subscription, stop: CancellationTo
         let arrived = signal.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        let available = permits.available_permits();
+        let available = permits
+            .available_permits()
+            .min(tenant_permits.available_permits());
         let mut pushed = 0;
         if available > 0 && queue.status != QueueStatus::Paused {
             let now = Utc::now().timestamp_millis();
@@ -166,6 +196,9 @@ async fn serve(state: AppState, subscription: Subscription, stop: CancellationTo
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             break;
                         };
+                        let Ok(tenant_permit) = tenant_permits.clone().acquire_owned().await else {
+                            break;
+                        };
                         pushes.spawn(push(
                             state.clone(),
                             subscription.clone(),
@@ -173,7 +206,7 @@ async fn serve(state: AppState, subscription: Subscription, stop: CancellationTo
                             delivery,
                             envelope,
                             timeout,
-                            permit,
+                            (permit, tenant_permit),
                         ));
                         pushed += 1;
                     }
@@ -226,7 +259,7 @@ async fn push(
     delivery: Delivery,
     envelope: Envelope,
     timeout: Duration,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 ) {
     state
         .metrics

@@ -41,11 +41,11 @@ async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
         if !seen.insert((subscription.queue_id, subscription.consumer_group.clone())) {
             continue;
         }
-        let queue = match queues::resolve(state, subscription.tenant_id, &subscription.queue).await
-        {
-            Ok(resolved) => resolved.queue,
-            Err(_) => continue,
-        };
+        let queue =
+            match queues::resolve(state, subscription.queue_tenant_id, &subscription.queue).await {
+                Ok(resolved) => resolved.queue,
+                Err(_) => continue,
+            };
         let now = Utc::now().timestamp_millis();
         let overdue = state
             .broker

@@ -269,8 +269,16 @@ impl TestApp {
     /// A second service instance on the same database and Redis keys, as in a deployment of
     /// several instances. Dropping it leaves the data to the first.
     pub async fn spawn_sibling(&self) -> TestApp {
+        self.spawn_sibling_with(|_| {}).await
+    }
+
+    /// A sibling with `customize` applied to its environment (e.g. other encryption keys).
+    pub async fn spawn_sibling_with(
+        &self,
+        customize: impl FnOnce(&mut HashMap<String, String>),
+    ) -> TestApp {
         let mut sibling =
-            Self::start_with(self.database.borrowed(), self.redis.borrowed(), |_| {}).await;
+            Self::start_with(self.database.borrowed(), self.redis.borrowed(), customize).await;
         sibling.tenant = self.tenant;
         sibling
     }
