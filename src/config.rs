@@ -29,6 +29,8 @@ pub struct Config {
     pub tenant_publish_bytes_per_sec: u64,
     /// Webhook pushes one tenant may have in flight at once, over all its subscriptions.
     pub webhook_tenant_concurrency: usize,
+    /// How often the retention job trims streams.
+    pub retention_interval_ms: u64,
     pub max_message_size: usize,
     pub default_ttl_secs: u64,
     pub max_queue_length: u64,
@@ -220,6 +222,7 @@ impl Config {
                 100,
                 1..=100_000,
             )?,
+            retention_interval_ms: env.number("RETENTION_INTERVAL_MS", 5000, 100..=3_600_000)?,
             max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
             default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,
             max_queue_length: env.number("MAX_QUEUE_LENGTH", 10_000, 1..=u64::MAX)?,

@@ -135,6 +135,12 @@ impl Application {
         let state = self.state.clone();
         self.state
             .workers
+            .spawn("retention", shutdown.clone(), move |token| {
+                workers::retention::run(state.clone(), token)
+            });
+        let state = self.state.clone();
+        self.state
+            .workers
             .spawn("recorder", shutdown.clone(), move |token| {
                 workers::recorder::run(state.clone(), token)
             });

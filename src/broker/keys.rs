@@ -109,6 +109,11 @@ impl KeyLayout {
         )
     }
 
+    /// A lease held by one instance for a singleton job.
+    pub fn lease(&self, name: &str) -> String {
+        format!("{}lease:{name}", self.prefix)
+    }
+
     /// A tenant's publish counters (requests, bytes) of one second, in one slot.
     pub fn rate_window(&self, tenant_id: Uuid, unix_second: i64) -> (String, String) {
         let tag = format!("{}{{rate.{}}}", self.prefix, tenant_id);

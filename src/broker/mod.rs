@@ -7,6 +7,7 @@ pub mod keys;
 pub mod publish;
 pub mod rate_limit;
 pub mod recorder;
+pub mod retention;
 pub mod scheduler;
 mod scripts;
 

@@ -6,6 +6,7 @@ pub mod dispatcher;
 pub mod health_monitor;
 pub mod reclaimer;
 pub mod recorder;
+pub mod retention;
 pub mod scheduler;
 
 use std::collections::BTreeMap;

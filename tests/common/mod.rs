@@ -225,6 +225,9 @@ pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, Strin
         ("DATABASE_MAX_CONNECTIONS", "5".to_owned()),
         ("REDIS_POOL_SIZE", "8".to_owned()),
         ("DEPENDENCY_TIMEOUT_MS", "1000".to_owned()),
+        // Tests that count stream entries must not see them trimmed mid-test; the retention
+        // tests turn it on.
+        ("RETENTION_INTERVAL_MS", "3600000".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -1,0 +1,57 @@
+//! Removes stream entries past their queue's `retentionMs`, and entries every consumer group
+//! has acked, every `RETENTION_INTERVAL_MS`. A singleton: the instance holding the Redis
+//! lease does it, another takes over when that one stops renewing it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+const LEASE: &str = "retention";
+
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let interval = Duration::from_millis(state.config.retention_interval_ms);
+    let lease_ttl = state.config.retention_interval_ms * 3;
+    while !shutdown.is_cancelled() {
+        match state
+            .broker
+            .hold_lease(LEASE, &state.instance_id, lease_ttl)
+            .await
+        {
+            Ok(true) => {
+                if let Err(error) = sweep(&state).await {
+                    tracing::warn!(error = %error, "retention sweep failed");
+                }
+            }
+            Ok(false) => {}
+            Err(error) => tracing::debug!(error = %error, "retention lease unavailable"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
+    let queues = state.store.all_queues(None).await?;
+    let retention: HashMap<uuid::Uuid, u64> =
+        queues.iter().map(|q| (q.id, q.retention_ms)).collect();
+    let partitions = state.partitions.current(&state.store).await;
+    let now = Utc::now().timestamp_millis();
+    let work: Vec<_> = partitions
+        .iter()
+        .filter_map(|partition| {
+            let retention_ms = *retention.get(&partition.queue_id)?;
+            Some((*partition, now.saturating_sub(retention_ms as i64).max(0)))
+        })
+        .collect();
+    let removed = state.broker.trim(&work).await?;
+    if removed > 0 {
+        tracing::debug!(removed, "trimmed stream entries");
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Stream trimming: retention, and entries every consumer group acked.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, stream_entries, TestApp};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn stored(app: &TestApp, queue: &str) -> u64 {
+    app.call(Method::GET, &format!("/api/v1/mq/queues/{queue}"), None)
+        .await
+        .1["stats"]["messageCount"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+fn fast_retention(env: &mut std::collections::HashMap<String, String>) {
+    env.insert("RETENTION_INTERVAL_MS".into(), "200".into());
+}
+
+#[tokio::test]
+async fn entries_past_retention_are_removed_even_unconsumed() {
+    let app = TestApp::spawn_with(fast_retention).await;
+    app.create_queue(json!({"name": "short", "retentionMs": 1000}))
+        .await;
+    app.create_queue(json!({"name": "long"})).await;
+    for queue in ["short", "long"] {
+        app.call(
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": queue, "payload": 1})),
+        )
+        .await;
+    }
+    assert_eq!(stored(&app, "short").await, 1);
+    assert!(eventually(WAIT, || async { stored(&app, "short").await == 0 }).await);
+    assert_eq!(
+        stored(&app, "long").await,
+        1,
+        "within retention and without consumers: kept"
+    );
+}
+
+#[tokio::test]
+async fn entries_every_group_acked_are_removed_and_pending_ones_kept() {
+    let app = TestApp::spawn_with(fast_retention).await;
+    let queue = app.create_queue(json!({"name": "q"})).await;
+    let mut subscriptions = Vec::new();
+    for group in ["a", "b"] {
+        let (_, sub) = app
+            .call(
+                Method::POST,
+                "/api/v1/mq/subscriptions",
+                Some(json!({"queue": "q", "consumerGroup": group, "consumerName": "c", "subscriptionType": "redis_consumer"})),
+            )
+            .await;
+        subscriptions.push(sub["id"].as_str().unwrap().to_owned());
+    }
+    for n in 0..4 {
+        app.call(
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": "q", "payload": n})),
+        )
+        .await;
+    }
+    let consume = |subscription: String, count: usize, ack: bool| {
+        let app = &app;
+        async move {
+            let (_, body) = app
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/mq/subscriptions/{subscription}/pull"),
+                    Some(json!({"maxMessages": count, "waitMs": 1000})),
+                )
+                .await;
+            let ids: Vec<Value> = body["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["ackId"].clone())
+                .collect();
+            if ack {
+                app.call(
+                    Method::POST,
+                    &format!("/api/v1/mq/subscriptions/{subscription}/ack"),
+                    Some(json!({"ackIds": ids})),
+                )
+                .await;
+            }
+        }
+    };
+    // Group a acks everything; group b acks two and keeps the third pending.
+    consume(subscriptions[0].clone(), 4, true).await;
+    consume(subscriptions[1].clone(), 2, true).await;
+    consume(subscriptions[1].clone(), 1, false).await;
+    assert!(
+        eventually(WAIT, || async { stored(&app, "q").await == 2 }).await,
+        "the two entries acked by both groups go"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let left: Vec<Value> = stream_entries(&app, &queue, 0)
+        .await
+        .into_iter()
+        .map(|(_, e)| e["payload"].clone())
+        .collect();
+    assert_eq!(
+        left,
+        [json!(2), json!(3)],
+        "pending and undelivered entries stay"
+    );
+    let (_, status) = app.get_anonymous("/api/v1/mq/status").await;
+    assert_eq!(status["workers"]["retention"], "running");
+}
