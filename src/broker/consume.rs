@@ -180,7 +180,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// The outcome's name, as journaled and as the event label of metrics.
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Acked => "acked",
             Outcome::Filtered => "filtered",
@@ -209,13 +210,6 @@ pub struct Settlement<'a> {
     pub now_ms: i64,
     /// When the message was published (ms), if known: not stored, for latency metrics.
     pub published_at_ms: Option<i64>,
-}
-
-impl Outcome {
-    /// The event name of this outcome in metrics.
-    pub fn event(self) -> &'static str {
-        self.as_str()
-    }
 }
 
 /// A delivery whose ack deadline passed.

@@ -502,7 +502,7 @@ pub async fn settle(
     {
         state
             .metrics
-            .count_messages(queue.tenant_id, &queue.name, settlement.outcome.event(), 1);
+            .count_messages(queue.tenant_id, &queue.name, settlement.outcome.as_str(), 1);
         match settlement.outcome {
             Outcome::Acked => {
                 let latency_ms = settlement.published_at_ms.map(|at| settlement.now_ms - at);

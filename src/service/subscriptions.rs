@@ -79,20 +79,21 @@ impl SubscriptionListQuery {
     }
 }
 
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::SubscriptionNotFound,
+        format!("subscription '{id}' not found"),
+    )
+}
+
 /// The tenant's subscription; any other id (another tenant's, or not a UUID) is not found.
 pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<Subscription> {
-    let not_found = || {
-        ApiError::new(
-            ErrorCode::SubscriptionNotFound,
-            format!("subscription '{id}' not found"),
-        )
-    };
-    let id = Uuid::parse_str(id).map_err(|_| not_found())?;
+    let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
     state
         .store
-        .find_subscription(tenant_id, id)
+        .find_subscription(tenant_id, uuid)
         .await?
-        .ok_or_else(not_found)
+        .ok_or_else(|| not_found(id))
 }
 
 /// 403 unless the caller may consume from `queue`: a principal listed in
@@ -237,30 +238,10 @@ pub async fn update(
     id: &str,
     request: UpdateSubscriptionRequest,
 ) -> ApiResult<Subscription> {
-    let current = require(state, tenant.tenant_id, id).await?;
-    let updated = state
-        .store
-        .update_subscription(tenant.tenant_id, current.id, |s| {
-            s.updated(request, Utc::now())
-        })
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::SubscriptionNotFound,
-                format!("subscription '{id}' not found"),
-            )
-        })?;
-    state.subscription_changed();
-    audit::record(
-        state,
-        tenant,
-        "updated",
-        Resource::Subscription,
-        updated.id,
-        &updated.consumer_name,
-    )
-    .await;
-    Ok(updated)
+    change(state, tenant, id, "updated", |s| {
+        s.updated(request, Utc::now())
+    })
+    .await
 }
 
 pub async fn set_status(
@@ -269,28 +250,36 @@ pub async fn set_status(
     id: &str,
     status: SubscriptionStatus,
 ) -> ApiResult<Subscription> {
-    let current = require(state, tenant.tenant_id, id).await?;
-    let updated = state
-        .store
-        .update_subscription(tenant.tenant_id, current.id, |s| {
-            let mut next = s.clone();
-            next.status = status;
-            next.updated_at = Utc::now();
-            Ok(next)
-        })
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::SubscriptionNotFound,
-                format!("subscription '{id}' not found"),
-            )
-        })?;
-    state.subscription_changed();
     let action = if status == SubscriptionStatus::Paused {
         "paused"
     } else {
         "resumed"
     };
+    change(state, tenant, id, action, |s| {
+        let mut next = s.clone();
+        next.status = status;
+        next.updated_at = Utc::now();
+        Ok(next)
+    })
+    .await
+}
+
+/// Applies `next` to the tenant's subscription under a row lock, then tells the workers and
+/// the audit trail.
+async fn change(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    action: &str,
+    next: impl FnOnce(&Subscription) -> ApiResult<Subscription>,
+) -> ApiResult<Subscription> {
+    let current = require(state, tenant.tenant_id, id).await?;
+    let updated = state
+        .store
+        .update_subscription(tenant.tenant_id, current.id, next)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    state.subscription_changed();
     audit::record(
         state,
         tenant,
