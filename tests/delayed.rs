@@ -528,3 +528,50 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
         "nothing lost"
     );
 }
+
+#[tokio::test]
+async fn an_unconsumed_stream_message_is_marked_expired_soon_after_its_ttl() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "q"})).await;
+    app.create_queue(json!({"name": "watched"})).await;
+    let (status, subscription) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/subscriptions",
+            Some(json!({"queue": "watched", "consumerGroup": "g", "consumerName": "c", "subscriptionType": "redis_consumer"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    for queue in ["q", "watched"] {
+        app.call(
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": queue, "payload": 1, "ttlMs": 500, "messageId": "brief"})),
+        )
+        .await;
+    }
+    // Delivered in time: not expired.
+    let (_, pulled) = app
+        .call(
+            Method::POST,
+            &format!(
+                "/api/v1/mq/subscriptions/{}/pull",
+                subscription["id"].as_str().unwrap()
+            ),
+            Some(json!({"maxMessages": 1})),
+        )
+        .await;
+    assert_eq!(pulled["messages"].as_array().unwrap().len(), 1);
+    assert!(
+        eventually(WAIT, || async {
+            status_of(&app, "q", "brief").await == "expired"
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status_of(&app, "watched", "brief").await,
+        "published",
+        "taken before its expiry"
+    );
+}

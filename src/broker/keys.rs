@@ -10,6 +10,7 @@
 //!                                    the scheduler handles them (due time, or expiry if sooner)
 //! <prefix>{<queue id>.<p>}:delayed-envelopes  hash of delayed message id -> envelope
 //! <prefix>{<queue id>.<p>}:bytes     hash: original and stored payload bytes published
+//! <prefix>{<queue id>.<p>}:expiry    sorted set of short-lived stream messages by expiry
 //! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
 //!                                    for the recorder; entries are deleted once recorded
 //! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
@@ -59,6 +60,9 @@ pub struct PartitionKeys {
     pub journal: String,
     /// Hash: `original` and `stored` payload bytes of the messages stored.
     pub bytes: String,
+    /// Sorted set: `<entry id>|<message id>` → expiry (ms) of stream messages whose `ttlMs`
+    /// ends before retention would remove them, so they are marked expired on time.
+    pub expiry: String,
 }
 
 impl PartitionKeys {
@@ -88,6 +92,7 @@ impl KeyLayout {
             delayed_envelopes: format!("{tag}:delayed-envelopes"),
             journal: format!("{tag}:journal"),
             bytes: format!("{tag}:bytes"),
+            expiry: format!("{tag}:expiry"),
         }
     }
 

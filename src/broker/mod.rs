@@ -102,7 +102,7 @@ static PARTITION_PURGE: LazyLock<LuaScript> = LazyLock::new(|| {
         r#"
 local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return removed
 "#,
     )
@@ -204,6 +204,7 @@ impl Broker {
                     &keys.delayed,
                     &keys.delayed_envelopes,
                     &keys.bytes,
+                    &keys.expiry,
                 ],
                 &[],
             );

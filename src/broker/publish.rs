@@ -26,19 +26,19 @@ static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
 -- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] delayed envelopes, KEYS[4] journal,
--- KEYS[5] byte counts, KEYS[5 + i] idempotency key of message i.
+-- KEYS[5] byte counts, KEYS[6] expiry watch, KEYS[6 + i] idempotency key of message i.
 -- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder group.
--- Message i, ARGV[3 + 9(i-1) + n] for n = 1..9: '1' when it has a producer id, publishedAt,
--- scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt, message id,
--- envelope, original payload bytes, stored payload bytes.
+-- Message i, ARGV[3 + 10(i-1) + n] for n = 1..10: '1' when it has a producer id,
+-- publishedAt, scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt,
+-- message id, envelope, original payload bytes, stored payload bytes, '1' to watch its expiry.
 local stream, delayed, envelopes, journal, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local limit = tonumber(ARGV[1])
-local count = #KEYS - 5
+local count = #KEYS - 6
 
-local function arg(i, n) return ARGV[3 + 9 * (i - 1) + n] end
+local function arg(i, n) return ARGV[3 + 10 * (i - 1) + n] end
 
 local function previous(i)
-  if arg(i, 1) == '1' then return redis.call('GET', KEYS[5 + i]) end
+  if arg(i, 1) == '1' then return redis.call('GET', KEYS[6 + i]) end
   return false
 end
 
@@ -89,6 +89,9 @@ for i = 1, count do
     if arg(i, 4) == '' then
       ensure_group(stream)
       offset = redis.call('XADD', stream, '*', 'e', envelope)
+      if arg(i, 10) == '1' then
+        redis.call('ZADD', KEYS[6], arg(i, 5), offset .. '|' .. arg(i, 6))
+      end
       results[#results + 1] = 'n|' .. offset
     else
       -- Stored as '<expiresAt>|<envelope>' so the scheduler tells expiry without decoding.
@@ -99,7 +102,7 @@ for i = 1, count do
       results[#results + 1] = 's|'
     end
     if arg(i, 1) == '1' then
-      redis.call('SET', KEYS[5 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
+      redis.call('SET', KEYS[6 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
     end
     redis.call('HINCRBY', bytes, 'original', arg(i, 8))
     redis.call('HINCRBY', bytes, 'stored', arg(i, 9))
@@ -188,6 +191,7 @@ impl Broker {
                 &keys.delayed_envelopes,
                 &keys.journal,
                 &keys.bytes,
+                &keys.expiry,
             ];
             all_keys.extend(id_keys.iter().map(String::as_str));
             let mut args: Vec<&[u8]> = vec![
@@ -205,6 +209,13 @@ impl Broker {
                 args.push(messages[i].encoded.as_bytes());
                 args.push(original.as_bytes());
                 args.push(stored.as_bytes());
+                // Retention would remove it before it expires otherwise: watch its expiry.
+                let envelope = &messages[i].envelope;
+                let short_lived = envelope.expires_at
+                    < envelope
+                        .published_at
+                        .saturating_add(queue.retention_ms as i64);
+                args.push(if short_lived { b"1" } else { b"0" });
             }
             PUBLISH.add_to(&mut pipeline, &all_keys, &args);
         }

@@ -20,7 +20,8 @@ use crate::service::partitions::PartitionRef;
 static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: delayed set, delayed envelopes, stream, journal. ARGV: now (ms), batch limit, recorder group.
+-- KEYS: delayed set, delayed envelopes, stream, journal, expiry watch.
+-- ARGV: now (ms), batch limit, recorder group.
 local function ensure_group(key)
   if redis.call('EXISTS', key) == 0 then
     redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
@@ -47,8 +48,45 @@ for _, id in ipairs(due) do
   end
   redis.call('ZREM', KEYS[1], id)
 end
-local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '-1'
-return {released, expired, #due, next_due}
+-- Stream messages whose ttl ran out: expired unless some consumer group already took them
+-- (a message delivered in time is not expired; one taken later is expired at delivery).
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, ARGV[2])
+if #lapsed > 0 then
+  local cursors = {}
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
+      local group = {}
+      for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
+      if group['name'] ~= ARGV[3] then cursors[#cursors + 1] = group['last-delivered-id'] end
+    end
+  end
+  local function parse(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms), tonumber(seq)
+  end
+  local function taken(entry)
+    local em, es = parse(entry)
+    for _, cursor in ipairs(cursors) do
+      local cm, cs = parse(cursor)
+      if cm > em or (cm == em and cs >= es) then return true end
+    end
+    return false
+  end
+  for _, member in ipairs(lapsed) do
+    local bar = string.find(member, '|', 1, true)
+    if not taken(string.sub(member, 1, bar - 1)) then
+      ensure_group(KEYS[4])
+      redis.call('XADD', KEYS[4], '*', 'k', 'expired', 'id', string.sub(member, bar + 1), 't', ARGV[1])
+      expired = expired + 1
+    end
+    redis.call('ZREM', KEYS[5], member)
+  end
+end
+local next_delayed = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '-1')
+local next_expiry = tonumber(redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')[2] or '-1')
+local next_due = next_delayed
+if next_due < 0 or (next_expiry >= 0 and next_expiry < next_due) then next_due = next_expiry end
+return {released, expired, math.max(#due, #lapsed), tostring(next_due)}
 "#,
     )
 });
@@ -123,6 +161,7 @@ impl Broker {
                     &keys.delayed_envelopes,
                     &keys.stream,
                     &keys.journal,
+                    &keys.expiry,
                 ],
                 &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
             );
