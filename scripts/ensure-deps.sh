@@ -85,6 +85,12 @@ if [ $need_pg -eq 1 ] || [ $need_redis -eq 1 ]; then
   wait_for Redis "$redis_host" "$redis_port"
 fi
 
+# The fault tests start a private redis-server of their own, so the test command needs the
+# binary even when the shared Redis runs elsewhere (e.g. in a container).
+if [ "${ENSURE_REDIS_SERVER_BINARY:-0}" = 1 ] && ! command -v redis-server >/dev/null; then
+  apt_install redis-server
+fi
+
 # The service's own database (tests make private ones of their own).
 database=$(url_database "$DATABASE_URL")
 if [ -n "$database" ] && [ "$database" != postgres ] && command -v psql >/dev/null; then

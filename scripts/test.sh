@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
-scripts/ensure-deps.sh
+ENSURE_REDIS_SERVER_BINARY=1 scripts/ensure-deps.sh
 exec cargo test --locked "$@"
