@@ -60,6 +60,11 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "processingTimeoutMs": config.processing_timeout_ms,
             "encryptionEnabled": config.encryption.is_some(),
             "metricsEnabled": config.metrics_enabled,
+            "tenantRateLimitRps": config.tenant_publish_rps,
+            "tenantRateLimitBytesPerSec": config.tenant_publish_bytes_per_sec,
+            "webhookTenantConcurrency": config.webhook_tenant_concurrency,
+            "retentionIntervalMs": config.retention_interval_ms,
+            "devMode": config.dev_mode,
         },
     }))
 }
