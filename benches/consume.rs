@@ -136,29 +136,15 @@ async fn latency_at_fixed_rate(client: &Client, rate: u64, seconds: u64, consume
         )));
     }
     // Publish `rate` messages a second, in ticks of 10 ms.
-    let per_tick = (rate / 100).max(1);
-    let total = rate * seconds;
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    let mut sent = 0;
-    let mut publishes = Vec::new();
-    while sent < total {
-        ticker.tick().await;
-        for _ in 0..per_tick.min(total - sent) {
-            let (client, name) = (client.clone(), name.clone());
-            publishes.push(tokio::spawn(async move {
-                client
-                    .post(
-                        "/api/v1/mq/publish",
-                        &json!({"queue": name, "payload": {"sentAt": micros_now()}}),
-                    )
-                    .await;
-            }));
-            sent += 1;
-        }
-    }
-    for publish in publishes {
-        publish.await.expect("publish");
-    }
+    let total = support::publish_at_rate(
+        &client.http,
+        &client.url,
+        &client.token,
+        &name,
+        rate,
+        seconds,
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while latencies.lock().unwrap().len() < total as usize && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -132,29 +132,8 @@ async fn main() {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     bench.setup(&name, concurrency).await;
-    let total = rate * seconds;
-    let per_tick = (rate / 100).max(1);
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    let mut publishes = Vec::new();
-    let mut sent = 0;
-    while sent < total {
-        ticker.tick().await;
-        for _ in 0..per_tick.min(total - sent) {
-            let (bench, name) = (bench.clone(), name.clone());
-            publishes.push(tokio::spawn(async move {
-                bench
-                    .post(
-                        "/api/v1/mq/publish",
-                        &json!({"queue": name, "payload": {"sentAt": micros_now()}}),
-                    )
-                    .await;
-            }));
-            sent += 1;
-        }
-    }
-    for publish in publishes {
-        publish.await.expect("publish");
-    }
+    let total =
+        support::publish_at_rate(&bench.http, &bench.url, &bench.token, &name, rate, seconds).await;
     wait_for(&received, total as usize).await;
     let mut latencies = received.latencies_ms.lock().unwrap().clone();
     latencies.sort_by(f64::total_cmp);

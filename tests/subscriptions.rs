@@ -5,7 +5,7 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{assert_error, eventually, TestApp};
+use common::{assert_error, eventually, subscription_stats as stats, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -102,17 +102,6 @@ async fn pull_all(app: &TestApp, subscription: &str, count: usize) -> Vec<Value>
         all.extend(pull(app, subscription, 100, 500).await);
     }
     all
-}
-
-async fn stats(app: &TestApp, subscription: &str) -> Value {
-    app.call(
-        Method::GET,
-        &format!("/api/v1/mq/subscriptions/{subscription}"),
-        None,
-    )
-    .await
-    .1["stats"]
-        .clone()
 }
 
 #[tokio::test]

@@ -127,14 +127,7 @@ async fn a_push_carries_the_body_headers_and_a_verifiable_signature() {
     );
     assert!(
         eventually(WAIT, || async {
-            app.call(
-                Method::GET,
-                &format!("/api/v1/mq/subscriptions/{sub}"),
-                None,
-            )
-            .await
-            .1["stats"]["acked"]
-                == 1
+            common::subscription_stats(&app, &sub).await["acked"] == 1
         })
         .await
     );
@@ -259,14 +252,7 @@ async fn an_endpoint_that_always_fails_ends_in_the_dead_letter_queue() {
     assert_eq!(dead["headers"]["x-last-error"], "HTTP 500");
     assert!(
         eventually(WAIT, || async {
-            app.call(
-                Method::GET,
-                &format!("/api/v1/mq/subscriptions/{sub}"),
-                None,
-            )
-            .await
-            .1["stats"]["deadLettered"]
-                == 1
+            common::subscription_stats(&app, &sub).await["deadLettered"] == 1
         })
         .await
     );

@@ -49,3 +49,42 @@ pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
 pub fn micros_now() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
+
+/// Publishes `rate` single messages a second for `seconds` (ticks of 10 ms) to `queue`,
+/// each payload carrying its send time (`sentAt`, µs); returns how many were sent.
+pub async fn publish_at_rate(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    queue: &str,
+    rate: u64,
+    seconds: u64,
+) -> u64 {
+    let total = rate * seconds;
+    let per_tick = (rate / 100).max(1);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(10));
+    let mut publishes = Vec::new();
+    let mut sent = 0;
+    while sent < total {
+        ticker.tick().await;
+        for _ in 0..per_tick.min(total - sent) {
+            let request = http
+                .post(format!("{url}/api/v1/mq/publish"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({"queue": queue, "payload": {"sentAt": micros_now()}}));
+            publishes.push(tokio::spawn(async move {
+                let response = request.send().await.expect("publish");
+                assert!(
+                    response.status().is_success(),
+                    "publish: {}",
+                    response.status()
+                );
+            }));
+            sent += 1;
+        }
+    }
+    for publish in publishes {
+        publish.await.expect("publish");
+    }
+    total
+}

@@ -457,6 +457,18 @@ pub fn assert_error(status: u16, body: &Value, expected_status: u16, expected_co
     assert!(body["details"].is_object(), "error without details: {body}");
 }
 
+/// The `stats` of one of the default tenant's subscriptions.
+pub async fn subscription_stats(app: &TestApp, subscription: &str) -> Value {
+    app.call(
+        Method::GET,
+        &format!("/api/v1/mq/subscriptions/{subscription}"),
+        None,
+    )
+    .await
+    .1["stats"]
+        .clone()
+}
+
 /// The queue id of a queue resource.
 pub fn queue_id(queue: &Value) -> Uuid {
     queue["id"]
