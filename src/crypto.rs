@@ -50,6 +50,8 @@ pub enum SealError {
     Tampered,
     #[error("the stored payload is malformed: {0}")]
     Malformed(String),
+    #[error("the payload of an encrypted queue is not sealed with a key of this service")]
+    NotSealed,
 }
 
 /// Who a payload belongs to: bound into the ciphertext.
@@ -149,7 +151,7 @@ impl Sealer {
         };
         let codec = Compression::parse(&sealed.codec)
             .ok_or_else(|| SealError::Malformed(format!("unknown codec '{}'", sealed.codec)))?;
-        let text = decompress(codec, &compressed)?;
+        let text = decompress(codec, &compressed, sealed.original_bytes)?;
         serde_json::from_slice(&text).map_err(|e| SealError::Malformed(e.to_string()))
     }
 }
@@ -164,8 +166,8 @@ fn tenant_cipher(master: &[u8; 32], tenant_id: Uuid) -> Aes256Gcm {
     Aes256Gcm::new_from_slice(&key).expect("a 32-byte key")
 }
 
-/// Limits a decompressed payload, so a crafted stored value cannot exhaust memory.
-const MAX_DECOMPRESSED: u64 = 64 * 1024 * 1024;
+/// No stored payload is larger than this, whatever its sealed form claims.
+const MAX_DECOMPRESSED: usize = 64 * 1024 * 1024;
 
 fn compress(codec: Compression, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
     match codec {
@@ -184,17 +186,27 @@ fn compress(codec: Compression, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
     }
 }
 
-fn decompress(codec: Compression, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
+/// Inflates at most `expected` bytes (the size recorded when sealing, itself capped): a
+/// crafted stored value cannot make a lookup or delivery inflate more than the payload was.
+fn decompress(codec: Compression, bytes: &[u8], expected: usize) -> Result<Vec<u8>, SealError> {
+    let limit = expected.min(MAX_DECOMPRESSED);
     let mut out = Vec::new();
+    // One byte past the limit tells an oversized stream from an exact one.
+    let cap = limit as u64 + 1;
     let read = match codec {
         Compression::None => return Ok(bytes.to_vec()),
         Compression::Gzip => flate2::read::GzDecoder::new(bytes)
-            .take(MAX_DECOMPRESSED)
+            .take(cap)
             .read_to_end(&mut out),
         Compression::Zstd => zstd::stream::read::Decoder::new(bytes)
-            .and_then(|decoder| decoder.take(MAX_DECOMPRESSED).read_to_end(&mut out)),
+            .and_then(|decoder| decoder.take(cap).read_to_end(&mut out)),
     };
     read.map_err(|e| SealError::Malformed(format!("cannot decompress: {e}")))?;
+    if out.len() > limit {
+        return Err(SealError::Malformed(format!(
+            "inflates past its recorded size of {limit} bytes"
+        )));
+    }
     Ok(out)
 }
 
@@ -283,6 +295,21 @@ mod tests {
             without_k1.open(&sealed, binding("m")),
             Err(SealError::UnknownKey("k1".into()))
         );
+    }
+
+    #[test]
+    fn inflating_past_the_recorded_size_is_refused() {
+        let sealer = Sealer::new(None);
+        let payload = json!("x".repeat(100_000));
+        let mut sealed = sealer
+            .seal(&payload, Compression::Zstd, false, binding("m"))
+            .unwrap();
+        assert_eq!(sealer.open(&sealed, binding("m")).unwrap(), payload);
+        sealed.original_bytes = 10;
+        assert!(matches!(
+            sealer.open(&sealed, binding("m")),
+            Err(SealError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Metrics {
     queue_messages: IntGaugeVec,
     delivery_latency: Histogram,
     pub record_writer_backlog: IntGauge,
+    /// Entries the recorder set aside because PostgreSQL refused them, by source.
+    pub records_quarantined: IntCounterVec,
     /// The (tenant, queue) pairs that have their own series; past `max_queue_series` the
     /// rest share the labels `_other` (bounded cardinality).
     queue_series: Mutex<HashSet<(Uuid, String)>>,
@@ -113,6 +115,15 @@ impl Metrics {
             "Stream entries and events not yet written to PostgreSQL (at scrape time)",
         )
         .expect("valid metric definition");
+        let records_quarantined = IntCounterVec::new(
+            Opts::new(
+                "records_quarantined_total",
+                "Stream entries (source=stream) and journal events (source=journal) the record \
+                 writer set aside in record_quarantine because PostgreSQL refused them",
+            ),
+            &["source"],
+        )
+        .expect("valid metric definition");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -123,6 +134,7 @@ impl Metrics {
             Box::new(queue_messages.clone()),
             Box::new(delivery_latency.clone()),
             Box::new(record_writer_backlog.clone()),
+            Box::new(records_quarantined.clone()),
         ] {
             registry
                 .register(collector)
@@ -139,6 +151,7 @@ impl Metrics {
             queue_messages,
             delivery_latency,
             record_writer_backlog,
+            records_quarantined,
             queue_series: Mutex::new(HashSet::new()),
             max_queue_series,
         }

@@ -2,7 +2,7 @@
 //! partition stream. Its pending list and lag are the recorder's durable backlog: nothing is
 //! held in memory that a crash could lose, and a restart resumes where it stopped.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
@@ -28,10 +28,18 @@ return 1
 pub struct StreamEntry {
     pub stream: String,
     pub id: String,
-    fields: HashMap<String, String>,
+    fields: BTreeMap<String, String>,
 }
 
 impl StreamEntry {
+    pub fn new<'a>(
+        stream: &str,
+        id: &str,
+        fields: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> StreamEntry {
+        StreamEntry::from_fields(stream, id.to_owned(), fields.into_iter())
+    }
+
     fn from_fields<'a>(
         stream: &str,
         id: String,
@@ -49,6 +57,11 @@ impl StreamEntry {
     /// A field of the entry: `e` (envelope), `k` (journal event kind), `id` (message id), ...
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields.get(name).map(String::as_str)
+    }
+
+    /// Every field as one JSON object (text; control characters escaped by JSON).
+    pub fn fields_json(&self) -> String {
+        serde_json::to_string(&self.fields).unwrap_or_default()
     }
 }
 
@@ -121,7 +134,7 @@ impl Broker {
                             let stream = key.key;
                             key.ids.into_iter().map(move |entry| {
                                 let fields = entry.map.iter().filter_map(|(name, value)| {
-                                    Some((name.as_str(), String::from_redis_value(value).ok()?))
+                                    Some((name.as_str(), lossy_text(value)?))
                                 });
                                 StreamEntry::from_fields(&stream, entry.id.clone(), fields)
                             })
@@ -188,6 +201,15 @@ impl Broker {
     }
 }
 
+/// A field value as text; bytes that are not UTF-8 (never written by the service) are
+/// replaced rather than dropped, so the recorder still sees, and can quarantine, the entry.
+fn lossy_text(value: &redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        other => String::from_redis_value(other).ok(),
+    }
+}
+
 /// XAUTOCLAIM answers `[next-id, [[id, [field, value, ...]], ...], [deleted ids]]`.
 fn parse_autoclaim(stream: &str, reply: redis::Value) -> ApiResult<Vec<StreamEntry>> {
     let unexpected = || ApiError::internal("unexpected XAUTOCLAIM reply");
@@ -207,9 +229,10 @@ fn parse_autoclaim(stream: &str, reply: redis::Value) -> ApiResult<Vec<StreamEnt
             continue;
         };
         let id = String::from_redis_value(&id).map_err(|_| unexpected())?;
-        let fields: Vec<String> = fields
-            .and_then(|f| Vec::<String>::from_redis_value(&f).ok())
-            .unwrap_or_default();
+        let fields: Vec<String> = match fields {
+            Some(redis::Value::Array(values)) => values.iter().filter_map(lossy_text).collect(),
+            _ => Vec::new(),
+        };
         let pairs = fields
             .chunks(2)
             .filter_map(|pair| Some((pair.first()?.as_str(), pair.get(1)?.clone())));

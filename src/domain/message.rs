@@ -117,16 +117,24 @@ pub fn validate(
         format!("must have at most {MAX_HEADERS} entries")
     });
     for (name, value) in &headers {
+        // A field path must be readable itself: a name with control characters is escaped.
+        let field = format!("headers.{}", name.escape_debug());
         problems.check(
             !name.is_empty() && name.chars().count() <= MAX_HEADER_NAME_CHARS,
-            &format!("headers.{name}"),
+            &field,
             || format!("names must be 1-{MAX_HEADER_NAME_CHARS} characters"),
         );
+        problems.check(!name.chars().any(char::is_control), &field, || {
+            "names must not contain control characters".into()
+        });
         problems.check(
             value.chars().count() <= MAX_HEADER_VALUE_CHARS,
-            &format!("headers.{name}"),
+            &field,
             || format!("values must be at most {MAX_HEADER_VALUE_CHARS} characters"),
         );
+        problems.check(!value.chars().any(is_forbidden_in_value), &field, || {
+            "values must not contain control characters other than tab, line feed and carriage return".into()
+        });
     }
     check_text(
         &mut problems,
@@ -290,6 +298,8 @@ fn due_time(
     }
 }
 
+/// Identifiers (`messageId`, `key`, `correlationId`, `contentType`): 1–`max` characters,
+/// none of them a control character (they end up in logs, URLs and storage keys).
 fn check_text(problems: &mut Problems, field: &str, value: Option<&str>, max: usize) {
     if let Some(text) = value {
         problems.check(
@@ -297,7 +307,16 @@ fn check_text(problems: &mut Problems, field: &str, value: Option<&str>, max: us
             field,
             || format!("must be 1-{max} characters"),
         );
+        problems.check(!text.chars().any(char::is_control), field, || {
+            "must not contain control characters".into()
+        });
     }
+}
+
+/// Header values follow the character rule of SQS message attributes: any character but
+/// the control characters, except tab, line feed and carriage return.
+fn is_forbidden_in_value(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
 }
 
 /// Facts of the publish request shared by all of its messages.
@@ -398,6 +417,70 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(due(both).1, ["scheduledAt"]);
+    }
+
+    #[test]
+    fn control_characters_are_refused_outside_the_payload() {
+        let queue = Queue::create(
+            uuid::Uuid::nil(),
+            serde_json::from_value(serde_json::json!({"name": "q"})).unwrap(),
+            crate::domain::queue::QueueDefaults {
+                max_length: 10,
+                encryption_available: false,
+            },
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        let context = PublishContext {
+            now_ms: 1,
+            trace_id: None,
+        };
+        let fields = |input: MessageInput| -> Vec<String> {
+            match validate(&queue, None, input, LIMITS, &context, "g".into()) {
+                Ok(_) => vec![],
+                Err(error) => serde_json::from_value(error.details["fields"].clone()).unwrap(),
+            }
+        };
+        let with = |build: fn(&mut MessageInput)| {
+            let mut input = MessageInput {
+                payload: Some(serde_json::json!({"text": "a\u{0}b"})),
+                ..Default::default()
+            };
+            build(&mut input);
+            input
+        };
+        assert_eq!(
+            fields(with(|_| {})),
+            Vec::<String>::new(),
+            "NUL in a payload is kept"
+        );
+        assert_eq!(fields(with(|i| i.key = Some("k\u{0}".into()))), ["key"]);
+        assert_eq!(
+            fields(with(|i| i.message_id = Some("\u{1b}x".into()))),
+            ["messageId"]
+        );
+        assert_eq!(
+            fields(with(|i| i.correlation_id = Some("c\n".into()))),
+            ["correlationId"]
+        );
+        assert_eq!(
+            fields(with(
+                |i| i.headers = Some([("a\u{0}".into(), "v".into())].into())
+            )),
+            ["headers.a\\0"]
+        );
+        assert_eq!(
+            fields(with(
+                |i| i.headers = Some([("a".into(), "v\u{7f}".into())].into())
+            )),
+            ["headers.a"]
+        );
+        assert_eq!(
+            fields(with(
+                |i| i.headers = Some([("a".into(), "line\r\n\tnext".into())].into())
+            )),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

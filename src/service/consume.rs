@@ -342,7 +342,9 @@ pub async fn ack(
             entry_id: &token.entry_id,
             outcome: Outcome::Acked,
             expected_deadline: None,
-            expected_attempt: None,
+            // Only the delivery this ackId was issued for: an earlier attempt's ackId never
+            // settles a redelivery in flight to someone else.
+            expected_attempt: Some(token.attempt),
             message_id: &token.message_id,
             subscription_id: subscription.id,
             processing_ms: Some((now - token.delivered_at_ms).max(0)),
@@ -603,14 +605,21 @@ fn binding<'a>(queue: &Queue, envelope: &'a Envelope) -> Binding<'a> {
     }
 }
 
-/// Opens a sealed payload in place (a plain one is left as it is).
+/// Opens a sealed payload in place (a plain one is left as it is). An encrypted queue only
+/// delivers what it encrypted itself: an entry without a key id was not written by the
+/// service (plaintext someone put into Redis) and is refused like a failed decryption.
 pub fn open_envelope(
     state: &AppState,
     queue: &Queue,
     envelope: &mut Envelope,
 ) -> Result<(), SealError> {
-    if let Some(sealed) = &envelope.sealed {
-        envelope.payload = state.sealer.open(sealed, binding(queue, envelope))?;
+    match &envelope.sealed {
+        Some(sealed) if queue.encrypted && sealed.key_id.is_none() => Err(SealError::NotSealed),
+        Some(sealed) => {
+            envelope.payload = state.sealer.open(sealed, binding(queue, envelope))?;
+            Ok(())
+        }
+        None if queue.encrypted => Err(SealError::NotSealed),
+        None => Ok(()),
     }
-    Ok(())
 }

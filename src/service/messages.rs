@@ -17,8 +17,7 @@ use crate::domain::queue::Queue;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::queues;
 use crate::state::AppState;
-use crate::store::records::{DeliveryRecord, MessageRecord};
-use crate::workers::recorder::SEALED_RECORD_KEY;
+use crate::store::records::{DeliveryRecord, MessageRecord, PayloadEncoding};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,6 +31,11 @@ pub struct MessageView {
     pub correlation_id: Option<String>,
     pub headers: Value,
     pub payload: Value,
+    /// Why `payload` is null although the message had one: its stored form cannot be opened
+    /// (a key no longer configured, tampering, or an encrypted queue's entry that was never
+    /// sealed by this service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_error: Option<String>,
     pub published_at: DateTime<Utc>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -65,20 +69,15 @@ pub async fn get(
     message_id: &str,
 ) -> ApiResult<MessageView> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
-    if let Some(record) = state
+    if let Some(mut record) = state
         .store
         .find_message_record(queue.id, message_id)
         .await?
     {
         let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
+        let stored = StoredPayload::of_record(&mut record);
         let mut view = from_record(&queue.name, record, deliveries);
-        if let Some(sealed) = view.payload.get(SEALED_RECORD_KEY) {
-            let sealed: SealedPayload =
-                serde_json::from_value(sealed.clone()).map_err(|error| {
-                    ApiError::internal(format!("sealed record unreadable: {error}"))
-                })?;
-            view.payload = open(state, &queue, &sealed, message_id)?;
-        }
+        set_payload(state, &queue, &mut view, stored);
         return Ok(view);
     }
     let waiting = state
@@ -88,10 +87,65 @@ pub async fn get(
     let (partition, envelope) = waiting.ok_or_else(|| not_found(message_id))?;
     let mut envelope: Envelope = serde_json::from_str(&envelope)
         .map_err(|error| ApiError::internal(format!("stored envelope unreadable: {error}")))?;
-    if let Some(sealed) = envelope.sealed.take() {
-        envelope.payload = open(state, &queue, &sealed, message_id)?;
+    let stored = match envelope.sealed.take() {
+        Some(sealed) => StoredPayload::Sealed(sealed),
+        None => StoredPayload::Plain(std::mem::take(&mut envelope.payload)),
+    };
+    let mut view = from_waiting(&queue.name, partition, envelope);
+    set_payload(state, &queue, &mut view, stored);
+    Ok(view)
+}
+
+/// A payload as stored, told apart by where the service put it, never by its shape.
+enum StoredPayload {
+    Plain(Value),
+    Sealed(SealedPayload),
+    Unreadable(String),
+}
+
+impl StoredPayload {
+    fn of_record(record: &mut MessageRecord) -> StoredPayload {
+        let payload = record.payload.take().map(|p| p.0).unwrap_or(Value::Null);
+        match record.payload_encoding.as_str() {
+            encoding if encoding == PayloadEncoding::Sealed.as_str() => {
+                match serde_json::from_value(payload) {
+                    Ok(sealed) => StoredPayload::Sealed(sealed),
+                    Err(error) => {
+                        StoredPayload::Unreadable(format!("sealed form unreadable: {error}"))
+                    }
+                }
+            }
+            encoding if encoding == PayloadEncoding::JsonText.as_str() => {
+                match payload.as_str().map(serde_json::from_str::<Value>) {
+                    Some(Ok(value)) => StoredPayload::Plain(value),
+                    _ => StoredPayload::Unreadable("stored JSON text unreadable".into()),
+                }
+            }
+            _ => StoredPayload::Plain(payload),
+        }
     }
-    Ok(from_waiting(&queue.name, partition, envelope))
+}
+
+/// Puts the plaintext payload in the view, or says why there is none. An encrypted queue
+/// shows only what it sealed itself: plaintext found there was not written by the service.
+fn set_payload(state: &AppState, queue: &Queue, view: &mut MessageView, stored: StoredPayload) {
+    let opened = match stored {
+        // Null: a placeholder whose record has not arrived yet (a payload is never null).
+        StoredPayload::Plain(value) if queue.encrypted && !value.is_null() => {
+            Err("the stored payload of this encrypted queue is not sealed".to_owned())
+        }
+        StoredPayload::Plain(value) => Ok(value),
+        StoredPayload::Sealed(sealed) => open(state, queue, &sealed, &view.message_id),
+        StoredPayload::Unreadable(reason) => Err(reason),
+    };
+    match opened {
+        Ok(payload) => view.payload = payload,
+        Err(reason) => {
+            tracing::warn!(queue = %queue.id, message_id = view.message_id, reason, "payload of a looked-up message cannot be shown");
+            view.payload = Value::Null;
+            view.payload_error = Some(reason);
+        }
+    }
 }
 
 fn open(
@@ -99,15 +153,16 @@ fn open(
     queue: &Queue,
     sealed: &SealedPayload,
     message_id: &str,
-) -> ApiResult<Value> {
+) -> Result<Value, String> {
     let binding = Binding {
         tenant_id: queue.tenant_id,
         queue_id: queue.id,
         message_id,
     };
-    state.sealer.open(sealed, binding).map_err(|error| {
-        ApiError::internal(format!("stored payload of message {message_id}: {error}"))
-    })
+    state
+        .sealer
+        .open(sealed, binding)
+        .map_err(|error| error.to_string())
 }
 
 /// Cancels a message still waiting for its time; 409 once it was released or cancelled.
@@ -156,7 +211,8 @@ fn from_record(queue: &str, record: MessageRecord, deliveries: Vec<DeliveryRecor
         key: record.message_key,
         correlation_id: record.correlation_id,
         headers: record.headers.0,
-        payload: record.payload.map(|p| p.0).unwrap_or(Value::Null),
+        payload: Value::Null,
+        payload_error: None,
         published_at: record.published_at,
         scheduled_at: record.scheduled_at,
         expires_at: record.expires_at,
@@ -187,7 +243,8 @@ fn from_waiting(queue: &str, partition: u16, envelope: Envelope) -> MessageView 
         key: envelope.key,
         correlation_id: envelope.correlation_id,
         headers: serde_json::to_value(envelope.headers).unwrap_or(Value::Null),
-        payload: envelope.payload,
+        payload: Value::Null,
+        payload_error: None,
         published_at: time(envelope.published_at),
         scheduled_at: envelope.scheduled_at.map(time),
         expires_at: Some(time(envelope.expires_at)),

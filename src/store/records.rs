@@ -1,6 +1,13 @@
-//! `message_records`: one row per stored message, written in batches by the recorder.
+//! `message_records`: one row per stored message, and `consumption_records`: one row per
+//! delivery attempt, both written in batches by the recorder; `record_quarantine`: what
+//! PostgreSQL refused of them.
+//!
+//! Every write here is idempotent (records by message, consumption rows by the journal event
+//! they come from, status changes by rank), so the recorder may write a batch again after a
+//! failure between writing it and acknowledging it in Redis.
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Store;
@@ -19,13 +26,104 @@ pub struct NewMessageRecord {
     pub correlation_id: Option<String>,
     /// JSON text.
     pub headers: String,
-    /// JSON text.
+    /// JSON text, in the form `payload_encoding` names.
     pub payload: String,
+    pub payload_encoding: PayloadEncoding,
     pub payload_bytes: i32,
     pub trace_id: Option<String>,
     pub published_at: DateTime<Utc>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// How a record holds its payload (the `payload_encoding` column). The service sets it, so
+/// no payload a producer sends can pass for another form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadEncoding {
+    /// `payload` is the message's JSON value.
+    Json,
+    /// `payload` is a JSON string holding the value's JSON text: for values jsonb cannot hold
+    /// (it refuses the NUL character).
+    JsonText,
+    /// `payload` is the sealed form (`crypto::SealedPayload`).
+    Sealed,
+}
+
+impl PayloadEncoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadEncoding::Json => "json",
+            PayloadEncoding::JsonText => "json_text",
+            PayloadEncoding::Sealed => "sealed",
+        }
+    }
+}
+
+/// Everything one recorder batch writes, in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct RecordBatch {
+    pub records: Vec<NewMessageRecord>,
+    pub attempts: Vec<NewConsumptionRecord>,
+    pub changes: Vec<RecordStatusChange>,
+}
+
+impl RecordBatch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.attempts.is_empty() && self.changes.is_empty()
+    }
+}
+
+/// An entry the recorder could not write, set aside for the operator.
+#[derive(Debug, Clone)]
+pub struct QuarantinedEntry {
+    pub tenant_id: Uuid,
+    pub topic_id: Uuid,
+    pub partition: i32,
+    /// `stream` (a message) or `journal` (an event about one).
+    pub source: &'static str,
+    pub entry_id: String,
+    pub message_id: Option<String>,
+    /// The entry's fields as JSON text.
+    pub entry: String,
+    pub error: String,
+}
+
+/// Why a write failed: worth retrying as it is, or refused for what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordWriteError {
+    /// PostgreSQL is unreachable or overloaded: the same write may succeed later.
+    #[error("PostgreSQL unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused the data (a value it cannot store, a constraint): retrying the same
+    /// write would fail again.
+    #[error("PostgreSQL refused the write: {0}")]
+    Rejected(String),
+}
+
+impl From<sqlx::Error> for RecordWriteError {
+    fn from(error: sqlx::Error) -> Self {
+        let text = error.to_string();
+        match &error {
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // Connection (08), transaction rollback (40: serialization, deadlock),
+                // resources (53), operator intervention (57P), system (58): passing troubles.
+                let passing = ["08", "40", "53", "57P", "58"]
+                    .iter()
+                    .any(|class| code.starts_with(class));
+                if passing {
+                    RecordWriteError::Unavailable(text)
+                } else {
+                    RecordWriteError::Rejected(text)
+                }
+            }
+            sqlx::Error::Encode(_)
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::TypeNotFound { .. } => RecordWriteError::Rejected(text),
+            _ => RecordWriteError::Unavailable(text),
+        }
+    }
 }
 
 /// A later status of a message (expired, cancelled, consumed, failed, dead_letter).
@@ -45,6 +143,9 @@ pub struct RecordStatusChange {
 pub struct NewConsumptionRecord {
     pub tenant_id: Uuid,
     pub topic_id: Uuid,
+    pub partition: i32,
+    /// The id of the journal entry this attempt was recorded from: its idempotency key.
+    pub journal_id: String,
     pub subscription_id: Uuid,
     pub message_id: String,
     pub attempt: i32,
@@ -64,6 +165,7 @@ pub struct MessageRecord {
     pub correlation_id: Option<String>,
     pub headers: sqlx::types::Json<serde_json::Value>,
     pub payload: Option<sqlx::types::Json<serde_json::Value>>,
+    pub payload_encoding: String,
     pub status: String,
     pub trace_id: Option<String>,
     pub retry_count: i32,
@@ -92,167 +194,39 @@ pub struct QueuePartitions {
 }
 
 impl Store {
-    /// Inserts the records in one statement (each message at most once per call). A record
-    /// already present keeps its status, except that `scheduled` becomes `published` when the
-    /// message is released; a placeholder written by an earlier status change (see
-    /// `change_record_statuses`) gets the message's data. Records of a queue deleted meanwhile
-    /// are skipped.
-    pub async fn insert_message_records(&self, records: &[NewMessageRecord]) -> ApiResult<u64> {
-        if records.is_empty() {
-            return Ok(0);
-        }
-        macro_rules! column {
-            ($field:ident) => {
-                records.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
-            };
-        }
-        let result = sqlx::query(
-            "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, stream_offset, \
-                 message_key, correlation_id, headers, payload, payload_bytes, status, trace_id, \
-                 published_at, scheduled_at, expires_at) \
-             SELECT r.topic_id, r.tenant_id, r.message_id, r.partition, r.stream_offset, \
-                 r.message_key, r.correlation_id, r.headers::jsonb, r.payload::jsonb, \
-                 r.payload_bytes, r.status, r.trace_id, r.published_at, r.scheduled_at, r.expires_at \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], \
-                 $7::text[], $8::text[], $9::text[], $10::int4[], $11::text[], $12::text[], \
-                 $13::timestamptz[], $14::timestamptz[], $15::timestamptz[]) \
-               AS r(topic_id, tenant_id, message_id, partition, stream_offset, message_key, \
-                 correlation_id, headers, payload, payload_bytes, status, trace_id, published_at, \
-                 scheduled_at, expires_at) \
-             WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = r.topic_id) \
-             ON CONFLICT (topic_id, message_id) DO UPDATE SET \
-               stream_offset = COALESCE(EXCLUDED.stream_offset, message_records.stream_offset), \
-               payload = COALESCE(message_records.payload, EXCLUDED.payload), \
-               headers = CASE WHEN message_records.payload IS NULL THEN EXCLUDED.headers \
-                              ELSE message_records.headers END, \
-               message_key = COALESCE(message_records.message_key, EXCLUDED.message_key), \
-               correlation_id = COALESCE(message_records.correlation_id, EXCLUDED.correlation_id), \
-               payload_bytes = GREATEST(message_records.payload_bytes, EXCLUDED.payload_bytes), \
-               trace_id = COALESCE(message_records.trace_id, EXCLUDED.trace_id), \
-               published_at = CASE WHEN message_records.payload IS NULL THEN EXCLUDED.published_at \
-                                   ELSE message_records.published_at END, \
-               scheduled_at = COALESCE(message_records.scheduled_at, EXCLUDED.scheduled_at), \
-               expires_at = COALESCE(message_records.expires_at, EXCLUDED.expires_at), \
-               status = CASE WHEN message_records.status = 'scheduled' THEN EXCLUDED.status \
-                             ELSE message_records.status END, \
-               updated_at = now()",
-        )
-        .bind(column!(topic_id))
-        .bind(column!(tenant_id))
-        .bind(column!(message_id))
-        .bind(column!(partition))
-        .bind(column!(stream_offset))
-        .bind(column!(message_key))
-        .bind(column!(correlation_id))
-        .bind(column!(headers))
-        .bind(column!(payload))
-        .bind(column!(payload_bytes))
-        .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(column!(trace_id))
-        .bind(column!(published_at))
-        .bind(column!(scheduled_at))
-        .bind(column!(expires_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
-    }
-
-    /// Moves records to a later status (each message at most once per call), by rank:
-    /// scheduled < published < failed < dead_letter < consumed; `expired` and `cancelled` only
-    /// apply to a message not yet delivered. A message without a record yet (its record is
-    /// still on its way) gets a placeholder holding the status, which the record fills in.
-    pub async fn change_record_statuses(&self, changes: &[RecordStatusChange]) -> ApiResult<u64> {
-        if changes.is_empty() {
-            return Ok(0);
-        }
-        const RANK: &str = "CASE {} WHEN 'scheduled' THEN 0 WHEN 'published' THEN 1 \
-            WHEN 'failed' THEN 2 WHEN 'dead_letter' THEN 3 WHEN 'consumed' THEN 4 ELSE 5 END";
-        let rank = |column: &str| RANK.replace("{}", column);
-        let sql = format!(
-            "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, status, \
-                 retry_count, published_at) \
-             SELECT c.topic_id, c.tenant_id, c.message_id, c.partition, c.status, c.retries, now() \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[]) \
-               AS c(topic_id, tenant_id, message_id, partition, status, retries) \
-             WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = c.topic_id) \
-             ON CONFLICT (topic_id, message_id) DO UPDATE SET \
-               status = CASE WHEN {new} > {old} AND (EXCLUDED.status NOT IN ('expired', 'cancelled') \
-                                 OR message_records.status IN ('scheduled', 'published')) \
-                             THEN EXCLUDED.status ELSE message_records.status END, \
-               retry_count = GREATEST(message_records.retry_count, EXCLUDED.retry_count), \
-               updated_at = now()",
-            new = rank("EXCLUDED.status"),
-            old = rank("message_records.status"),
-        );
-        let result = sqlx::query(&sql)
-            .bind(changes.iter().map(|c| c.topic_id).collect::<Vec<_>>())
-            .bind(changes.iter().map(|c| c.tenant_id).collect::<Vec<_>>())
-            .bind(
-                changes
-                    .iter()
-                    .map(|c| c.message_id.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(changes.iter().map(|c| c.partition).collect::<Vec<_>>())
-            .bind(changes.iter().map(|c| c.status).collect::<Vec<_>>())
-            .bind(changes.iter().map(|c| c.retries).collect::<Vec<_>>())
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
-    }
-
-    /// Records delivery attempts; attempts of a subscription deleted meanwhile are skipped.
-    pub async fn insert_consumption_records(
-        &self,
-        records: &[NewConsumptionRecord],
-    ) -> ApiResult<()> {
-        if records.is_empty() {
+    /// Writes one recorder batch in one transaction: new records, delivery attempts (and the
+    /// subscriptions' `last_consumed_at`), then status changes. Nothing is written when any
+    /// part fails.
+    pub async fn write_records(&self, batch: &RecordBatch) -> Result<(), RecordWriteError> {
+        if batch.is_empty() {
             return Ok(());
         }
+        let mut tx = self.pool.begin().await?;
+        insert_message_records(&mut tx, &batch.records).await?;
+        insert_consumption_records(&mut tx, &batch.attempts).await?;
+        change_record_statuses(&mut tx, &batch.changes).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sets an entry aside; a second quarantine of the same entry changes nothing. Entries of
+    /// a queue deleted meanwhile are dropped.
+    pub async fn quarantine(&self, entry: &QuarantinedEntry) -> Result<(), RecordWriteError> {
         sqlx::query(
-            "INSERT INTO consumption_records (tenant_id, topic_id, subscription_id, message_id, \
-                 attempt, status, processing_ms, error, created_at) \
-             SELECT r.tenant_id, r.topic_id, r.subscription_id, r.message_id, r.attempt, r.status, \
-                 r.processing_ms, r.error, r.created_at \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int4[], $6::text[], \
-                 $7::int4[], $8::text[], $9::timestamptz[]) WITH ORDINALITY \
-               AS r(tenant_id, topic_id, subscription_id, message_id, attempt, status, \
-                 processing_ms, error, created_at, position) \
-             WHERE EXISTS (SELECT 1 FROM message_subscriptions s WHERE s.id = r.subscription_id) \
-             ORDER BY r.position",
+            "INSERT INTO record_quarantine (tenant_id, topic_id, partition_id, source, entry_id, \
+                 message_id, entry, error) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = $2) \
+             ON CONFLICT ON CONSTRAINT record_quarantine_entry_key DO NOTHING",
         )
-        .bind(records.iter().map(|r| r.tenant_id).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.topic_id).collect::<Vec<_>>())
-        .bind(
-            records
-                .iter()
-                .map(|r| r.subscription_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.message_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.processing_ms).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
-        .execute(&self.pool)
-        .await?;
-        // A subscription's last consumption is its latest acked attempt.
-        sqlx::query(
-            "UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, r.at) \
-             FROM (SELECT subscription_id, max(created_at) AS at \
-                   FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
-                   WHERE status = 'acked' GROUP BY subscription_id) r \
-             WHERE s.id = r.subscription_id",
-        )
-        .bind(records.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(entry.tenant_id)
+        .bind(entry.topic_id)
+        .bind(entry.partition)
+        .bind(entry.source)
+        .bind(&entry.entry_id)
+        .bind(&entry.message_id)
+        .bind(&entry.entry)
+        .bind(&entry.error)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -265,7 +239,8 @@ impl Store {
     ) -> ApiResult<Option<MessageRecord>> {
         let record = sqlx::query_as(
             "SELECT message_id, partition, stream_offset, message_key, correlation_id, headers, \
-                 payload, status, trace_id, retry_count, published_at, scheduled_at, expires_at \
+                 payload, payload_encoding, status, trace_id, retry_count, published_at, \
+                 scheduled_at, expires_at \
              FROM message_records WHERE topic_id = $1 AND message_id = $2",
         )
         .bind(topic_id)
@@ -299,4 +274,194 @@ impl Store {
             .await?;
         Ok(rows)
     }
+}
+
+/// Inserts the records (each message at most once per call). A record already present keeps
+/// its status, except that `scheduled` becomes `published` when the message is released; a
+/// placeholder written by an earlier status change (see `change_record_statuses`) gets the
+/// message's data. Records of a queue deleted meanwhile are skipped.
+async fn insert_message_records(
+    connection: &mut PgConnection,
+    records: &[NewMessageRecord],
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    macro_rules! column {
+        ($field:ident) => {
+            records.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+        };
+    }
+    sqlx::query(
+        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, stream_offset, \
+             message_key, correlation_id, headers, payload, payload_encoding, payload_bytes, status, \
+             trace_id, published_at, scheduled_at, expires_at) \
+         SELECT r.topic_id, r.tenant_id, r.message_id, r.partition, r.stream_offset, \
+             r.message_key, r.correlation_id, r.headers::jsonb, r.payload::jsonb, \
+             r.payload_encoding, r.payload_bytes, r.status, r.trace_id, r.published_at, \
+             r.scheduled_at, r.expires_at \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], \
+             $7::text[], $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[], \
+             $14::timestamptz[], $15::timestamptz[], $16::timestamptz[]) \
+           AS r(topic_id, tenant_id, message_id, partition, stream_offset, message_key, \
+             correlation_id, headers, payload, payload_encoding, payload_bytes, status, trace_id, \
+             published_at, scheduled_at, expires_at) \
+         WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = r.topic_id) \
+         ON CONFLICT (topic_id, message_id) DO UPDATE SET \
+           stream_offset = COALESCE(EXCLUDED.stream_offset, message_records.stream_offset), \
+           payload_encoding = CASE WHEN message_records.payload IS NULL \
+                                   THEN EXCLUDED.payload_encoding \
+                                   ELSE message_records.payload_encoding END, \
+           payload = COALESCE(message_records.payload, EXCLUDED.payload), \
+           headers = CASE WHEN message_records.payload IS NULL THEN EXCLUDED.headers \
+                          ELSE message_records.headers END, \
+           message_key = COALESCE(message_records.message_key, EXCLUDED.message_key), \
+           correlation_id = COALESCE(message_records.correlation_id, EXCLUDED.correlation_id), \
+           payload_bytes = GREATEST(message_records.payload_bytes, EXCLUDED.payload_bytes), \
+           trace_id = COALESCE(message_records.trace_id, EXCLUDED.trace_id), \
+           published_at = CASE WHEN message_records.payload IS NULL THEN EXCLUDED.published_at \
+                               ELSE message_records.published_at END, \
+           scheduled_at = COALESCE(message_records.scheduled_at, EXCLUDED.scheduled_at), \
+           expires_at = COALESCE(message_records.expires_at, EXCLUDED.expires_at), \
+           status = CASE WHEN message_records.status = 'scheduled' THEN EXCLUDED.status \
+                         ELSE message_records.status END, \
+           updated_at = now()",
+    )
+    .bind(column!(topic_id))
+    .bind(column!(tenant_id))
+    .bind(column!(message_id))
+    .bind(column!(partition))
+    .bind(column!(stream_offset))
+    .bind(column!(message_key))
+    .bind(column!(correlation_id))
+    .bind(column!(headers))
+    .bind(column!(payload))
+    .bind(
+        records
+            .iter()
+            .map(|r| r.payload_encoding.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column!(payload_bytes))
+    .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(column!(trace_id))
+    .bind(column!(published_at))
+    .bind(column!(scheduled_at))
+    .bind(column!(expires_at))
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Moves records to a later status (each message at most once per call), by rank:
+/// scheduled < published < failed < dead_letter < consumed; `expired` and `cancelled` only
+/// apply to a message not yet delivered. A message without a record yet (its record is still
+/// on its way) gets a placeholder holding the status, which the record fills in.
+async fn change_record_statuses(
+    connection: &mut PgConnection,
+    changes: &[RecordStatusChange],
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    const RANK: &str = "CASE {} WHEN 'scheduled' THEN 0 WHEN 'published' THEN 1 \
+        WHEN 'failed' THEN 2 WHEN 'dead_letter' THEN 3 WHEN 'consumed' THEN 4 ELSE 5 END";
+    let rank = |column: &str| RANK.replace("{}", column);
+    let sql = format!(
+        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, status, \
+             retry_count, published_at) \
+         SELECT c.topic_id, c.tenant_id, c.message_id, c.partition, c.status, c.retries, now() \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[]) \
+           AS c(topic_id, tenant_id, message_id, partition, status, retries) \
+         WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = c.topic_id) \
+         ON CONFLICT (topic_id, message_id) DO UPDATE SET \
+           status = CASE WHEN {new} > {old} AND (EXCLUDED.status NOT IN ('expired', 'cancelled') \
+                             OR message_records.status IN ('scheduled', 'published')) \
+                         THEN EXCLUDED.status ELSE message_records.status END, \
+           retry_count = GREATEST(message_records.retry_count, EXCLUDED.retry_count), \
+           updated_at = now()",
+        new = rank("EXCLUDED.status"),
+        old = rank("message_records.status"),
+    );
+    sqlx::query(&sql)
+        .bind(changes.iter().map(|c| c.topic_id).collect::<Vec<_>>())
+        .bind(changes.iter().map(|c| c.tenant_id).collect::<Vec<_>>())
+        .bind(
+            changes
+                .iter()
+                .map(|c| c.message_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(changes.iter().map(|c| c.partition).collect::<Vec<_>>())
+        .bind(changes.iter().map(|c| c.status).collect::<Vec<_>>())
+        .bind(changes.iter().map(|c| c.retries).collect::<Vec<_>>())
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// Records delivery attempts, one row per journal event (a repeated event adds nothing);
+/// attempts of a subscription deleted meanwhile are skipped.
+async fn insert_consumption_records(
+    connection: &mut PgConnection,
+    records: &[NewConsumptionRecord],
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO consumption_records (tenant_id, topic_id, partition_id, journal_id, \
+             subscription_id, message_id, attempt, status, processing_ms, error, created_at) \
+         SELECT r.tenant_id, r.topic_id, r.partition_id, r.journal_id, r.subscription_id, \
+             r.message_id, r.attempt, r.status, r.processing_ms, r.error, r.created_at \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::uuid[], $6::text[], \
+             $7::int4[], $8::text[], $9::int4[], $10::text[], $11::timestamptz[]) WITH ORDINALITY \
+           AS r(tenant_id, topic_id, partition_id, journal_id, subscription_id, message_id, \
+             attempt, status, processing_ms, error, created_at, position) \
+         WHERE EXISTS (SELECT 1 FROM message_subscriptions s WHERE s.id = r.subscription_id) \
+         ORDER BY r.position \
+         ON CONFLICT (topic_id, partition_id, journal_id) DO NOTHING",
+    )
+    .bind(records.iter().map(|r| r.tenant_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.topic_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(
+        records
+            .iter()
+            .map(|r| r.journal_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.subscription_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.message_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.processing_ms).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .execute(&mut *connection)
+    .await?;
+    // A subscription's last consumption is its latest acked attempt.
+    sqlx::query(
+        "UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, r.at) \
+         FROM (SELECT subscription_id, max(created_at) AS at \
+               FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
+               WHERE status = 'acked' GROUP BY subscription_id) r \
+         WHERE s.id = r.subscription_id",
+    )
+    .bind(records.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .execute(connection)
+    .await?;
+    Ok(())
 }

@@ -240,6 +240,8 @@ pub struct TestApp {
     /// The tenant of `request`'s default token.
     pub tenant: Uuid,
     pub redis: TestRedis,
+    /// The service's shared state, for fault injection and direct inspection.
+    pub state: mq::state::AppState,
     workers: mq::workers::Workers,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -309,7 +311,8 @@ impl TestApp {
         customize(&mut env);
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
         let application = Application::build(config).await.expect("service builds");
-        let workers = application.state().workers.clone();
+        let state = application.state().clone();
+        let workers = state.workers.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -327,6 +330,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             tenant: Uuid::new_v4(),
             redis,
+            state,
             workers,
             stop: Some(stop),
             server: Some(server),
@@ -366,6 +370,97 @@ impl TestApp {
             request = request.json(&body);
         }
         read(request.send().await.expect("request")).await
+    }
+
+    /// Sends `method path` (with a JSON body when given) as `principal` of `tenant`.
+    pub async fn call_as(
+        &self,
+        tenant: Uuid,
+        principal: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.request_as(tenant, principal, method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        read(request.send().await.expect("request")).await
+    }
+
+    /// Publishes `body` (a message with its `queue`) as the default tenant; the status and
+    /// the answer.
+    pub async fn publish(&self, body: Value) -> (u16, Value) {
+        self.call(Method::POST, "/api/v1/mq/publish", Some(body))
+            .await
+    }
+
+    /// Creates a subscription as the default tenant and returns it (asserting 201).
+    pub async fn subscribe(&self, body: Value) -> Value {
+        let (status, subscription) = self
+            .call(Method::POST, "/api/v1/mq/subscriptions", Some(body))
+            .await;
+        assert_eq!(status, 201, "create subscription: {subscription}");
+        subscription
+    }
+
+    /// A pull subscription of the default tenant reading `queue` from its start.
+    pub async fn subscribe_pull(&self, queue: &str, group: &str) -> String {
+        let subscription = self
+            .subscribe(
+                json!({"queue": queue, "consumerGroup": group, "consumerName": "c",
+                              "subscriptionType": "redis_consumer",
+                              "offsetResetPolicy": "earliest"}),
+            )
+            .await;
+        subscription["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Pulls up to `max` messages of the default tenant's subscription, waiting up to
+    /// `wait_ms` for the first.
+    pub async fn pull(&self, subscription: &str, max: u32, wait_ms: u32) -> Vec<Value> {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/mq/subscriptions/{subscription}/pull"),
+                Some(json!({"maxMessages": max, "waitMs": wait_ms})),
+            )
+            .await;
+        assert_eq!(status, 200, "pull: {body}");
+        body["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Acks `ack_ids` on the default tenant's subscription; how many took effect.
+    pub async fn ack(&self, subscription: &str, ack_ids: &[&str]) -> u64 {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/mq/subscriptions/{subscription}/ack"),
+                Some(json!({ "ackIds": ack_ids })),
+            )
+            .await;
+        assert_eq!(status, 200, "ack: {body}");
+        body["acked"].as_u64().expect("acked")
+    }
+
+    /// `GET /messages/{id}?queue=` as the default tenant.
+    pub async fn lookup(&self, queue: &str, message_id: &str) -> (u16, Value) {
+        let path = format!(
+            "/api/v1/mq/messages/{}?queue={queue}",
+            urlencode(message_id)
+        );
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// `GET path` without credentials, as text (for `/metrics`).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .anonymous(Method::GET, path)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
     }
 
     /// `GET path` without credentials.
@@ -439,6 +534,13 @@ pub fn sign(claims: Value) -> String {
     .expect("sign test token")
 }
 
+/// `text` percent-encoded for a URL path segment or query value.
+pub fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
 /// Status and JSON body (Null when the body is empty or not JSON).
 pub async fn read(response: Response) -> (u16, Value) {
     let status = response.status().as_u16();
@@ -501,6 +603,23 @@ pub async fn stream_entries(app: &TestApp, queue: &Value, partition: u16) -> Vec
             (id, serde_json::from_str(&envelope).expect("envelope JSON"))
         })
         .collect()
+}
+
+/// Pulls from the default tenant's subscription until `count` messages arrived or `timeout`
+/// passed; what arrived.
+pub async fn pull_until(
+    app: &TestApp,
+    subscription: &str,
+    count: usize,
+    timeout: std::time::Duration,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pulled = Vec::new();
+    while pulled.len() < count && tokio::time::Instant::now() < deadline {
+        let wanted = (count - pulled.len()) as u32;
+        pulled.extend(app.pull(subscription, wanted, 200).await);
+    }
+    pulled
 }
 
 /// Polls `check` until it holds or `timeout` passes; whether it held.

@@ -1,0 +1,345 @@
+//! Writes a `message_records` row for every stored message, and a `consumption_records` row
+//! for every delivery attempt, behind the publish path.
+//!
+//! The recorder is a consumer group on each partition stream and journal (see
+//! `broker::recorder`): it reads new entries in batches, writes each batch in one transaction,
+//! then acks them. When PostgreSQL is unreachable it keeps the batch and retries with
+//! backoff; publishing is never held up, and the backlog waits in Redis (the group's lag), not
+//! in memory, so a burst or an outage of any length is caught up afterwards. Entries an
+//! instance read but never recorded (it crashed) are claimed by another after `STALE_AFTER`.
+//!
+//! One tenant's entry can never stop the others': an entry PostgreSQL refuses is isolated by
+//! splitting the batch until it stands alone, then set aside in `record_quarantine` (with a
+//! log line and `mq_records_quarantined_total`) while every other entry is written. Writes are
+//! idempotent, so a batch written again after a failure before its ack adds nothing.
+
+mod entries;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::recorder::{RecorderRead, StreamEntry};
+use crate::error::{ApiError, ApiResult};
+use crate::service::partitions::PartitionRef;
+use crate::state::AppState;
+use crate::store::records::RecordWriteError;
+
+pub use entries::escape_control;
+
+const BLOCK_MS: u64 = 1000;
+const STREAMS_REFRESH: Duration = Duration::from_secs(2);
+const CLAIM_EVERY: Duration = Duration::from_secs(10);
+const STALE_AFTER_MS: u64 = 30_000;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What `/status` and `/health` show of the recorder.
+#[derive(Default)]
+pub struct RecorderStatus {
+    recorded: AtomicU64,
+    quarantined: AtomicU64,
+    failures: AtomicU64,
+    retrying: AtomicBool,
+    waiting: AtomicU64,
+    last_success_ms: AtomicI64,
+    last_error: Mutex<Option<String>>,
+    /// Fault injection for tests: batches that fail as if Redis refused their ack after they
+    /// were written.
+    injected_ack_failures: AtomicU32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecorderReport {
+    pub status: &'static str,
+    pub recorded: u64,
+    pub quarantined: u64,
+    pub consecutive_failures: u64,
+    pub waiting_batch: u64,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+impl RecorderStatus {
+    pub fn report(&self) -> RecorderReport {
+        let last_success_ms = self.last_success_ms.load(Ordering::Relaxed);
+        RecorderReport {
+            status: if self.retrying.load(Ordering::Relaxed) {
+                "retrying"
+            } else {
+                "ok"
+            },
+            recorded: self.recorded.load(Ordering::Relaxed),
+            quarantined: self.quarantined.load(Ordering::Relaxed),
+            consecutive_failures: self.failures.load(Ordering::Relaxed),
+            waiting_batch: self.waiting.load(Ordering::Relaxed),
+            last_success_at: (last_success_ms > 0)
+                .then(|| DateTime::from_timestamp_millis(last_success_ms))
+                .flatten(),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    /// Makes the next `count` batches fail after they were written and before their ack, as a
+    /// Redis failure at that moment would (for tests of the writer's idempotency).
+    pub fn inject_ack_failures(&self, count: u32) {
+        self.injected_ack_failures.store(count, Ordering::SeqCst);
+    }
+
+    fn take_injected_ack_failure(&self) -> bool {
+        self.injected_ack_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn succeeded(&self, count: usize) {
+        self.recorded.fetch_add(count as u64, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.retrying.store(false, Ordering::Relaxed);
+        self.waiting.store(0, Ordering::Relaxed);
+        self.last_success_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    fn failed(&self, waiting: usize, error: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.retrying.store(true, Ordering::Relaxed);
+        self.waiting.store(waiting as u64, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error);
+        }
+    }
+}
+
+/// Why a batch must be tried again as a whole.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Store(#[from] RecordWriteError),
+    #[error("acknowledging recorded entries failed: {0}")]
+    Ack(ApiError),
+    #[error("injected failure before the acknowledgement")]
+    Injected,
+}
+
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let consumer = format!("recorder-{}", state.instance_id);
+    let batch_size = state.config.message_batch_size.max(100);
+    let mut owners: HashMap<String, PartitionRef> = HashMap::new();
+    let mut streams: Vec<String> = Vec::new();
+    let mut refreshed: Option<Instant> = None;
+    let mut claimed: Instant = Instant::now() - CLAIM_EVERY;
+    let mut waiting: Vec<StreamEntry> = Vec::new();
+    let mut backoff = Duration::from_millis(250);
+
+    while !shutdown.is_cancelled() {
+        if refreshed.is_none_or(|at| at.elapsed() >= STREAMS_REFRESH) {
+            match load_streams(&state).await {
+                Ok((new_owners, new_streams)) => {
+                    owners = new_owners;
+                    streams = new_streams;
+                    refreshed = Some(Instant::now());
+                }
+                // Redis down: keep the streams known so far.
+                Err(error) => tracing::debug!(error = %error, "recorder could not refresh streams"),
+            }
+        }
+
+        if waiting.is_empty() {
+            let read = if claimed.elapsed() >= CLAIM_EVERY {
+                claimed = Instant::now();
+                claim_stale(&state, &consumer, &streams, batch_size)
+                    .await
+                    .map(RecorderRead::Entries)
+            } else if streams.is_empty() {
+                pause(&shutdown, Duration::from_millis(BLOCK_MS)).await;
+                continue;
+            } else {
+                state
+                    .broker
+                    .read_for_recorder(&consumer, &streams, batch_size, BLOCK_MS)
+                    .await
+            };
+            match read {
+                Ok(RecorderRead::Entries(entries)) => waiting = entries,
+                Ok(RecorderRead::StreamsChanged) => {
+                    refreshed = None;
+                    continue;
+                }
+                Err(error) => {
+                    // A stream deleted since the last refresh fails the read: refresh now.
+                    refreshed = None;
+                    tracing::debug!(error = %error, "recorder read failed");
+                    pause(&shutdown, backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+
+        match record(&state, &owners, &waiting).await {
+            Ok(()) => {
+                state.recorder.succeeded(waiting.len());
+                waiting.clear();
+                backoff = Duration::from_millis(250);
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, waiting = waiting.len(), "recording messages failed; will retry");
+                state.recorder.failed(waiting.len(), error.to_string());
+                pause(&shutdown, backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn pause(shutdown: &CancellationToken, duration: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// The message streams and journals of every partition that exist, and whose they are.
+async fn load_streams(state: &AppState) -> ApiResult<(HashMap<String, PartitionRef>, Vec<String>)> {
+    let partitions = state.partitions.current(&state.store).await;
+    let mut owners = HashMap::with_capacity(partitions.len() * 2);
+    for partition in partitions.iter() {
+        let keys = state
+            .broker
+            .keys()
+            .partition(partition.queue_id, partition.partition);
+        owners.insert(keys.stream, *partition);
+        owners.insert(keys.journal, *partition);
+    }
+    let candidates: Vec<String> = owners.keys().cloned().collect();
+    let streams = state.broker.prepare_recorder(&candidates).await?;
+    Ok((owners, streams))
+}
+
+async fn claim_stale(
+    state: &AppState,
+    consumer: &str,
+    streams: &[String],
+    batch_size: usize,
+) -> ApiResult<Vec<StreamEntry>> {
+    let mut entries = Vec::new();
+    for stream in streams {
+        entries.extend(
+            state
+                .broker
+                .claim_stale_for_recorder(consumer, stream, STALE_AFTER_MS, batch_size)
+                .await?,
+        );
+        if entries.len() >= batch_size {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+/// Writes what `entries` say, isolating what PostgreSQL refuses, then acks them all: those
+/// quarantined and those of a queue deleted meanwhile included, since retrying them would
+/// never succeed.
+async fn record(
+    state: &AppState,
+    owners: &HashMap<String, PartitionRef>,
+    entries: &[StreamEntry],
+) -> Result<(), BatchError> {
+    let mut readable = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // No owner: the queue was deleted since the streams were listed.
+        let Some(owner) = owners.get(&entry.stream) else {
+            continue;
+        };
+        match entries::read(owner, entry) {
+            Ok(contribution) => readable.push((entry, owner, Some(contribution))),
+            Err(reason) => quarantine(state, owner, entry, &reason).await?,
+        }
+    }
+    write_isolating(state, readable).await?;
+    if state.recorder.take_injected_ack_failure() {
+        return Err(BatchError::Injected);
+    }
+    state
+        .broker
+        .ack_recorded(entries)
+        .await
+        .map_err(BatchError::Ack)
+}
+
+type Readable<'a> = (
+    &'a StreamEntry,
+    &'a PartitionRef,
+    Option<entries::Contribution>,
+);
+
+/// Writes the contributions in one transaction; when PostgreSQL refuses it, splits the batch
+/// in halves (in order) until each refused entry stands alone and is quarantined. Fails only
+/// when PostgreSQL is unavailable.
+async fn write_isolating(
+    state: &AppState,
+    mut readable: Vec<Readable<'_>>,
+) -> Result<(), RecordWriteError> {
+    let mut pending: Vec<&mut [Readable<'_>]> = vec![readable.as_mut_slice()];
+    while let Some(part) = pending.pop() {
+        let contributions = part
+            .iter_mut()
+            .filter_map(|(_, _, contribution)| contribution.take())
+            .collect();
+        let batch = entries::plan(contributions);
+        match state.store.write_records(&batch).await {
+            Ok(()) => {}
+            Err(RecordWriteError::Rejected(reason)) if part.len() == 1 => {
+                let (entry, owner, _) = &part[0];
+                quarantine(state, owner, entry, &reason).await?;
+            }
+            Err(RecordWriteError::Rejected(_)) => {
+                // The halves are planned again from their entries.
+                for (entry, owner, contribution) in part.iter_mut() {
+                    *contribution = entries::read(owner, entry).ok();
+                }
+                let (first, second) = part.split_at_mut(part.len() / 2);
+                pending.push(second);
+                pending.push(first);
+            }
+            Err(unavailable) => return Err(unavailable),
+        }
+    }
+    Ok(())
+}
+
+/// Sets an entry aside for the operator, once, with one log line and a count.
+async fn quarantine(
+    state: &AppState,
+    owner: &PartitionRef,
+    entry: &StreamEntry,
+    reason: &str,
+) -> Result<(), RecordWriteError> {
+    let described = entries::quarantined(owner, entry, reason);
+    state.store.quarantine(&described).await?;
+    state.recorder.quarantined.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .records_quarantined
+        .with_label_values(&[described.source])
+        .inc();
+    tracing::error!(
+        tenant = %owner.tenant_id,
+        queue = %owner.queue_id,
+        partition = owner.partition,
+        message_id = described.message_id.as_deref().unwrap_or_default(),
+        entry = described.entry_id,
+        error = described.error,
+        "record entry quarantined: PostgreSQL refused it; every other entry is written"
+    );
+    Ok(())
+}
