@@ -10,7 +10,7 @@ use super::extract::{ApiJson, ApiQuery};
 use crate::auth::Tenant;
 use crate::domain::queue::{CreateQueueRequest, QueueListQuery, UpdateQueueRequest};
 use crate::error::ApiResult;
-use crate::service::queues;
+use crate::service::{queues, subscriptions};
 use crate::state::AppState;
 
 pub async fn create(
@@ -64,4 +64,22 @@ pub async fn purge(
 ) -> ApiResult<impl IntoResponse> {
     let purged = queues::purge(&state, &tenant, &name).await?;
     Ok(Json(json!({ "purged": purged })))
+}
+
+pub async fn subscribers(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let items = subscriptions::subscribers(&state, &tenant, &name).await?;
+    Ok(Json(json!({ "total": items.len(), "items": items })))
+}
+
+pub async fn revoke_subscriber(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    subscriptions::revoke(&state, &tenant, &name, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -38,6 +38,20 @@ return 1
     )
 });
 
+static DESTROY_GROUP: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS: stream, inflight, retry, attempts, trimmed counts. ARGV: group.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('HDEL', KEYS[5], ARGV[1])
+return 1
+"#,
+    )
+});
+
 static TAKE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
@@ -130,8 +144,10 @@ return 1
 static GROUP_STATS: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream. ARGV: group, consumer. Returns {lag, group pending, consumer pending}.
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0} end
+-- KEYS: stream, trimmed counts. ARGV: group, consumer.
+-- Returns {lag, group pending, consumer pending, entries trimmed before the group read them}.
+local trimmed = tonumber(redis.call('HGET', KEYS[2], ARGV[1])) or 0
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0, trimmed} end
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = {}
   for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
@@ -145,10 +161,10 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     for _, consumer in ipairs(summary[4] or {}) do
       if consumer[1] == ARGV[2] then mine = tonumber(consumer[2]) end
     end
-    return {lag, group['pending'], mine}
+    return {lag, group['pending'], mine, trimmed}
   end
 end
-return {0, 0, 0}
+return {0, 0, 0, trimmed}
 "#,
     )
 });
@@ -228,6 +244,8 @@ pub struct GroupStats {
     pub lag: u64,
     pub pending: u64,
     pub consumer_pending: u64,
+    /// Entries retention removed before the group read them.
+    pub trimmed: u64,
 }
 
 impl Broker {
@@ -258,7 +276,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Removes consumer group `group` and its delivery state from every partition.
+    /// Removes consumer group `group` and its delivery state from every partition. A Redis
+    /// that cannot be reached is an error: the caller keeps the subscription for a retry.
     pub async fn destroy_consumer_group(
         &self,
         queue_id: Uuid,
@@ -268,19 +287,21 @@ impl Broker {
         let mut pipeline = redis::pipe();
         for partition in 0..partition_count {
             let keys = self.keys.partition(queue_id, partition);
-            pipeline
-                .cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(&keys.stream)
-                .arg(group)
-                .ignore();
-            pipeline
-                .del(self.keys.group(queue_id, partition, group).all().as_slice())
-                .ignore();
+            let group_keys = self.keys.group(queue_id, partition, group);
+            DESTROY_GROUP.add_to(
+                &mut pipeline,
+                &[
+                    &keys.stream,
+                    &group_keys.inflight,
+                    &group_keys.retry,
+                    &group_keys.attempts,
+                    &keys.trimmed,
+                ],
+                &[group.as_bytes()],
+            );
         }
         let mut connection = self.pool.get().await?;
-        // XGROUP DESTROY of a missing stream errors; the group is gone either way.
-        let _: redis::RedisResult<()> = pipeline.query_async(&mut connection).await;
+        let _: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&DESTROY_GROUP]).await?;
         Ok(())
     }
 
@@ -505,13 +526,13 @@ impl Broker {
             for keys in self.keys.partitions(*queue_id, *partition_count) {
                 GROUP_STATS.add_to(
                     &mut pipeline,
-                    &[&keys.stream],
+                    &[&keys.stream, &keys.trimmed],
                     &[group.as_bytes(), consumer.as_bytes()],
                 );
             }
         }
         let mut connection = self.pool.get().await?;
-        let partitions: Vec<(u64, u64, u64)> =
+        let partitions: Vec<(u64, u64, u64, u64)> =
             scripts::run(&mut connection, &pipeline, &[&GROUP_STATS]).await?;
         let mut partitions = partitions.into_iter();
         Ok(groups
@@ -520,13 +541,15 @@ impl Broker {
                 partitions
                     .by_ref()
                     .take(usize::from(*partition_count))
-                    .fold(GroupStats::default(), |sum, (lag, pending, mine)| {
-                        GroupStats {
+                    .fold(
+                        GroupStats::default(),
+                        |sum, (lag, pending, mine, trimmed)| GroupStats {
                             lag: sum.lag + lag,
                             pending: sum.pending + pending,
                             consumer_pending: sum.consumer_pending + mine,
-                        }
-                    })
+                            trimmed: sum.trimmed + trimmed,
+                        },
+                    )
             })
             .collect())
     }

@@ -13,6 +13,8 @@
 //! <prefix>{<queue id>.<p>}:expiry    sorted set of short-lived stream messages by expiry
 //! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
 //!                                    for the recorder; entries are deleted once recorded
+//! <prefix>{<queue id>.<p>}:trimmed   hash: consumer group -> entries retention removed
+//!                                    before the group read them
 //! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
 //! <prefix>{<queue id>.<p>}:cancelled:<messageId>  cancellation marker, expiring after 10 min
 //! <prefix>{<queue id>.<p>}:inflight:<group>  entry id -> ack deadline of its delivery
@@ -63,16 +65,21 @@ pub struct PartitionKeys {
     /// Sorted set: `<entry id>|<message id>` → expiry (ms) of stream messages whose `ttlMs`
     /// ends before retention would remove them, so they are marked expired on time.
     pub expiry: String,
+    /// Hash: consumer group → entries retention removed before the group read them.
+    pub trimmed: String,
 }
 
 impl PartitionKeys {
     /// Every key that holds this partition's data, for deletion.
-    pub fn all(&self) -> [&str; 4] {
+    pub fn all(&self) -> [&str; 7] {
         [
             &self.stream,
             &self.delayed,
             &self.delayed_envelopes,
             &self.journal,
+            &self.bytes,
+            &self.expiry,
+            &self.trimmed,
         ]
     }
 }
@@ -93,6 +100,7 @@ impl KeyLayout {
             journal: format!("{tag}:journal"),
             bytes: format!("{tag}:bytes"),
             expiry: format!("{tag}:expiry"),
+            trimmed: format!("{tag}:trimmed"),
         }
     }
 

@@ -8,7 +8,9 @@
 //! Backpressure counts the un-consumed backlog of the slowest consumer group (delivered but
 //! unacked, plus not yet delivered), or the whole stream when no group reads it yet. The
 //! recorder group (the service's own writer of `message_records`) is not a consumer and
-//! never holds publishing back. A queue's `maxLength` is shared evenly by its partitions,
+//! never holds publishing back, and neither is a guest's group on a public queue
+//! (`domain::subscription::is_guest_group`): what a guest has not read waits for it until
+//! retention removes it. A queue's `maxLength` is shared evenly by its partitions,
 //! each holding at most `ceil(maxLength / partitionCount)`: every check stays inside one
 //! partition's hash slot, and for the default single partition the bound is exact.
 
@@ -57,7 +59,8 @@ local function backlog()
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local group = {}
     for j = 1, #info, 2 do group[info[j]] = info[j + 1] end
-    if group['name'] ~= ARGV[3] then
+    -- Neither the recorder nor a guest's group (a name with ':') holds the owner back.
+    if group['name'] ~= ARGV[3] and not string.find(group['name'], ':', 1, true) then
       consumers = consumers + 1
       local lag = group['lag']
       if not lag then

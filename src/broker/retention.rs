@@ -2,7 +2,10 @@
 //!
 //! An entry is removed once it is older than the queue's `retentionMs`, or once every
 //! consumer group has acked it (and the recorder has recorded it). While a queue has no
-//! consumer group, only retention removes entries: they are its un-consumed backlog.
+//! consumer group, only retention removes entries: they are its un-consumed backlog. A group
+//! that had not read an entry retention removed counts it (`trimmed`), and its subscriptions
+//! show it as expired: a lagging guest of a public queue loses what it did not read in time,
+//! and knows it.
 
 use std::sync::LazyLock;
 
@@ -16,7 +19,9 @@ use crate::service::partitions::PartitionRef;
 static TRIM: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream. ARGV: retention cutoff (ms), recorder group. Returns the entries removed.
+-- KEYS: stream, trimmed counts. ARGV: retention cutoff (ms), recorder group.
+-- Returns the entries removed. Entries a consumer group had not read when they were removed
+-- are added to its count in KEYS[2] (its subscriptions show them as expired).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -27,11 +32,16 @@ local function before(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
+local function fields(flat)
+  local map = {}
+  for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end
+  return map
+end
 local minid = ARGV[1] .. '-0'
-local safe, consumers = nil, 0
+local safe, consumers, groups = nil, 0, {}
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local group = {}
-  for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
+  local group = fields(info)
+  groups[#groups + 1] = group
   if group['name'] ~= ARGV[2] then consumers = consumers + 1 end
   -- Everything before the group's oldest pending entry (or its cursor) is acked by it.
   local bound = group['last-delivered-id']
@@ -39,7 +49,30 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if safe == nil or before(bound, safe) then safe = bound end
 end
 if consumers > 0 and safe ~= nil and before(minid, safe) then minid = safe end
-return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+-- Groups whose cursor lies before the cut lose entries they never read. Where Redis cannot
+-- place a cursor by position, the entries are counted before they go.
+local lagging = {}
+for _, group in ipairs(groups) do
+  if group['name'] ~= ARGV[2] and before(group['last-delivered-id'], minid) then
+    local counted = false
+    if not group['entries-read'] then
+      counted = #redis.call('XRANGE', KEYS[1], '(' .. group['last-delivered-id'], '(' .. minid)
+    end
+    lagging[#lagging + 1] = {group['name'], group['entries-read'], counted}
+  end
+end
+local removed = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+if removed > 0 and #lagging > 0 then
+  local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+  -- Positions 1..gone have left the stream (the service only ever trims its head).
+  local gone = (tonumber(stream['entries-added']) or 0) - stream['length']
+  for _, group in ipairs(lagging) do
+    local unread = group[3]
+    if not unread then unread = math.min(removed, gone - group[2]) end
+    if unread > 0 then redis.call('HINCRBY', KEYS[2], group[1], unread) end
+  end
+end
+return removed
 "#,
     )
 });
@@ -85,7 +118,7 @@ impl Broker {
             let keys = self.keys.partition(partition.queue_id, partition.partition);
             TRIM.add_to(
                 &mut pipeline,
-                &[&keys.stream],
+                &[&keys.stream, &keys.trimmed],
                 &[cutoff.as_bytes(), RECORDER_GROUP.as_bytes()],
             );
         }

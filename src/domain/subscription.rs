@@ -61,6 +61,14 @@ pub struct Subscription {
     /// The tenant owning the queue: another tenant's only for a public queue (API-NOTES).
     pub queue_tenant_id: Uuid,
     pub consumer_group: String,
+    /// The Redis consumer group this subscription reads through (see `delivery_group`).
+    #[serde(skip)]
+    pub delivery_group: String,
+    /// The principal (JWT `sub`) that created the subscription: pushes to its webhook obey
+    /// the queue's `allowedConsumers` for it, as its pulls do. `None` for subscriptions
+    /// created before principals were kept, which no non-empty list admits.
+    #[serde(skip)]
+    pub principal: Option<String>,
     pub consumer_name: String,
     pub subscription_type: SubscriptionType,
     pub offset_reset_policy: OffsetReset,
@@ -144,15 +152,34 @@ pub struct HandlerConfigInput {
     pub secret: Option<String>,
 }
 
+/// The Redis consumer group of a subscription of `subscriber`'s to a queue of `owner`'s: the
+/// group's own name for the queue's tenant, `<subscriber id>:<group>` for another tenant
+/// (a public queue's guest). A group name cannot contain `:`, so a guest's group never
+/// meets the owner's or another guest's: nothing a guest does moves, acks, retries or
+/// dead-letters anyone else's deliveries.
+pub fn delivery_group(subscriber: Uuid, owner: Uuid, group: &str) -> String {
+    if subscriber == owner {
+        group.to_owned()
+    } else {
+        format!("{subscriber}:{group}")
+    }
+}
+
+/// Whether a Redis consumer group belongs to a guest of the queue (see `delivery_group`).
+pub fn is_guest_group(delivery_group: &str) -> bool {
+    delivery_group.contains(':')
+}
+
 /// The dead-letter queue of `queue` when the subscription names none.
 pub fn default_dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
 impl Subscription {
-    /// Validates a create request for the queue `queue_name` (id `queue_id`).
+    /// Validates a create request of `principal` of `tenant_id` for `queue`.
     pub fn create(
         tenant_id: Uuid,
+        principal: &str,
         queue: QueueRef<'_>,
         request: CreateSubscriptionRequest,
         defaults: SubscriptionDefaults,
@@ -206,6 +233,8 @@ impl Subscription {
             queue: queue_name.to_owned(),
             queue_id: queue.id,
             queue_tenant_id: queue.tenant_id,
+            delivery_group: delivery_group(tenant_id, queue.tenant_id, &group),
+            principal: Some(principal.to_owned()),
             consumer_group: group,
             consumer_name: consumer,
             subscription_type: subscription_type.unwrap_or(SubscriptionType::RedisConsumer),
@@ -437,6 +466,7 @@ mod tests {
     fn create(body: Value) -> Result<Subscription, ApiError> {
         Subscription::create(
             Uuid::nil(),
+            "tester",
             QueueRef {
                 id: Uuid::nil(),
                 tenant_id: Uuid::nil(),
@@ -450,6 +480,17 @@ mod tests {
 
     fn fields(result: Result<Subscription, ApiError>) -> Value {
         result.unwrap_err().details["fields"].clone()
+    }
+
+    #[test]
+    fn guests_read_through_groups_of_their_own() {
+        let (owner, guest) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        assert_eq!(delivery_group(owner, owner, "billing"), "billing");
+        let guests = delivery_group(guest, owner, "billing");
+        assert_ne!(guests, "billing");
+        assert!(is_guest_group(&guests));
+        assert!(!is_guest_group("billing"));
+        assert_ne!(guests, delivery_group(Uuid::from_u128(3), owner, "billing"));
     }
 
     #[test]

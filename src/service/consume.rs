@@ -78,7 +78,7 @@ async fn consumer(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<Cons
     let queue = queues::resolve(state, subscription.queue_tenant_id, &subscription.queue)
         .await?
         .queue;
-    subscriptions::authorize_consumer(&queue, tenant)?;
+    subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
     Ok(Consumer {
         subscription,
         queue,
@@ -134,7 +134,7 @@ pub async fn pull(
                     queue.id,
                     queue.partition_count,
                     first_partition,
-                    &subscription.consumer_group,
+                    &subscription.delivery_group,
                     &subscription.id.to_string(),
                     max_messages as usize,
                     now,
@@ -278,7 +278,7 @@ pub async fn screen(
         }
     }
     if !skipped.is_empty() {
-        let group = subscription.consumer_group.as_str();
+        let group = subscription.delivery_group.as_str();
         let settlements: Vec<Settlement<'_>> = skipped
             .iter()
             .map(|(delivery, envelope, outcome)| Settlement {
@@ -337,7 +337,7 @@ pub async fn ack(
     let settlements: Vec<Settlement<'_>> = tokens
         .iter()
         .map(|token| Settlement {
-            group: &subscription.consumer_group,
+            group: &subscription.delivery_group,
             partition: token.partition,
             entry_id: &token.entry_id,
             outcome: Outcome::Acked,
@@ -472,7 +472,7 @@ pub async fn record_failure(
         }
     }
     let settlement = Settlement {
-        group: &subscription.consumer_group,
+        group: &subscription.delivery_group,
         partition: failure.partition,
         entry_id: failure.entry_id,
         outcome,

@@ -94,7 +94,7 @@ pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<Me
     let streams = state.broker.queues_stats(&queues).await?;
     let groups: HashSet<(Uuid, &str)> = subscriptions
         .iter()
-        .map(|s| (s.queue_id, s.consumer_group.as_str()))
+        .map(|s| (s.queue_id, s.delivery_group.as_str()))
         .collect();
     let performance = state.stats.performance(tenant_id);
     Ok(MetricsView {
@@ -168,7 +168,7 @@ pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<Consu
             (
                 s.queue_id,
                 count,
-                s.consumer_group.as_str(),
+                s.delivery_group.as_str(),
                 consumer.as_str(),
             )
         })

@@ -223,7 +223,15 @@ pub async fn update(
 /// records: if Redis is down nothing is deleted, and a retry finishes the job.
 pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<()> {
     let queue = require(state, tenant.tenant_id, name).await?;
-    let groups = state.store.consumer_groups(queue.id).await?;
+    // The owner's groups and every guest's.
+    let groups: std::collections::BTreeSet<String> = state
+        .store
+        .subscriptions_to(queue.id)
+        .await?
+        .into_iter()
+        .map(|s| s.delivery_group)
+        .collect();
+    let groups: Vec<String> = groups.into_iter().collect();
     state.broker.delete_queue(&queue, &groups).await?;
     state.store.delete_queue(queue.id).await?;
     state.queue_cache.invalidate(tenant.tenant_id, name);

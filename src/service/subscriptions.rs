@@ -1,6 +1,6 @@
 //! Subscription management: configuration in PostgreSQL, the consumer group in Redis.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -8,7 +8,7 @@ use crate::auth::Tenant;
 use crate::domain::queue::{page_number, Queue, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use crate::domain::subscription::{
     CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription, SubscriptionDefaults,
-    SubscriptionStatus, UpdateSubscriptionRequest,
+    SubscriptionStatus, SubscriptionType, UpdateSubscriptionRequest,
 };
 use crate::domain::validation::Problems;
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -96,19 +96,30 @@ pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<S
         .ok_or_else(|| not_found(id))
 }
 
-/// 403 unless the caller may consume from `queue`: a principal listed in
-/// `allowedConsumers` (or any, when empty) of the queue's own tenant, or of another tenant
-/// while the queue is public.
-pub fn authorize_consumer(queue: &Queue, tenant: &Tenant) -> ApiResult<()> {
-    if queue.tenant_id != tenant.tenant_id && !queue.is_public {
+/// 403 unless `principal` of `tenant_id` may consume from `queue`: the queue's own tenant's
+/// principals when `allowedConsumers` is empty or lists them; another tenant's only while the
+/// queue is public, and when `allowedConsumers` is empty or lists `<tenant id>:<principal>`
+/// or `<tenant id>:*` (a plain entry names one of the owner's principals, so a guest can
+/// never pass for it by choosing the same `sub`).
+pub fn authorize_consumer(queue: &Queue, tenant_id: Uuid, principal: &str) -> ApiResult<()> {
+    let guest = queue.tenant_id != tenant_id;
+    if guest && !queue.is_public {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
             format!("queue '{}' of another tenant is not public", queue.name),
         ));
     }
-    let principal = tenant.principal.as_str();
-    if queue.allowed_consumers.is_empty() || queue.allowed_consumers.iter().any(|p| p == principal)
-    {
+    let allowed = queue.allowed_consumers.is_empty()
+        || queue.allowed_consumers.iter().any(|entry| {
+            if guest {
+                entry
+                    .strip_prefix(&format!("{tenant_id}:"))
+                    .is_some_and(|rest| rest == principal || rest == "*")
+            } else {
+                entry == principal
+            }
+        });
+    if allowed {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -119,6 +130,13 @@ pub fn authorize_consumer(queue: &Queue, tenant: &Tenant) -> ApiResult<()> {
             ),
         ))
     }
+}
+
+/// Whether the subscription's own principal may still consume from `queue` (for pushes,
+/// which have no caller).
+pub fn subscription_may_consume(queue: &Queue, subscription: &Subscription) -> ApiResult<()> {
+    let principal = subscription.principal.as_deref().unwrap_or_default();
+    authorize_consumer(queue, subscription.tenant_id, principal)
 }
 
 pub async fn create(
@@ -139,7 +157,7 @@ pub async fn create(
     if owner != tenant.tenant_id && !queue.is_public {
         return Err(ApiError::queue_not_found(&queue_name));
     }
-    authorize_consumer(&queue, tenant)?;
+    authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
     let defaults = SubscriptionDefaults {
         session_timeout_ms: state.config.consumer_timeout_ms,
     };
@@ -148,8 +166,14 @@ pub async fn create(
         tenant_id: queue.tenant_id,
         name: &queue.name,
     };
-    let subscription =
-        Subscription::create(tenant.tenant_id, queue_ref, request, defaults, Utc::now())?;
+    let subscription = Subscription::create(
+        tenant.tenant_id,
+        &tenant.principal,
+        queue_ref,
+        request,
+        defaults,
+        Utc::now(),
+    )?;
     state.store.insert_subscription(&subscription).await?;
     // The group's first subscription fixes its start; later members join where it is.
     let from_earliest = subscription.offset_reset_policy == OffsetReset::Earliest;
@@ -158,13 +182,16 @@ pub async fn create(
         .ensure_consumer_group(
             queue.id,
             queue.partition_count,
-            &subscription.consumer_group,
+            &subscription.delivery_group,
             from_earliest,
         )
         .await
     {
         // Without its group the subscription would receive nothing: undo it.
-        let _ = state.store.delete_subscription(&subscription).await;
+        let _ = state
+            .store
+            .delete_subscription(&subscription, async |_| Ok(()))
+            .await;
         return Err(error);
     }
     state.subscription_changed();
@@ -209,7 +236,7 @@ pub async fn get_with_stats(
         state.broker.group_stats(
             queue.id,
             queue.partition_count,
-            &subscription.consumer_group,
+            &subscription.delivery_group,
             &consumer,
         ),
         state.store.outcome_counts(subscription.id),
@@ -226,7 +253,8 @@ pub async fn get_with_stats(
             failed: counts.failed,
             dead_lettered: counts.dead_lettered,
             filtered: counts.filtered,
-            expired: counts.expired,
+            // Expired before delivery, and removed by retention before the group read them.
+            expired: counts.expired + group.trimmed as i64,
         },
         subscription,
     })
@@ -292,28 +320,129 @@ async fn change(
     Ok(updated)
 }
 
-/// Deletes the subscription; the last member of a group takes the group (and its delivery
-/// state) with it, so an abandoned group never holds publishing back.
+/// Deletes the subscription. The last member of a group takes the group (and its delivery
+/// state) with it, destroyed in Redis before the row is deleted: if Redis cannot be reached
+/// the answer is 503 and the subscription stays, so the delete can be retried and no
+/// orphaned group ever holds publishing back.
 pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()> {
     let subscription = require(state, tenant.tenant_id, id).await?;
-    let remaining = state.store.delete_subscription(&subscription).await?;
-    if remaining == 0 {
-        let queue =
-            queues::require(state, subscription.queue_tenant_id, &subscription.queue).await?;
-        state
-            .broker
-            .destroy_consumer_group(
-                queue.id,
-                queue.partition_count,
-                &subscription.consumer_group,
-            )
-            .await?;
-    }
-    state.subscription_changed();
+    remove(state, &subscription).await?;
     audit::record(
         state,
         tenant,
         "deleted",
+        Resource::Subscription,
+        subscription.id,
+        &subscription.consumer_name,
+    )
+    .await;
+    Ok(())
+}
+
+async fn remove(state: &AppState, subscription: &Subscription) -> ApiResult<()> {
+    let queue = queues::require(state, subscription.queue_tenant_id, &subscription.queue).await?;
+    let deleted = state
+        .store
+        .delete_subscription(subscription, async |last_member| {
+            if last_member {
+                state
+                    .broker
+                    .destroy_consumer_group(
+                        queue.id,
+                        queue.partition_count,
+                        &subscription.delivery_group,
+                    )
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
+    if !deleted {
+        return Err(not_found(&subscription.id.to_string()));
+    }
+    state.subscription_changed();
+    Ok(())
+}
+
+/// One subscriber of a queue, as its owner sees it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscriber {
+    pub subscription_id: Uuid,
+    pub tenant_id: Uuid,
+    /// Another tenant's subscription to this public queue.
+    pub guest: bool,
+    pub consumer_group: String,
+    pub consumer_name: String,
+    pub subscription_type: SubscriptionType,
+    pub status: SubscriptionStatus,
+    pub lag: u64,
+    pub pending: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Every subscription to the tenant's queue, its own and its guests'.
+pub async fn subscribers(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+) -> ApiResult<Vec<Subscriber>> {
+    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    let subscriptions = state.store.subscriptions_to(queue.id).await?;
+    let consumers: Vec<String> = subscriptions.iter().map(|s| s.id.to_string()).collect();
+    let wanted: Vec<(Uuid, u16, &str, &str)> = subscriptions
+        .iter()
+        .zip(&consumers)
+        .map(|(s, consumer)| {
+            (
+                queue.id,
+                queue.partition_count,
+                s.delivery_group.as_str(),
+                consumer.as_str(),
+            )
+        })
+        .collect();
+    let groups = state.broker.groups_stats(&wanted).await?;
+    Ok(subscriptions
+        .into_iter()
+        .zip(groups)
+        .map(|(s, group)| Subscriber {
+            subscription_id: s.id,
+            tenant_id: s.tenant_id,
+            guest: s.tenant_id != queue.tenant_id,
+            consumer_group: s.consumer_group,
+            consumer_name: s.consumer_name,
+            subscription_type: s.subscription_type,
+            status: s.status,
+            lag: group.lag,
+            pending: group.consumer_pending,
+            created_at: s.created_at,
+        })
+        .collect())
+}
+
+/// The queue's owner deletes a subscription to it, a guest's included. To keep a tenant out
+/// for good, make the queue private or leave it out of `allowedConsumers`.
+pub async fn revoke(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    id: &str,
+) -> ApiResult<()> {
+    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
+    let subscription = state
+        .store
+        .subscriptions_to(queue.id)
+        .await?
+        .into_iter()
+        .find(|s| s.id == uuid)
+        .ok_or_else(|| not_found(id))?;
+    remove(state, &subscription).await?;
+    audit::record(
+        state,
+        tenant,
+        "revoked",
         Resource::Subscription,
         subscription.id,
         &subscription.consumer_name,

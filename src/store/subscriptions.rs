@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::domain::subscription::{
-    HandlerConfig, OffsetReset, Subscription, SubscriptionStatus, SubscriptionType,
+    delivery_group, HandlerConfig, OffsetReset, Subscription, SubscriptionStatus, SubscriptionType,
 };
 use crate::error::{ApiError, ApiResult, ErrorCode};
 
@@ -34,6 +34,7 @@ struct SubscriptionRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     last_consumed_at: Option<DateTime<Utc>>,
+    principal: Option<String>,
 }
 
 impl TryFrom<SubscriptionRow> for Subscription {
@@ -62,6 +63,8 @@ impl TryFrom<SubscriptionRow> for Subscription {
             queue_id: row.topic_id,
             queue_tenant_id: row.queue_tenant_id,
             queue: row.queue,
+            delivery_group: delivery_group(row.tenant_id, row.queue_tenant_id, &row.consumer_group),
+            principal: row.principal,
             consumer_group: row.consumer_group,
             consumer_name: row.consumer_name,
             max_poll_records: row.max_poll_records.max(1) as u32,
@@ -81,7 +84,7 @@ const SELECT: &str = "SELECT s.id, s.tenant_id, s.topic_id, t.tenant_id AS queue
     s.consumer_name, s.subscription_type, s.offset_reset_policy, s.max_poll_records, \
     s.session_timeout_ms, s.heartbeat_interval_ms, s.handler_config, s.dead_letter_queue, \
     s.max_retry_attempts, s.retry_delay_ms, s.message_filter, s.status, s.created_at, \
-    s.updated_at, s.last_consumed_at \
+    s.updated_at, s.last_consumed_at, s.principal \
     FROM message_subscriptions s JOIN message_topics t ON t.id = s.topic_id";
 
 /// Filters and paging of the subscription list.
@@ -110,8 +113,9 @@ impl Store {
             "INSERT INTO message_subscriptions (id, tenant_id, topic_id, consumer_group, consumer_name, \
                  subscription_type, offset_reset_policy, max_poll_records, session_timeout_ms, \
                  heartbeat_interval_ms, handler_config, dead_letter_queue, max_retry_attempts, \
-                 retry_delay_ms, message_filter, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                 retry_delay_ms, message_filter, status, created_at, updated_at, principal) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19)",
         )
         .bind(subscription.id)
         .bind(subscription.tenant_id)
@@ -131,6 +135,7 @@ impl Store {
         .bind(subscription.status.as_str())
         .bind(subscription.created_at)
         .bind(subscription.updated_at)
+        .bind(&subscription.principal)
         .execute(&self.pool)
         .await
         .map_err(|error| match &error {
@@ -244,33 +249,46 @@ impl Store {
         Ok(Some(next))
     }
 
-    /// Deletes the subscription; returns how many members its group still has.
-    pub async fn delete_subscription(&self, subscription: &Subscription) -> ApiResult<i64> {
+    /// Deletes the subscription, holding its group's rows locked so that no other member is
+    /// deleted meanwhile: `before_delete(last)` runs first, told whether it is the last
+    /// member of its group, and its error keeps the row (the delete can be retried). False
+    /// when the subscription was deleted meanwhile.
+    pub async fn delete_subscription(
+        &self,
+        subscription: &Subscription,
+        before_delete: impl AsyncFnOnce(bool) -> ApiResult<()>,
+    ) -> ApiResult<bool> {
         let mut tx = self.pool.begin().await?;
+        let members: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM message_subscriptions \
+             WHERE topic_id = $1 AND tenant_id = $2 AND consumer_group = $3 FOR UPDATE",
+        )
+        .bind(subscription.queue_id)
+        .bind(subscription.tenant_id)
+        .bind(&subscription.consumer_group)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !members.contains(&subscription.id) {
+            return Ok(false);
+        }
+        before_delete(members.len() == 1).await?;
         sqlx::query("DELETE FROM message_subscriptions WHERE id = $1")
             .bind(subscription.id)
             .execute(&mut *tx)
             .await?;
-        let remaining: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM message_subscriptions WHERE topic_id = $1 AND consumer_group = $2",
-        )
-        .bind(subscription.queue_id)
-        .bind(&subscription.consumer_group)
-        .fetch_one(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(remaining)
+        Ok(true)
     }
 
-    /// The consumer groups subscribed to a queue.
-    pub async fn consumer_groups(&self, queue_id: Uuid) -> ApiResult<Vec<String>> {
-        let groups = sqlx::query_scalar(
-            "SELECT DISTINCT consumer_group FROM message_subscriptions WHERE topic_id = $1",
-        )
+    /// Every subscription to a queue, of any tenant (the owner's and its guests').
+    pub async fn subscriptions_to(&self, queue_id: Uuid) -> ApiResult<Vec<Subscription>> {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(&format!(
+            "{SELECT} WHERE s.topic_id = $1 ORDER BY s.created_at, s.id"
+        ))
         .bind(queue_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(groups)
+        rows.into_iter().map(Subscription::try_from).collect()
     }
 
     /// Every subscription of one tenant, or of all (`None`).

@@ -29,8 +29,8 @@ use crate::domain::message::Envelope;
 use crate::domain::queue::QueueStatus;
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
 use crate::service::consume::{record_failure, screen, settle, Failure};
-use crate::service::queues;
 use crate::service::webhook::PushOutcome;
+use crate::service::{queues, subscriptions};
 use crate::state::AppState;
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
@@ -139,6 +139,7 @@ async fn serve(
     let consumer = subscription.id.to_string();
     let mut pushes = JoinSet::new();
     let mut first_partition = 0u16;
+    let mut denied = false;
     while !stop.is_cancelled() {
         while pushes.try_join_next().is_some() {}
         let Ok(resolved) =
@@ -148,6 +149,24 @@ async fn serve(
             continue;
         };
         let queue = resolved.queue;
+        // The queue's consumer rules apply to pushes as to pulls: a queue made private, or a
+        // principal taken off `allowedConsumers`, stops the pushes (as fresh as the queue
+        // cache, so within its two seconds on every instance).
+        match subscriptions::subscription_may_consume(&queue, &subscription) {
+            Ok(()) if denied => {
+                denied = false;
+                tracing::info!(subscription = %subscription.id, "webhook delivery allowed again");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                if !denied {
+                    denied = true;
+                    tracing::warn!(subscription = %subscription.id, reason = error.message, "webhook delivery stopped: the queue no longer admits this subscriber");
+                }
+                idle(&stop, None, &mut pushes).await;
+                continue;
+            }
+        }
         let signal = state.signals.subscribe(queue.id);
         let arrived = signal.notified();
         tokio::pin!(arrived);
@@ -167,7 +186,7 @@ async fn serve(
                     queue.id,
                     queue.partition_count,
                     first_partition,
-                    &subscription.consumer_group,
+                    &subscription.delivery_group,
                     &consumer,
                     available,
                     now,
@@ -271,7 +290,7 @@ async fn push(
     let settled = match outcome {
         PushOutcome::Delivered { elapsed_ms } => {
             let settlement = Settlement {
-                group: &subscription.consumer_group,
+                group: &subscription.delivery_group,
                 partition: delivery.partition,
                 entry_id: &delivery.entry_id,
                 outcome: Outcome::Acked,

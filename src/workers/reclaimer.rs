@@ -38,7 +38,7 @@ async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
     // A group is swept once, with the policy of its oldest subscription.
     let mut seen = HashSet::new();
     for subscription in subscriptions.iter() {
-        if !seen.insert((subscription.queue_id, subscription.consumer_group.clone())) {
+        if !seen.insert((subscription.queue_id, subscription.delivery_group.as_str())) {
             continue;
         }
         let queue =
@@ -52,7 +52,7 @@ async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
             .overdue(
                 queue.id,
                 queue.partition_count,
-                &subscription.consumer_group,
+                &subscription.delivery_group,
                 now,
                 BATCH,
             )
