@@ -47,6 +47,21 @@ pub struct Queue {
     pub status: QueueStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// One of the tenant's system queues (see `is_system_queue`).
+    pub system: bool,
+}
+
+/// The queues platform services write to through the internal API. Only the service writes
+/// them: a tenant may read and subscribe, never publish, purge, change or delete.
+pub const SYSTEM_QUEUES: [&str; 4] = [
+    "user-events",
+    "user-notifications",
+    "audit-logs",
+    "notifications",
+];
+
+pub fn is_system_queue(name: &str) -> bool {
+    SYSTEM_QUEUES.contains(&name)
 }
 
 /// What the configuration contributes to queue validation.
@@ -178,6 +193,7 @@ impl Queue {
             status: QueueStatus::Active,
             created_at: now,
             updated_at: now,
+            system: false,
         };
         queue.apply_mutable(
             &mut problems,
@@ -195,6 +211,7 @@ impl Queue {
             },
         );
         queue.check_texts(&mut problems);
+        queue.system = is_system_queue(&queue.name);
         problems.into_result(queue)
     }
 

@@ -546,9 +546,17 @@ async fn dead_letter(
     reason: &str,
     last_error: &str,
 ) -> ApiResult<()> {
-    // The dead-letter queue is the subscriber's (for a public queue, not the owner's).
+    // The dead-letter queue is the subscriber's (for a public queue, not the owner's), and
+    // must still admit the subscription's principal as a producer.
     let tenant_id: Uuid = subscription.tenant_id;
     let dlq_name = &subscription.dead_letter_queue;
+    subscriptions::authorize_dead_letter_queue(
+        state,
+        tenant_id,
+        dlq_name,
+        subscription.principal.as_deref().unwrap_or_default(),
+    )
+    .await?;
     queues::ensure_exists(state, tenant_id, dlq_name, Some(queue)).await?;
     let dlq_encrypted = queues::resolve(state, tenant_id, dlq_name)
         .await?

@@ -211,16 +211,23 @@ fn authorize_producer(resolved: &ResolvedQueue, producer: Producer<'_>) -> ApiRe
     let Producer::Principal(tenant) = producer else {
         return Ok(());
     };
-    if !queue.allowed_producers.is_empty() && !queue.allowed_producers.contains(&tenant.principal) {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            format!(
-                "principal '{}' may not publish to queue '{}'",
-                tenant.principal, queue.name
-            ),
-        ));
+    queues::refuse_system_queue(&queue.name, "publish to")?;
+    authorize_principal(queue, &tenant.principal)
+}
+
+/// 403 unless `principal` may publish to `queue` (`allowedProducers` empty or listing it).
+pub fn authorize_principal(queue: &Queue, principal: &str) -> ApiResult<()> {
+    if queue.allowed_producers.is_empty() || queue.allowed_producers.iter().any(|p| p == principal)
+    {
+        return Ok(());
     }
-    Ok(())
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "principal '{principal}' may not publish to queue '{}'",
+            queue.name
+        ),
+    ))
 }
 
 fn validate_all(

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::domain::queue::{
-    CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
+    is_system_queue, CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
 };
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
@@ -131,11 +131,26 @@ pub async fn ensure_exists(
     }
 }
 
+/// 403 for a system queue: a tenant may read and subscribe to it, while only the service
+/// creates, writes, changes, purges or deletes it.
+pub fn refuse_system_queue(name: &str, action: &str) -> ApiResult<()> {
+    if is_system_queue(name) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("queue '{name}' is a system queue: only the service may {action} it"),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn create(
     state: &AppState,
     tenant: &Tenant,
     request: CreateQueueRequest,
 ) -> ApiResult<Queue> {
+    if let Some(name) = &request.name {
+        refuse_system_queue(name, "create")?;
+    }
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
     let created = state.store.insert_queue(&queue).await?;
     state.partitions.expire();
@@ -199,6 +214,7 @@ pub async fn update(
     name: &str,
     request: UpdateQueueRequest,
 ) -> ApiResult<Queue> {
+    refuse_system_queue(name, "change")?;
     let updated = state
         .store
         .update_queue(tenant.tenant_id, name, |current| {
@@ -222,6 +238,7 @@ pub async fn update(
 /// Removes the queue's data from Redis first, then its configuration, subscriptions and
 /// records: if Redis is down nothing is deleted, and a retry finishes the job.
 pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<()> {
+    refuse_system_queue(name, "delete")?;
     let queue = require(state, tenant.tenant_id, name).await?;
     // The owner's groups and every guest's.
     let groups: std::collections::BTreeSet<String> = state
@@ -250,6 +267,7 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
 }
 
 pub async fn purge(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<u64> {
+    refuse_system_queue(name, "purge")?;
     let queue = require(state, tenant.tenant_id, name).await?;
     let purged = state.broker.purge_queue(&queue).await?;
     audit::record(

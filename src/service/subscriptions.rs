@@ -7,12 +7,13 @@ use uuid::Uuid;
 use crate::auth::Tenant;
 use crate::domain::queue::{page_number, Queue, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use crate::domain::subscription::{
-    CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription, SubscriptionDefaults,
-    SubscriptionStatus, SubscriptionType, UpdateSubscriptionRequest,
+    default_dead_letter_queue, CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription,
+    SubscriptionDefaults, SubscriptionStatus, SubscriptionType, UpdateSubscriptionRequest,
 };
 use crate::domain::validation::Problems;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
+use crate::service::publish;
 use crate::service::queues::{self, Page};
 use crate::state::AppState;
 use crate::store::subscriptions::SubscriptionListFilter;
@@ -132,6 +133,29 @@ pub fn authorize_consumer(queue: &Queue, tenant_id: Uuid, principal: &str) -> Ap
     }
 }
 
+/// 403 unless `principal` may publish to the dead-letter queue `name` of `tenant_id`:
+/// otherwise failing its own messages would be a way into a queue it may not write. A system
+/// queue never takes dead letters; a queue that does not exist yet is created on first use
+/// without producer rules. Checked when a subscription is written and again when a message is
+/// dead-lettered.
+pub async fn authorize_dead_letter_queue(
+    state: &AppState,
+    tenant_id: Uuid,
+    name: &str,
+    principal: &str,
+) -> ApiResult<()> {
+    let forbidden = |error: ApiError| {
+        let message = format!("deadLetterQueue: {}", error.message);
+        ApiError::new(ErrorCode::Forbidden, message)
+            .with_detail("fields", serde_json::json!(["deadLetterQueue"]))
+    };
+    queues::refuse_system_queue(name, "write").map_err(forbidden)?;
+    if let Some(queue) = state.store.find_queue(tenant_id, name).await? {
+        publish::authorize_principal(&queue, principal).map_err(forbidden)?;
+    }
+    Ok(())
+}
+
 /// Whether the subscription's own principal may still consume from `queue` (for pushes,
 /// which have no caller).
 pub fn subscription_may_consume(queue: &Queue, subscription: &Subscription) -> ApiResult<()> {
@@ -174,6 +198,13 @@ pub async fn create(
         defaults,
         Utc::now(),
     )?;
+    authorize_dead_letter_queue(
+        state,
+        tenant.tenant_id,
+        &subscription.dead_letter_queue,
+        &tenant.principal,
+    )
+    .await?;
     state.store.insert_subscription(&subscription).await?;
     // The group's first subscription fixes its start; later members join where it is.
     let from_earliest = subscription.offset_reset_policy == OffsetReset::Earliest;
@@ -266,6 +297,21 @@ pub async fn update(
     id: &str,
     request: UpdateSubscriptionRequest,
 ) -> ApiResult<Subscription> {
+    if let Some(dead_letter_queue) = &request.dead_letter_queue {
+        let current = require(state, tenant.tenant_id, id).await?;
+        let name = dead_letter_queue
+            .clone()
+            .unwrap_or_else(|| default_dead_letter_queue(&current.queue));
+        for principal in [
+            Some(tenant.principal.as_str()),
+            current.principal.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            authorize_dead_letter_queue(state, tenant.tenant_id, &name, principal).await?;
+        }
+    }
     change(state, tenant, id, "updated", |s| {
         s.updated(request, Utc::now())
     })

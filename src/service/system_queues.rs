@@ -11,10 +11,12 @@ use crate::service::publish::{self, PublishResult};
 use crate::service::queues::{self, QueueStats};
 use crate::state::AppState;
 
-pub const USER_EVENTS: &str = "user-events";
-pub const USER_NOTIFICATIONS: &str = "user-notifications";
-pub const AUDIT_LOGS: &str = "audit-logs";
-pub const NOTIFICATIONS: &str = "notifications";
+use crate::domain::queue::SYSTEM_QUEUES;
+
+pub const USER_EVENTS: &str = SYSTEM_QUEUES[0];
+pub const USER_NOTIFICATIONS: &str = SYSTEM_QUEUES[1];
+pub const AUDIT_LOGS: &str = SYSTEM_QUEUES[2];
+pub const NOTIFICATIONS: &str = SYSTEM_QUEUES[3];
 
 /// Publishes `body` to the tenant's system queue `queue`; `event` (when a string) is also set
 /// as the `eventType` header.

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::domain::queue::{
-    Compression, MessageFormat, Queue, QueueListFilter, QueueStatus, TopicType,
+    is_system_queue, Compression, MessageFormat, Queue, QueueListFilter, QueueStatus, TopicType,
 };
 use crate::error::{ApiError, ApiResult, ErrorCode};
 
@@ -53,6 +53,7 @@ impl TryFrom<QueueRow> for Queue {
                 .ok_or_else(|| corrupt("compression_type", &row.compression_type))?,
             status: QueueStatus::parse(&row.status)
                 .ok_or_else(|| corrupt("status", &row.status))?,
+            system: is_system_queue(&row.name),
             id: row.id,
             tenant_id: row.tenant_id,
             name: row.name,
