@@ -45,6 +45,8 @@ pub struct Config {
     pub webhook_denied_networks: Vec<Cidr>,
     pub metrics_enabled: bool,
     pub metrics_max_queue_series: usize,
+    /// How long the per-queue gauges of a scrape are reused (0: read at every scrape).
+    pub metrics_gauge_interval_ms: u64,
     pub health_check_interval_secs: u64,
     pub dependency_timeout_ms: u64,
     pub log_format: LogFormat,
@@ -240,6 +242,11 @@ impl Config {
                 "METRICS_MAX_QUEUE_SERIES",
                 1000,
                 1..=1_000_000,
+            )?,
+            metrics_gauge_interval_ms: env.number(
+                "METRICS_GAUGE_INTERVAL_MS",
+                5000,
+                0..=600_000,
             )?,
             health_check_interval_secs: env.number("HEALTH_CHECK_INTERVAL", 30, 1..=86_400)?,
             dependency_timeout_ms: env.number("DEPENDENCY_TIMEOUT_MS", 2000, 50..=60_000)?,

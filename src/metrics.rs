@@ -1,7 +1,9 @@
 //! Prometheus metrics of the process, rendered at `GET /metrics`.
 //!
-//! Labels are bounded: HTTP metrics use the matched route template (never the raw path), so
-//! a client cannot grow the series count by inventing URLs.
+//! Labels are bounded: HTTP metrics use the matched route template (never the raw path) and a
+//! known method (others share `other`), so a client cannot grow the series count by inventing
+//! URLs or methods; per-queue series are capped (`METRICS_MAX_QUEUE_SERIES`) and freed when
+//! their queue is deleted.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -29,6 +31,12 @@ pub struct Metrics {
     pub record_writer_backlog: IntGauge,
     /// Entries the recorder set aside because PostgreSQL refused them, by source.
     pub records_quarantined: IntCounterVec,
+    /// How often the per-queue gauges were read from the stores (at most once per
+    /// `METRICS_GAUGE_INTERVAL_MS`, however many scrapes arrive).
+    pub gauge_refreshes: prometheus::IntCounter,
+    /// When the per-queue gauges were last refreshed; held while refreshing, so concurrent
+    /// scrapes wait for one refresh instead of each doing one.
+    pub gauges_refreshed_at: tokio::sync::Mutex<Option<Instant>>,
     /// The (tenant, queue) pairs that have their own series; past `max_queue_series` the
     /// rest share the labels `_other` (bounded cardinality).
     queue_series: Mutex<HashSet<(Uuid, String)>>,
@@ -40,6 +48,25 @@ pub type QueueGauges = (Uuid, String, [(&'static str, u64); 4]);
 
 /// The label value of series beyond the cap.
 pub const OTHER: &str = "_other";
+
+/// Every `event` of `mq_messages_total`.
+const MESSAGE_EVENTS: [&str; 7] = [
+    "published",
+    "delivered",
+    "acked",
+    "failed",
+    "dead_letter",
+    "expired",
+    "filtered",
+];
+
+/// The method label: a standard method, or `other` for anything a client made up.
+fn known_method(method: &str) -> &str {
+    match method {
+        "GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS" => method,
+        _ => "other",
+    }
+}
 
 impl Metrics {
     pub fn new(max_queue_series: usize) -> Metrics {
@@ -124,6 +151,11 @@ impl Metrics {
             &["source"],
         )
         .expect("valid metric definition");
+        let gauge_refreshes = prometheus::IntCounter::new(
+            "queue_gauge_refreshes_total",
+            "Reads of the per-queue gauges from Redis and PostgreSQL for scrapes",
+        )
+        .expect("valid metric definition");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -135,6 +167,7 @@ impl Metrics {
             Box::new(delivery_latency.clone()),
             Box::new(record_writer_backlog.clone()),
             Box::new(records_quarantined.clone()),
+            Box::new(gauge_refreshes.clone()),
         ] {
             registry
                 .register(collector)
@@ -152,6 +185,8 @@ impl Metrics {
             delivery_latency,
             record_writer_backlog,
             records_quarantined,
+            gauge_refreshes,
+            gauges_refreshed_at: tokio::sync::Mutex::new(None),
             queue_series: Mutex::new(HashSet::new()),
             max_queue_series,
         }
@@ -184,8 +219,50 @@ impl Metrics {
         self.delivery_latency.observe(seconds.max(0.0));
     }
 
-    /// Replaces the per-queue state gauges (queues deleted since the last scrape disappear).
+    /// Frees a deleted queue's series and its place under the cap.
+    pub fn forget_queue(&self, tenant_id: Uuid, queue: &str) {
+        let key = (tenant_id, queue.to_owned());
+        let had_series = self
+            .queue_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        if had_series {
+            self.remove_queue_series(tenant_id, queue);
+        }
+    }
+
+    fn remove_queue_series(&self, tenant_id: Uuid, queue: &str) {
+        let tenant = tenant_id.to_string();
+        for event in MESSAGE_EVENTS {
+            let _ = self
+                .messages
+                .remove_label_values(&[tenant.as_str(), queue, event]);
+        }
+    }
+
+    /// Replaces the per-queue state gauges with those of every existing queue: queues deleted
+    /// since the last scrape (on any instance) disappear and free their series.
     pub fn set_queue_gauges(&self, queues: &[QueueGauges]) {
+        let existing: HashSet<(Uuid, &str)> = queues
+            .iter()
+            .map(|(tenant, name, _)| (*tenant, name.as_str()))
+            .collect();
+        let gone: Vec<(Uuid, String)> = {
+            let mut series = self.queue_series.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = series
+                .iter()
+                .filter(|(tenant, name)| !existing.contains(&(*tenant, name.as_str())))
+                .cloned()
+                .collect::<Vec<_>>();
+            for key in &gone {
+                series.remove(key);
+            }
+            gone
+        };
+        for (tenant, name) in gone {
+            self.remove_queue_series(tenant, &name);
+        }
         self.queue_messages.reset();
         for (tenant_id, queue, states) in queues {
             let (tenant, queue) = self.queue_labels(*tenant_id, queue);
@@ -198,6 +275,7 @@ impl Metrics {
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let method = known_method(method);
         let status = status.to_string();
         let labels = [method, route, status.as_str()];
         self.http_requests.with_label_values(&labels).inc();

@@ -51,21 +51,22 @@ impl RollingCounter {
     fn per_second(&self, now_s: i64) -> f64 {
         self.total(now_s) as f64 / RATE_WINDOW_SECS as f64
     }
+
+    /// The last second anything was counted (-1 for never).
+    fn last_active(&self) -> i64 {
+        self.buckets
+            .iter()
+            .map(|(second, _)| *second)
+            .max()
+            .unwrap_or(-1)
+    }
 }
 
-/// Latencies (ms) over the last five minutes.
+/// Latencies (ms) over the last five minutes. The histograms (tens of kilobytes) are made at
+/// the first latency recorded: most windows never record one.
+#[derive(Default)]
 struct RollingLatency {
     minutes: Vec<(i64, Histogram<u32>)>,
-}
-
-impl Default for RollingLatency {
-    fn default() -> Self {
-        RollingLatency {
-            minutes: (0..LATENCY_WINDOW_MINUTES)
-                .map(|_| (-1, histogram()))
-                .collect(),
-        }
-    }
 }
 
 fn histogram() -> Histogram<u32> {
@@ -74,6 +75,11 @@ fn histogram() -> Histogram<u32> {
 
 impl RollingLatency {
     fn record(&mut self, now_s: i64, latency_ms: u64) {
+        if self.minutes.is_empty() {
+            self.minutes = (0..LATENCY_WINDOW_MINUTES)
+                .map(|_| (-1, histogram()))
+                .collect();
+        }
         let minute = now_s.div_euclid(60);
         let slot = &mut self.minutes[minute.rem_euclid(LATENCY_WINDOW_MINUTES as i64) as usize];
         if slot.0 != minute {
@@ -118,11 +124,68 @@ struct TenantWindow {
     latency: RollingLatency,
 }
 
+impl RollingLatency {
+    /// The last minute (as a second) a latency was recorded in (-1 for never).
+    fn last_active(&self) -> i64 {
+        self.minutes
+            .iter()
+            .map(|(minute, _)| *minute * 60 + 59)
+            .max()
+            .unwrap_or(-1)
+    }
+}
+
+impl QueueWindow {
+    fn last_active(&self) -> i64 {
+        self.published
+            .last_active()
+            .max(self.consumed.last_active())
+    }
+}
+
+impl SubscriptionWindow {
+    fn last_active(&self) -> i64 {
+        self.acked.last_active().max(self.failed.last_active())
+    }
+}
+
+impl TenantWindow {
+    /// Whether anything counted since `rates_from`, or a latency since `latency_from`.
+    fn active(&self, rates_from: i64, latency_from: i64) -> bool {
+        let counted = [&self.published, &self.acked, &self.failed]
+            .iter()
+            .any(|counter| counter.last_active() > rates_from);
+        counted || self.latency.last_active() > latency_from
+    }
+}
+
+/// How often idle windows are looked for.
+const PRUNE_EVERY_SECS: i64 = 30;
+
 #[derive(Default)]
 struct Windows {
     tenants: HashMap<Uuid, TenantWindow>,
     queues: HashMap<Uuid, QueueWindow>,
     subscriptions: HashMap<Uuid, SubscriptionWindow>,
+    pruned_at: i64,
+}
+
+impl Windows {
+    /// Drops windows with nothing left in them (idle longer than they look back), so the
+    /// memory kept grows with recent activity, not with every queue or tenant ever seen.
+    fn prune(&mut self, now_s: i64) {
+        if now_s - self.pruned_at < PRUNE_EVERY_SECS {
+            return;
+        }
+        self.pruned_at = now_s;
+        let rates_from = now_s - RATE_WINDOW_SECS as i64;
+        let latency_from = now_s - (LATENCY_WINDOW_MINUTES as i64 + 1) * 60;
+        self.tenants
+            .retain(|_, w| w.active(rates_from, latency_from));
+        self.queues.retain(|_, w| w.last_active() > rates_from);
+        self.subscriptions
+            .retain(|_, w| w.last_active() > rates_from);
+    }
 }
 
 #[derive(Default)]
@@ -166,7 +229,18 @@ fn error_rate(acked: u64, failed: u64) -> f64 {
 impl Stats {
     fn with<R>(&self, f: impl FnOnce(&mut Windows) -> R) -> R {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        windows.prune(now_s());
         f(&mut windows)
+    }
+
+    /// A deleted queue's window goes with it.
+    pub fn forget_queue(&self, queue_id: Uuid) {
+        self.with(|w| w.queues.remove(&queue_id));
+    }
+
+    /// A deleted subscription's window goes with it.
+    pub fn forget_subscription(&self, subscription_id: Uuid) {
+        self.with(|w| w.subscriptions.remove(&subscription_id));
     }
 
     pub fn published(&self, tenant_id: Uuid, queue_id: Uuid, count: u64) {
@@ -322,6 +396,36 @@ mod tests {
             0,
             "older than five minutes"
         );
+    }
+
+    #[test]
+    fn idle_windows_are_dropped() {
+        let mut windows = Windows::default();
+        windows
+            .tenants
+            .entry(Uuid::from_u128(1))
+            .or_default()
+            .published
+            .add(1000, 1);
+        windows
+            .queues
+            .entry(Uuid::from_u128(2))
+            .or_default()
+            .published
+            .add(1000, 1);
+        windows
+            .tenants
+            .entry(Uuid::from_u128(3))
+            .or_default()
+            .latency
+            .record(1000, 5);
+        windows.prune(1030);
+        assert_eq!((windows.tenants.len(), windows.queues.len()), (2, 1));
+        windows.prune(1100);
+        assert_eq!(windows.queues.len(), 0, "no rate left after a minute");
+        assert_eq!(windows.tenants.len(), 1, "latencies are kept five minutes");
+        windows.prune(1000 + 7 * 60);
+        assert!(windows.tenants.is_empty());
     }
 
     #[test]

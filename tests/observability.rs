@@ -212,6 +212,7 @@ async fn scrape(app: &TestApp) -> prometheus_parse::Scrape {
 async fn prometheus_output_parses_and_counts_per_queue() {
     let app = TestApp::spawn_with(|env| {
         env.insert("METRICS_MAX_QUEUE_SERIES".into(), "3".into());
+        env.insert("METRICS_GAUGE_INTERVAL_MS".into(), "0".into());
     })
     .await;
     app.create_queue(json!({"name": "q"})).await;

@@ -73,13 +73,7 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
     if !state.config.metrics_enabled {
         return Err(ApiError::route_not_found("GET", "/metrics"));
     }
-    // Per-queue gauges are read at scrape time; a slow dependency must not stall the scrape.
-    let timeout = std::time::Duration::from_millis(state.config.dependency_timeout_ms);
-    match tokio::time::timeout(timeout, monitoring::refresh_gauges(&state)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(error = %error, "queue gauges not refreshed"),
-        Err(_) => tracing::warn!("queue gauges not refreshed in time"),
-    }
+    monitoring::refresh_gauges_when_stale(&state).await;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -217,7 +217,7 @@ impl Broker {
 
     /// Removes all of the queue's keys: streams (with their consumer groups), delayed
     /// messages, journals, and the delivery state of `groups`.
-    pub async fn delete_queue(&self, queue: &Queue, groups: &[String]) -> ApiResult<()> {
+    pub async fn delete_queue(&self, queue: &Queue, groups: &[&str]) -> ApiResult<()> {
         let mut pipeline = redis::pipe();
         for partition in 0..queue.partition_count {
             pipeline

@@ -196,8 +196,28 @@ pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<Consu
         .collect())
 }
 
+/// Refreshes the per-queue gauges for a scrape unless they are younger than
+/// `METRICS_GAUGE_INTERVAL_MS`. One refresh runs at a time and the scrapes that arrive meanwhile
+/// wait for it, so a storm of scrapes costs one read of the stores per interval. A slow
+/// dependency bounds the wait (`DEPENDENCY_TIMEOUT_MS`); the last values are served then.
+pub async fn refresh_gauges_when_stale(state: &AppState) {
+    let fresh_for = std::time::Duration::from_millis(state.config.metrics_gauge_interval_ms);
+    let mut refreshed_at = state.metrics.gauges_refreshed_at.lock().await;
+    if refreshed_at.is_some_and(|at| at.elapsed() < fresh_for) {
+        return;
+    }
+    state.metrics.gauge_refreshes.inc();
+    let timeout = std::time::Duration::from_millis(state.config.dependency_timeout_ms);
+    match tokio::time::timeout(timeout, refresh_gauges(state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(error = %error, "queue gauges not refreshed"),
+        Err(_) => tracing::warn!("queue gauges not refreshed in time"),
+    }
+    *refreshed_at = Some(std::time::Instant::now());
+}
+
 /// Sets the per-queue gauges and the record-writer backlog for a Prometheus scrape.
-pub async fn refresh_gauges(state: &AppState) -> ApiResult<()> {
+async fn refresh_gauges(state: &AppState) -> ApiResult<()> {
     let queues = state.store.all_queues(None).await?;
     let streams = state.broker.queues_stats(&queues).await?;
     let mut backlog = state.recorder.report().waiting_batch;

@@ -241,19 +241,24 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     refuse_system_queue(name, "delete")?;
     let queue = require(state, tenant.tenant_id, name).await?;
     // The owner's groups and every guest's.
-    let groups: std::collections::BTreeSet<String> = state
-        .store
-        .subscriptions_to(queue.id)
-        .await?
-        .into_iter()
-        .map(|s| s.delivery_group)
+    let subscriptions = state.store.subscriptions_to(queue.id).await?;
+    let groups: std::collections::BTreeSet<&str> = subscriptions
+        .iter()
+        .map(|s| s.delivery_group.as_str())
         .collect();
-    let groups: Vec<String> = groups.into_iter().collect();
+    let groups: Vec<&str> = groups.into_iter().collect();
     state.broker.delete_queue(&queue, &groups).await?;
     state.store.delete_queue(queue.id).await?;
     state.queue_cache.invalidate(tenant.tenant_id, name);
     state.partitions.expire();
     state.subscription_changed();
+    // What this process kept about the queue goes with it.
+    state.metrics.forget_queue(queue.tenant_id, &queue.name);
+    state.stats.forget_queue(queue.id);
+    state.signals.forget(queue.id);
+    for subscription in &subscriptions {
+        state.stats.forget_subscription(subscription.id);
+    }
     audit::record(
         state,
         tenant,

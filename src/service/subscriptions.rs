@@ -407,6 +407,7 @@ async fn remove(state: &AppState, subscription: &Subscription) -> ApiResult<()> 
         return Err(not_found(&subscription.id.to_string()));
     }
     state.subscription_changed();
+    state.stats.forget_subscription(subscription.id);
     Ok(())
 }
 

@@ -55,6 +55,12 @@ struct TenantPermits {
 }
 
 impl TenantPermits {
+    /// Drops the pools no serving task holds (their tenants have no webhook served here).
+    fn prune(&self) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        tenants.retain(|_, permits| Arc::strong_count(permits) > 1);
+    }
+
     fn of(&self, tenant_id: Uuid, capacity: usize) -> Arc<Semaphore> {
         let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
         tenants
@@ -106,6 +112,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             tasks.spawn(serve(state.clone(), subscription.clone(), tenant, stop));
         }
         while tasks.try_join_next().is_some() {}
+        tenant_permits.prune();
         tokio::select! {
             () = tokio::time::sleep(RECONCILE_EVERY) => {}
             () = state.subscriptions.changed() => {}
