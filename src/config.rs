@@ -29,6 +29,11 @@ pub struct Config {
     pub tenant_publish_bytes_per_sec: u64,
     /// Webhook pushes one tenant may have in flight at once, over all its subscriptions.
     pub webhook_tenant_concurrency: usize,
+    /// Queues a tenant may create (those the service creates count, but are never refused).
+    pub tenant_max_queues: u64,
+    /// Subscriptions a tenant may have, in all, and to one queue.
+    pub tenant_max_subscriptions: u64,
+    pub queue_max_subscriptions: u64,
     /// How often the retention job trims streams.
     pub retention_interval_ms: u64,
     pub max_message_size: usize,
@@ -224,6 +229,13 @@ impl Config {
                 100,
                 1..=100_000,
             )?,
+            tenant_max_queues: env.number("TENANT_MAX_QUEUES", 1000, 1..=1_000_000)?,
+            tenant_max_subscriptions: env.number(
+                "TENANT_MAX_SUBSCRIPTIONS",
+                1000,
+                1..=1_000_000,
+            )?,
+            queue_max_subscriptions: env.number("QUEUE_MAX_SUBSCRIPTIONS", 100, 1..=1_000_000)?,
             retention_interval_ms: env.number("RETENTION_INTERVAL_MS", 5000, 100..=3_600_000)?,
             max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
             default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,

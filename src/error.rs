@@ -30,6 +30,9 @@ pub enum ErrorCode {
     SubscriptionPaused,
     MessageTooLarge,
     SchemaViolation,
+    /// A per-tenant quota (queues, subscriptions) is used up. Not in API.md's table;
+    /// documented in docs/API-NOTES.md.
+    QuotaExceeded,
     QueueFull,
     RateLimited,
     PublishFailed,
@@ -57,6 +60,7 @@ impl ErrorCode {
             ErrorCode::SubscriptionPaused => "MQ_SUBSCRIPTION_PAUSED",
             ErrorCode::MessageTooLarge => "MQ_MESSAGE_TOO_LARGE",
             ErrorCode::SchemaViolation => "MQ_SCHEMA_VIOLATION",
+            ErrorCode::QuotaExceeded => "MQ_QUOTA_EXCEEDED",
             ErrorCode::QueueFull => "MQ_QUEUE_FULL",
             ErrorCode::RateLimited => "MQ_RATE_LIMITED",
             ErrorCode::PublishFailed => "MQ_PUBLISH_FAILED",
@@ -70,7 +74,7 @@ impl ErrorCode {
         match self {
             ErrorCode::Validation => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::QuotaExceeded => StatusCode::FORBIDDEN,
             ErrorCode::QueueNotFound
             | ErrorCode::SubscriptionNotFound
             | ErrorCode::MessageNotFound
@@ -124,6 +128,16 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::Unauthorized, message)
+    }
+
+    /// A 403 naming the quota (its configuration variable) and its limit.
+    pub fn quota_exceeded(quota: &'static str, limit: u64, what: &str) -> Self {
+        ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!("{what}: the limit is {limit} ({quota})"),
+        )
+        .with_detail("quota", json!(quota))
+        .with_detail("limit", json!(limit))
     }
 
     pub fn queue_not_found(name: &str) -> Self {

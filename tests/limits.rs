@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::TestApp;
+use common::{assert_error, TestApp};
 use reqwest::Method;
 use serde_json::json;
 
@@ -111,4 +111,164 @@ async fn a_storm_of_scrapes_reads_the_stores_once() {
         refreshes, 1.0,
         "51 scrapes within the interval, one refresh"
     );
+}
+
+#[tokio::test]
+async fn tenants_have_quotas_of_queues_and_subscriptions() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("TENANT_MAX_QUEUES".into(), "4".into());
+        env.insert("TENANT_MAX_SUBSCRIPTIONS".into(), "3".into());
+        env.insert("QUEUE_MAX_SUBSCRIPTIONS".into(), "2".into());
+    })
+    .await;
+    // Concurrent creates cannot pass the quota together.
+    let mut creates = tokio::task::JoinSet::new();
+    for n in 0..10 {
+        let request = app
+            .request(Method::POST, "/api/v1/mq/queues")
+            .json(&json!({ "name": format!("q{n}") }));
+        creates.spawn(async move { common::read(request.send().await.unwrap()).await });
+    }
+    let mut refused = 0;
+    while let Some(answer) = creates.join_next().await {
+        let (status, body) = answer.unwrap();
+        if status == 403 {
+            assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+            assert_eq!(body["details"]["quota"], "TENANT_MAX_QUEUES");
+            assert_eq!(body["details"]["limit"], 4);
+            refused += 1;
+        } else {
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+    let (_, listed) = app.call(Method::GET, "/api/v1/mq/queues", None).await;
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    // The service's own audit-logs queue counts, but is never refused.
+    assert!(names.contains(&"audit-logs"), "{names:?}");
+    assert!(
+        (4..=5).contains(&names.len()),
+        "no more than the quota (and the service's queue): {names:?}"
+    );
+    assert!(refused >= 5);
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "late"})),
+        )
+        .await;
+    assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+    // Another tenant has a quota of its own.
+    let (status, _) = app
+        .call_as(
+            uuid::Uuid::new_v4(),
+            "other",
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "q0"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    let ours: Vec<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap().to_owned())
+        .filter(|name| name.starts_with('q'))
+        .collect();
+    let subscribe = |queue: &str, consumer: &str| {
+        app.call(
+            Method::POST,
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": queue, "consumerGroup": "g", "consumerName": consumer,
+                        "subscriptionType": "redis_consumer"}),
+            ),
+        )
+    };
+    assert_eq!(subscribe(&ours[0], "a").await.0, 201);
+    assert_eq!(subscribe(&ours[0], "b").await.0, 201);
+    let (status, body) = subscribe(&ours[0], "c").await;
+    assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+    assert_eq!(body["details"]["quota"], "QUEUE_MAX_SUBSCRIPTIONS");
+    let (status, third) = subscribe(&ours[1], "c").await;
+    assert_eq!(status, 201);
+    let (status, body) = subscribe(&ours[1], "d").await;
+    assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+    assert_eq!(body["details"]["quota"], "TENANT_MAX_SUBSCRIPTIONS");
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/mq/subscriptions/{}", third["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        subscribe(&ours[1], "d").await.0,
+        201,
+        "a freed place is usable"
+    );
+}
+
+#[tokio::test]
+async fn filters_handler_headers_and_schemas_are_bounded() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "q", "schemaDefinition": {"pattern": "^(?!admin).*$"}})),
+        )
+        .await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    assert_eq!(body["details"]["fields"], json!(["schemaDefinition"]));
+    assert!(
+        body["message"].as_str().unwrap().contains("linear-time"),
+        "{body}"
+    );
+    app.create_queue(json!({"name": "q", "schemaDefinition": {"pattern": "^[a-z]+$"}}))
+        .await;
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/q",
+            Some(json!({"schemaDefinition": {"pattern": "(a)\\1"}})),
+        )
+        .await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+
+    let subscription = |extra: serde_json::Value| {
+        let mut body = json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                              "subscriptionType": "webhook",
+                              "handlerConfig": {"url": "http://127.0.0.1:9/hook"}});
+        for (name, value) in extra.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        app.call(Method::POST, "/api/v1/mq/subscriptions", Some(body))
+    };
+    let many: Vec<u32> = (0..101).collect();
+    let (status, body) = subscription(json!({"messageFilter": {"key": many}})).await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    assert_eq!(body["details"]["fields"], json!(["messageFilter"]));
+    let (status, body) = subscription(json!({"messageFilter": {"key": "k".repeat(20_000)}})).await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    let (status, body) = subscription(json!({"handlerConfig": {
+        "url": "http://127.0.0.1:9/hook", "headers": {"X-MQ-Signature": "forged"}}}))
+    .await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    assert_eq!(
+        body["details"]["fields"],
+        json!(["handlerConfig.headers.X-MQ-Signature"])
+    );
+    let (status, body) = subscription(json!({"handlerConfig": {
+        "url": "http://127.0.0.1:9/hook", "headers": {"x-long": "v".repeat(5000)}}}))
+    .await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
 }

@@ -15,9 +15,12 @@ use crate::error::{ApiError, ErrorCode};
 /// A JSON request body.
 pub struct ApiJson<T>(pub T);
 
+/// Bodies larger than this are decoded on the blocking pool, off the async threads.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
-    T: DeserializeOwned,
+    T: DeserializeOwned + Send + 'static,
     S: Send + Sync,
 {
     type Rejection = ApiError;
@@ -38,7 +41,13 @@ where
                     )
                 }
             })?;
-        decode_json(&bytes).map(ApiJson)
+        if bytes.len() <= INLINE_DECODE_BYTES {
+            return decode_json(&bytes).map(ApiJson);
+        }
+        tokio::task::spawn_blocking(move || decode_json(&bytes))
+            .await
+            .map_err(|error| ApiError::internal(format!("decoding task failed: {error}")))?
+            .map(ApiJson)
     }
 }
 

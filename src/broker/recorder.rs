@@ -59,6 +59,14 @@ impl StreamEntry {
         self.fields.get(name).map(String::as_str)
     }
 
+    /// Bytes of field names and values.
+    pub fn size(&self) -> usize {
+        self.fields
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum()
+    }
+
     /// Every field as one JSON object (text; control characters escaped by JSON).
     pub fn fields_json(&self) -> String {
         serde_json::to_string(&self.fields).unwrap_or_default()

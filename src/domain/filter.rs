@@ -56,10 +56,22 @@ pub struct MessageView<'a> {
 
 const MAX_DEPTH: usize = 8;
 const MAX_CONDITIONS: usize = 100;
+/// Values of one list (`[..]`, `anythingBut`).
+const MAX_LIST_VALUES: usize = 100;
+/// Characters of one string value or key.
+const MAX_TEXT_CHARS: usize = 1024;
+/// The whole filter as JSON text: every filter is evaluated against every message.
+pub const MAX_FILTER_BYTES: usize = 16 * 1024;
 
 impl Filter {
     /// Parses a filter, or says what is wrong with it.
     pub fn parse(value: &Value) -> Result<Filter, String> {
+        let size = serde_json::to_vec(value).map_or(usize::MAX, |text| text.len());
+        if size > MAX_FILTER_BYTES {
+            return Err(format!(
+                "is {size} bytes of JSON; at most {MAX_FILTER_BYTES} are allowed"
+            ));
+        }
         let mut budget = MAX_CONDITIONS;
         parse_filter(value, 0, &mut budget)
     }
@@ -123,12 +135,35 @@ fn parse_field(name: &str) -> Result<Field, String> {
     ))
 }
 
+/// A list of scalar values of at most `MAX_LIST_VALUES`, each within `MAX_TEXT_CHARS`.
+fn check_list(name: &str, values: &[Value]) -> Result<(), String> {
+    if values.iter().any(|v| v.is_array() || v.is_object()) {
+        return Err(format!("'{name}': a list holds scalar values only"));
+    }
+    if values.len() > MAX_LIST_VALUES {
+        return Err(format!(
+            "'{name}': a list holds at most {MAX_LIST_VALUES} values"
+        ));
+    }
+    values.iter().try_for_each(|value| check_text(name, value))
+}
+
+fn check_text(name: &str, value: &Value) -> Result<(), String> {
+    match value.as_str() {
+        Some(text) if text.chars().count() > MAX_TEXT_CHARS => Err(format!(
+            "'{name}': a string value has at most {MAX_TEXT_CHARS} characters"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn parse_tests(name: &str, rule: &Value) -> Result<Vec<Test>, String> {
+    if name.chars().count() > MAX_TEXT_CHARS {
+        return Err(format!("a key has at most {MAX_TEXT_CHARS} characters"));
+    }
     match rule {
         Value::Array(options) => {
-            if options.iter().any(|o| o.is_array() || o.is_object()) {
-                return Err(format!("'{name}': a list holds scalar values only"));
-            }
+            check_list(name, options)?;
             Ok(vec![Test::AnyOf(options.clone())])
         }
         Value::Object(operators) => {
@@ -140,7 +175,10 @@ fn parse_tests(name: &str, rule: &Value) -> Result<Vec<Test>, String> {
                 .map(|(operator, argument)| parse_operator(name, operator, argument))
                 .collect()
         }
-        scalar => Ok(vec![Test::Equals(scalar.clone())]),
+        scalar => {
+            check_text(name, scalar)?;
+            Ok(vec![Test::Equals(scalar.clone())])
+        }
     }
 }
 
@@ -155,16 +193,22 @@ fn parse_operator(name: &str, operator: &str, argument: &Value) -> Result<Test, 
             .as_bool()
             .map(Test::Exists)
             .ok_or(format!("'{name}': exists takes true or false")),
-        "prefix" => argument
-            .as_str()
-            .map(|p| Test::Prefix(p.to_owned()))
-            .ok_or(format!("'{name}': prefix takes a string")),
+        "prefix" => {
+            check_text(name, argument)?;
+            argument
+                .as_str()
+                .map(|p| Test::Prefix(p.to_owned()))
+                .ok_or(format!("'{name}': prefix takes a string"))
+        }
         "anythingBut" => match argument {
-            Value::Array(values) if values.iter().all(|v| !v.is_array() && !v.is_object()) => {
+            Value::Array(values) => {
+                check_list(name, values)?;
                 Ok(Test::AnythingBut(values.clone()))
             }
-            Value::Array(_) => Err(format!("'{name}': anythingBut holds scalar values only")),
-            scalar if !scalar.is_object() => Ok(Test::AnythingBut(vec![scalar.clone()])),
+            scalar if !scalar.is_object() => {
+                check_text(name, scalar)?;
+                Ok(Test::AnythingBut(vec![scalar.clone()]))
+            }
             _ => Err(format!("'{name}': anythingBut takes a value or a list")),
         },
         "gt" => Ok(Test::Compare(Comparison::Gt, number()?)),
@@ -415,5 +459,25 @@ mod tests {
             deep = json!({"$or": [deep]});
         }
         assert!(Filter::parse(&deep).is_err());
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        let many: Vec<u32> = (0..101).collect();
+        assert!(Filter::parse(&json!({"key": many})).is_err());
+        assert!(Filter::parse(&json!({"key": {"anythingBut": many}})).is_err());
+        let long = "x".repeat(1025);
+        assert!(Filter::parse(&json!({"key": long})).is_err());
+        assert!(Filter::parse(&json!({"key": {"prefix": long}})).is_err());
+        assert!(Filter::parse(&json!({ format!("headers.{long}"): 1 })).is_err());
+        let wide: serde_json::Map<String, Value> = (0..60)
+            .map(|n| (format!("payload.f{n}"), json!("v".repeat(400))))
+            .collect();
+        let error = Filter::parse(&Value::Object(wide)).unwrap_err();
+        assert!(error.contains("bytes"), "{error}");
+        let fine: Vec<u32> = (0..100).collect();
+        assert!(
+            Filter::parse(&json!({"key": fine, "headers.a": {"prefix": "x".repeat(1024)}})).is_ok()
+        );
     }
 }

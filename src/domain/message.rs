@@ -241,6 +241,35 @@ pub fn validate(
     })
 }
 
+/// Whether the payloads of `inputs` take more than `bytes` (a cheap estimate of their JSON
+/// size that stops as soon as it knows).
+pub fn payloads_exceed(inputs: &[MessageInput], bytes: usize) -> bool {
+    let mut budget = bytes;
+    inputs
+        .iter()
+        .filter_map(|input| input.payload.as_ref())
+        .any(|payload| !fits(payload, &mut budget))
+}
+
+/// Spends an estimate of `value`'s JSON size from `budget`; false once it runs out.
+fn fits(value: &Value, budget: &mut usize) -> bool {
+    let own = match value {
+        Value::String(text) => text.len() + 2,
+        Value::Array(items) => items.len() + 2,
+        Value::Object(map) => map.keys().map(|k| k.len() + 4).sum::<usize>() + 2,
+        _ => 8,
+    };
+    let Some(left) = budget.checked_sub(own) else {
+        return false;
+    };
+    *budget = left;
+    match value {
+        Value::Array(items) => items.iter().all(|item| fits(item, budget)),
+        Value::Object(map) => map.values().all(|item| fits(item, budget)),
+        _ => true,
+    }
+}
+
 /// The envelope as stored (JSON text).
 pub fn encode(envelope: &Envelope) -> Result<String, ApiError> {
     serde_json::to_string(envelope)

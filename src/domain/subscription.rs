@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use axum::http::{HeaderName, HeaderValue};
+
 use super::filter::Filter;
 use super::retry::MAX_RETRY_DELAY_MS;
 use super::validation::{is_valid_name, nullable, string_enum, Problems};
@@ -19,6 +21,19 @@ const MAX_RETRY_ATTEMPTS: i64 = 100;
 const MAX_HANDLER_TIMEOUT_MS: i64 = 10 * 60 * 1000;
 const MAX_CONCURRENCY: i64 = 1000;
 const MAX_HANDLER_HEADERS: usize = 32;
+const MAX_HANDLER_HEADER_VALUE_CHARS: usize = 4096;
+const MAX_HANDLER_HEADERS_BYTES: usize = 16 * 1024;
+/// Headers a push sets itself: a subscription cannot replace or forge them.
+const RESERVED_HANDLER_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "traceparent",
+];
 
 string_enum!(SubscriptionType { Webhook => "webhook", RedisConsumer => "redis_consumer" });
 string_enum!(OffsetReset { Latest => "latest", Earliest => "earliest" });
@@ -438,6 +453,35 @@ fn handler_config(
         "handlerConfig.headers",
         || format!("must have at most {MAX_HANDLER_HEADERS} entries"),
     );
+    let total: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    problems.check(
+        total <= MAX_HANDLER_HEADERS_BYTES,
+        "handlerConfig.headers",
+        || format!("must hold at most {MAX_HANDLER_HEADERS_BYTES} bytes of names and values"),
+    );
+    for (name, value) in &headers {
+        let field = format!("handlerConfig.headers.{}", name.escape_debug());
+        let lower = name.to_ascii_lowercase();
+        let valid_name = name.len() <= 256 && HeaderName::from_bytes(name.as_bytes()).is_ok();
+        problems.check(valid_name, &field, || {
+            "must be an HTTP header name (1-256 token characters)".into()
+        });
+        problems.check(
+            !RESERVED_HANDLER_HEADERS.contains(&lower.as_str()) && !lower.starts_with("x-mq-"),
+            &field,
+            || "is set by the service itself".into(),
+        );
+        problems.check(
+            value.chars().count() <= MAX_HANDLER_HEADER_VALUE_CHARS
+                && HeaderValue::from_str(value).is_ok(),
+            &field,
+            || {
+                format!(
+                    "must be at most {MAX_HANDLER_HEADER_VALUE_CHARS} visible ASCII characters, spaces or tabs"
+                )
+            },
+        );
+    }
     if let Some(secret) = &input.secret {
         problems.check(
             (1..=512).contains(&secret.len()),
@@ -534,6 +578,33 @@ mod tests {
             )),
             json!(["maxRetryAttempts", "messageFilter", "handlerConfig.url"])
         );
+    }
+
+    #[test]
+    fn handler_headers_are_valid_and_never_the_services_own() {
+        let with_headers = |headers: Value| {
+            create(
+                json!({"consumerGroup": "g", "consumerName": "c", "subscriptionType": "webhook",
+                          "handlerConfig": {"url": "http://x/hook", "headers": headers}}),
+            )
+        };
+        assert!(with_headers(json!({"Authorization": "Bearer x", "x-team": "a b\tc"})).is_ok());
+        for bad in [
+            json!({"bad name": "v"}),
+            json!({"x-ok": "line\nbreak"}),
+            json!({"Content-Type": "text/plain"}),
+            json!({"X-MQ-Signature": "forged"}),
+            json!({"x-big": "v".repeat(4097)}),
+        ] {
+            let fields = fields(with_headers(bad.clone()));
+            assert!(
+                fields[0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("handlerConfig.headers."),
+                "{bad}: {fields}"
+            );
+        }
     }
 
     #[test]

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::consume::{Delivery, Outcome, Settlement};
-use crate::crypto::{Binding, SealError};
+use crate::crypto::{Binding, SealError, Sealer};
 use crate::domain::ack_token::AckToken;
 use crate::domain::filter::{Filter, MessageView};
 use crate::domain::message::{Envelope, MessageInput, PublishContext};
-use crate::domain::queue::{Queue, QueueStatus};
+use crate::domain::queue::{Compression, Queue, QueueStatus};
 use crate::domain::retry::{may_retry, retry_delay_ms};
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -228,38 +228,37 @@ pub async fn screen(
 ) -> ApiResult<Vec<(Delivery, Envelope)>> {
     let mut deliverable = Vec::with_capacity(deliveries.len());
     let mut skipped: Vec<(Delivery, Option<Envelope>, Outcome)> = Vec::new();
-    for delivery in deliveries {
-        let envelope = delivery
-            .envelope
-            .as_deref()
-            .and_then(|text| serde_json::from_str::<Envelope>(text).ok());
-        let Some(mut envelope) = envelope else {
-            skipped.push((delivery, None, Outcome::Filtered));
-            continue;
-        };
-        if let Err(error) = open_envelope(state, queue, &mut envelope) {
-            // Tampered or unreadable: never delivered, dead-lettered with the reason.
-            tracing::warn!(error = %error, message_id = envelope.message_id, "stored payload cannot be opened");
-            let reason = error.to_string();
-            match dead_letter(
-                state,
-                subscription,
-                queue,
-                envelope.clone(),
-                delivery.attempt,
-                "decryption-failed",
-                &reason,
-            )
-            .await
-            {
-                Ok(()) => skipped.push((delivery, Some(envelope), Outcome::DeadLetter)),
-                // Left in flight: retried, and dead-lettered then.
-                Err(error) => {
-                    tracing::warn!(error = %error, "dead-lettering an unreadable message failed")
-                }
+    for (delivery, opened) in open_deliveries(state, queue, deliveries).await? {
+        let envelope = match opened {
+            Opened::Unreadable => {
+                skipped.push((delivery, None, Outcome::Filtered));
+                continue;
             }
-            continue;
-        }
+            Opened::Sealed(envelope, error) => {
+                // Tampered or unreadable: never delivered, dead-lettered with the reason.
+                tracing::warn!(error = %error, message_id = envelope.message_id, "stored payload cannot be opened");
+                let reason = error.to_string();
+                match dead_letter(
+                    state,
+                    subscription,
+                    queue,
+                    envelope.clone(),
+                    delivery.attempt,
+                    "decryption-failed",
+                    &reason,
+                )
+                .await
+                {
+                    Ok(()) => skipped.push((delivery, Some(envelope), Outcome::DeadLetter)),
+                    // Left in flight: retried, and dead-lettered then.
+                    Err(error) => {
+                        tracing::warn!(error = %error, "dead-lettering an unreadable message failed")
+                    }
+                }
+                continue;
+            }
+            Opened::Plain(envelope) => envelope,
+        };
         if envelope.expires_at <= now {
             skipped.push((delivery, Some(envelope), Outcome::Expired));
             continue;
@@ -299,6 +298,59 @@ pub async fn screen(
         settle(state, queue, &settlements).await?;
     }
     Ok(deliverable)
+}
+
+/// A taken entry's envelope, decoded and opened.
+enum Opened {
+    /// No envelope, or not one the service wrote.
+    Unreadable,
+    /// Its payload cannot be opened (tampered, unknown key, not sealed on an encrypted queue).
+    Sealed(Envelope, SealError),
+    Plain(Envelope),
+}
+
+/// Above this much envelope text, decoding and opening run on the blocking pool.
+const INLINE_OPEN_BYTES: usize = 64 * 1024;
+
+/// Decodes and opens the envelopes of `deliveries`. Decryption, decompression and large
+/// envelopes run on the blocking pool, off the async threads.
+async fn open_deliveries(
+    state: &AppState,
+    queue: &Queue,
+    deliveries: Vec<Delivery>,
+) -> ApiResult<Vec<(Delivery, Opened)>> {
+    let text_bytes: usize = deliveries
+        .iter()
+        .map(|d| d.envelope.as_ref().map_or(0, String::len))
+        .sum();
+    let seals = queue.encrypted || queue.compression_type != Compression::None;
+    let sealer = state.sealer.clone();
+    let open = move |queue: &Queue| {
+        deliveries
+            .into_iter()
+            .map(|delivery| {
+                let opened = match delivery
+                    .envelope
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str::<Envelope>(text).ok())
+                {
+                    None => Opened::Unreadable,
+                    Some(mut envelope) => match open_envelope(&sealer, queue, &mut envelope) {
+                        Ok(()) => Opened::Plain(envelope),
+                        Err(error) => Opened::Sealed(envelope, error),
+                    },
+                };
+                (delivery, opened)
+            })
+            .collect()
+    };
+    if !seals && text_bytes <= INLINE_OPEN_BYTES {
+        return Ok(open(queue));
+    }
+    let queue = queue.clone();
+    tokio::task::spawn_blocking(move || open(&queue))
+        .await
+        .map_err(|error| ApiError::internal(format!("opening task failed: {error}")))
 }
 
 /// The tokens of `ack_ids` issued for this subscription; others (forged, foreign) are dropped.
@@ -616,15 +668,11 @@ fn binding<'a>(queue: &Queue, envelope: &'a Envelope) -> Binding<'a> {
 /// Opens a sealed payload in place (a plain one is left as it is). An encrypted queue only
 /// delivers what it encrypted itself: an entry without a key id was not written by the
 /// service (plaintext someone put into Redis) and is refused like a failed decryption.
-pub fn open_envelope(
-    state: &AppState,
-    queue: &Queue,
-    envelope: &mut Envelope,
-) -> Result<(), SealError> {
+fn open_envelope(sealer: &Sealer, queue: &Queue, envelope: &mut Envelope) -> Result<(), SealError> {
     match &envelope.sealed {
         Some(sealed) if queue.encrypted && sealed.key_id.is_none() => Err(SealError::NotSealed),
         Some(sealed) => {
-            envelope.payload = state.sealer.open(sealed, binding(queue, envelope))?;
+            envelope.payload = sealer.open(sealed, binding(queue, envelope))?;
             Ok(())
         }
         None if queue.encrypted => Err(SealError::NotSealed),

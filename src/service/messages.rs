@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::scheduler::Cancellation;
-use crate::crypto::{Binding, SealedPayload};
+use crate::crypto::{Binding, SealedPayload, Sealer};
 use crate::domain::message::Envelope;
 use crate::domain::queue::Queue;
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -77,7 +77,7 @@ pub async fn get(
         let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
         let stored = StoredPayload::of_record(&mut record);
         let mut view = from_record(&queue.name, record, deliveries);
-        set_payload(state, &queue, &mut view, stored);
+        set_payload(state, &queue, &mut view, stored).await;
         return Ok(view);
     }
     let waiting = state
@@ -92,7 +92,7 @@ pub async fn get(
         None => StoredPayload::Plain(std::mem::take(&mut envelope.payload)),
     };
     let mut view = from_waiting(&queue.name, partition, envelope);
-    set_payload(state, &queue, &mut view, stored);
+    set_payload(state, &queue, &mut view, stored).await;
     Ok(view)
 }
 
@@ -128,14 +128,26 @@ impl StoredPayload {
 
 /// Puts the plaintext payload in the view, or says why there is none. An encrypted queue
 /// shows only what it sealed itself: plaintext found there was not written by the service.
-fn set_payload(state: &AppState, queue: &Queue, view: &mut MessageView, stored: StoredPayload) {
+async fn set_payload(
+    state: &AppState,
+    queue: &Queue,
+    view: &mut MessageView,
+    stored: StoredPayload,
+) {
     let opened = match stored {
         // Null: a placeholder whose record has not arrived yet (a payload is never null).
         StoredPayload::Plain(value) if queue.encrypted && !value.is_null() => {
             Err("the stored payload of this encrypted queue is not sealed".to_owned())
         }
         StoredPayload::Plain(value) => Ok(value),
-        StoredPayload::Sealed(sealed) => open(state, queue, &sealed, &view.message_id),
+        // Decryption and decompression run off the async threads.
+        StoredPayload::Sealed(sealed) => {
+            let (sealer, queue, message_id) =
+                (state.sealer.clone(), queue.clone(), view.message_id.clone());
+            tokio::task::spawn_blocking(move || open(&sealer, &queue, &sealed, &message_id))
+                .await
+                .unwrap_or_else(|error| Err(format!("opening failed: {error}")))
+        }
         StoredPayload::Unreadable(reason) => Err(reason),
     };
     match opened {
@@ -149,7 +161,7 @@ fn set_payload(state: &AppState, queue: &Queue, view: &mut MessageView, stored: 
 }
 
 fn open(
-    state: &AppState,
+    sealer: &Sealer,
     queue: &Queue,
     sealed: &SealedPayload,
     message_id: &str,
@@ -159,8 +171,7 @@ fn open(
         queue_id: queue.id,
         message_id,
     };
-    state
-        .sealer
+    sealer
         .open(sealed, binding)
         .map_err(|error| error.to_string())
 }

@@ -16,11 +16,11 @@ const FRESH_FOR: Duration = Duration::from_secs(2);
 const SOFT_CAPACITY: usize = 10_000;
 const EVICT_AFTER: Duration = Duration::from_secs(600);
 
-/// A queue with its compiled payload schema.
+/// A queue with its compiled payload schema (or why its stored schema cannot be used).
 #[derive(Clone)]
 pub struct ResolvedQueue {
     pub queue: Arc<Queue>,
-    pub schema: Option<Arc<jsonschema::Validator>>,
+    pub schema: Option<Result<Arc<jsonschema::Validator>, String>>,
 }
 
 #[derive(Default)]

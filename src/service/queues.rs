@@ -10,6 +10,7 @@ use crate::auth::Tenant;
 use crate::domain::queue::{
     is_system_queue, CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
 };
+use crate::domain::schema;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
 use crate::service::queue_cache::{Lookup, ResolvedQueue};
@@ -71,17 +72,12 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
     };
     match state.store.find_queue(tenant_id, name).await {
         Ok(Some(queue)) => {
-            let schema = match &queue.schema_definition {
-                Some(definition) => Some(Arc::new(jsonschema::validator_for(definition).map_err(
-                    |error| {
-                        ApiError::internal(format!(
-                            "stored schema of queue {} does not compile: {error}",
-                            queue.id
-                        ))
-                    },
-                )?)),
-                None => None,
-            };
+            // A schema stored before the current rules (e.g. with look-around) no longer
+            // compiles: publishing says so; consuming is unaffected.
+            let schema = queue
+                .schema_definition
+                .as_ref()
+                .map(|definition| schema::compile(definition).map(Arc::new));
             let entry = ResolvedQueue {
                 queue: Arc::new(queue),
                 schema,
@@ -120,7 +116,8 @@ pub async fn ensure_exists(
         ..CreateQueueRequest::default()
     };
     let queue = Queue::create(tenant_id, request, defaults(state), Utc::now())?;
-    match state.store.insert_queue(&queue).await {
+    // Created for the tenant by the service: counted, never refused by the quota.
+    match state.store.insert_queue(&queue, None).await {
         Ok(_) => {
             state.partitions.expire();
             Ok(())
@@ -152,7 +149,10 @@ pub async fn create(
         refuse_system_queue(name, "create")?;
     }
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
-    let created = state.store.insert_queue(&queue).await?;
+    let created = state
+        .store
+        .insert_queue(&queue, Some(state.config.tenant_max_queues))
+        .await?;
     state.partitions.expire();
     audit::record(
         state,

@@ -16,7 +16,7 @@ use crate::service::audit::{self, Resource};
 use crate::service::publish;
 use crate::service::queues::{self, Page};
 use crate::state::AppState;
-use crate::store::subscriptions::SubscriptionListFilter;
+use crate::store::subscriptions::{SubscriptionListFilter, SubscriptionQuotas};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -205,7 +205,14 @@ pub async fn create(
         &tenant.principal,
     )
     .await?;
-    state.store.insert_subscription(&subscription).await?;
+    let quotas = SubscriptionQuotas {
+        per_tenant: state.config.tenant_max_subscriptions,
+        per_queue: state.config.queue_max_subscriptions,
+    };
+    state
+        .store
+        .insert_subscription(&subscription, quotas)
+        .await?;
     // The group's first subscription fixes its start; later members join where it is.
     let from_earliest = subscription.offset_reset_policy == OffsetReset::Earliest;
     if let Err(error) = state

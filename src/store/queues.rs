@@ -79,8 +79,38 @@ const COLUMNS: &str = "id, tenant_id, name, display_name, description, topic_typ
     schema_definition, compression_type, encrypted, is_public, allowed_producers, \
     allowed_consumers, status, created_at, updated_at";
 
+/// Serializes the quota checks of one tenant (count, then insert) within a transaction.
+pub(super) async fn lock_tenant(
+    connection: &mut sqlx::PgConnection,
+    tenant_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+        .bind(tenant_id)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
 impl Store {
-    pub async fn insert_queue(&self, queue: &Queue) -> ApiResult<Queue> {
+    /// Inserts the queue; with `max_queues`, only while the tenant has fewer queues (checked
+    /// under a per-tenant lock, so concurrent creates cannot pass it together).
+    pub async fn insert_queue(&self, queue: &Queue, max_queues: Option<u64>) -> ApiResult<Queue> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(max) = max_queues {
+            lock_tenant(&mut tx, queue.tenant_id).await?;
+            let count: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM message_topics WHERE tenant_id = $1")
+                    .bind(queue.tenant_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if count as u64 >= max {
+                return Err(ApiError::quota_exceeded(
+                    "TENANT_MAX_QUEUES",
+                    max,
+                    "the tenant has as many queues as it may",
+                ));
+            }
+        }
         let sql = format!(
             "INSERT INTO message_topics ({COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
@@ -107,7 +137,7 @@ impl Store {
             .bind(queue.status.as_str())
             .bind(queue.created_at)
             .bind(queue.updated_at)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(|error| {
                 if is_unique_violation(&error, "message_topics_tenant_name_key") {
@@ -119,6 +149,7 @@ impl Store {
                     error.into()
                 }
             })?;
+        tx.commit().await?;
         row.try_into()
     }
 

@@ -107,8 +107,48 @@ pub struct OutcomeCounts {
     pub expired: i64,
 }
 
+/// How many subscriptions a tenant may have, in all and to one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionQuotas {
+    pub per_tenant: u64,
+    pub per_queue: u64,
+}
+
 impl Store {
-    pub async fn insert_subscription(&self, subscription: &Subscription) -> ApiResult<()> {
+    /// Inserts the subscription while its tenant is within `quotas` (checked under a
+    /// per-tenant lock). A guest's subscriptions count against the guest's quotas only.
+    pub async fn insert_subscription(
+        &self,
+        subscription: &Subscription,
+        quotas: SubscriptionQuotas,
+    ) -> ApiResult<()> {
+        let mut tx = self.pool.begin().await?;
+        super::queues::lock_tenant(&mut tx, subscription.tenant_id).await?;
+        let (in_all, to_queue): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE topic_id = $2) \
+             FROM message_subscriptions WHERE tenant_id = $1",
+        )
+        .bind(subscription.tenant_id)
+        .bind(subscription.queue_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if in_all as u64 >= quotas.per_tenant {
+            return Err(ApiError::quota_exceeded(
+                "TENANT_MAX_SUBSCRIPTIONS",
+                quotas.per_tenant,
+                "the tenant has as many subscriptions as it may",
+            ));
+        }
+        if to_queue as u64 >= quotas.per_queue {
+            return Err(ApiError::quota_exceeded(
+                "QUEUE_MAX_SUBSCRIPTIONS",
+                quotas.per_queue,
+                &format!(
+                    "the tenant has as many subscriptions to queue '{}' as it may",
+                    subscription.queue
+                ),
+            ));
+        }
         sqlx::query(
             "INSERT INTO message_subscriptions (id, tenant_id, topic_id, consumer_group, consumer_name, \
                  subscription_type, offset_reset_policy, max_poll_records, session_timeout_ms, \
@@ -136,7 +176,7 @@ impl Store {
         .bind(subscription.created_at)
         .bind(subscription.updated_at)
         .bind(&subscription.principal)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|error| match &error {
             sqlx::Error::Database(db)
@@ -153,6 +193,7 @@ impl Store {
             }
             _ => error.into(),
         })?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ mod entries;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -125,12 +125,14 @@ enum BatchError {
     Ack(ApiError),
     #[error("injected failure before the acknowledgement")]
     Injected,
+    #[error("decoding entries failed: {0}")]
+    Task(String),
 }
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
     let batch_size = state.config.message_batch_size.max(100);
-    let mut owners: HashMap<String, PartitionRef> = HashMap::new();
+    let mut owners: Owners = Arc::default();
     let mut streams: Vec<String> = Vec::new();
     let mut refreshed: Option<Instant> = None;
     let mut claimed: Instant = Instant::now() - CLAIM_EVERY;
@@ -141,7 +143,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         if refreshed.is_none_or(|at| at.elapsed() >= STREAMS_REFRESH) {
             match load_streams(&state).await {
                 Ok((new_owners, new_streams)) => {
-                    owners = new_owners;
+                    owners = Arc::new(new_owners);
                     streams = new_streams;
                     refreshed = Some(Instant::now());
                 }
@@ -246,23 +248,29 @@ async fn claim_stale(
     Ok(entries)
 }
 
+/// Which partition each stream and journal belongs to.
+type Owners = Arc<HashMap<String, PartitionRef>>;
+
+/// Above this much entry data, entries are decoded on the blocking pool.
+const INLINE_READ_BYTES: usize = 64 * 1024;
+
 /// Writes what `entries` say, isolating what PostgreSQL refuses, then acks them all: those
 /// quarantined and those of a queue deleted meanwhile included, since retrying them would
 /// never succeed.
 async fn record(
     state: &AppState,
-    owners: &HashMap<String, PartitionRef>,
+    owners: &Owners,
     entries: &[StreamEntry],
 ) -> Result<(), BatchError> {
     let mut readable = Vec::with_capacity(entries.len());
-    for entry in entries {
+    for (entry, reading) in entries.iter().zip(read_entries(owners, entries).await?) {
         // No owner: the queue was deleted since the streams were listed.
-        let Some(owner) = owners.get(&entry.stream) else {
+        let Some((owner, reading)) = reading else {
             continue;
         };
-        match entries::read(owner, entry) {
+        match reading {
             Ok(contribution) => readable.push((entry, owner, Some(contribution))),
-            Err(reason) => quarantine(state, owner, entry, &reason).await?,
+            Err(reason) => quarantine(state, &owner, entry, &reason).await?,
         }
     }
     write_isolating(state, readable).await?;
@@ -276,11 +284,30 @@ async fn record(
         .map_err(BatchError::Ack)
 }
 
-type Readable<'a> = (
-    &'a StreamEntry,
-    &'a PartitionRef,
-    Option<entries::Contribution>,
-);
+type Reading = Option<(PartitionRef, Result<entries::Contribution, String>)>;
+
+/// Each entry's owner and what it says (`None`: its queue is gone). Large envelopes are
+/// decoded off the async threads.
+async fn read_entries(owners: &Owners, batch: &[StreamEntry]) -> Result<Vec<Reading>, BatchError> {
+    fn read(owners: &HashMap<String, PartitionRef>, batch: &[StreamEntry]) -> Vec<Reading> {
+        batch
+            .iter()
+            .map(|entry| {
+                let owner = owners.get(&entry.stream)?;
+                Some((*owner, entries::read(owner, entry)))
+            })
+            .collect()
+    }
+    if batch.iter().map(StreamEntry::size).sum::<usize>() <= INLINE_READ_BYTES {
+        return Ok(read(owners, batch));
+    }
+    let (owners, batch) = (owners.clone(), batch.to_vec());
+    tokio::task::spawn_blocking(move || read(&owners, &batch))
+        .await
+        .map_err(|error| BatchError::Task(error.to_string()))
+}
+
+type Readable<'a> = (&'a StreamEntry, PartitionRef, Option<entries::Contribution>);
 
 /// Writes the contributions in one transaction; when PostgreSQL refuses it, splits the batch
 /// in halves (in order) until each refused entry stands alone and is quarantined. Fails only
