@@ -48,6 +48,9 @@ pub struct Config {
     pub dedup_window_ms: u64,
     pub max_request_bytes: usize,
     pub webhook_denied_networks: Vec<Cidr>,
+    /// The proxy outbound webhooks go through; none unless set (HTTP_PROXY and the like are
+    /// ignored, so a variable meant for something else never reroutes tenants' pushes).
+    pub webhook_proxy_url: Option<String>,
     pub metrics_enabled: bool,
     pub metrics_max_queue_series: usize,
     /// How long the per-queue gauges of a scrape are reused (0: read at every scrape).
@@ -249,6 +252,7 @@ impl Config {
             dedup_window_ms: env.number("DEDUP_WINDOW_MS", 86_400_000, 1..=u64::MAX)?,
             max_request_bytes: env.number("MAX_REQUEST_BYTES", 16_777_216, 1..=usize::MAX)?,
             webhook_denied_networks: env.cidr_list("WEBHOOK_DENIED_NETWORKS")?,
+            webhook_proxy_url: env.optional_url("WEBHOOK_PROXY_URL")?,
             metrics_enabled: env.boolean("METRICS_ENABLED", true)?,
             metrics_max_queue_series: env.number(
                 "METRICS_MAX_QUEUE_SERIES",

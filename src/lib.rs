@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod error;
+pub mod faults;
 pub mod metrics;
 pub mod service;
 pub mod state;
@@ -55,8 +56,11 @@ impl Application {
         let sealer = Arc::new(crypto::Sealer::new(config.encryption.clone()));
         let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
         let webhooks = Arc::new(
-            service::webhook::WebhookClient::new(config.webhook_denied_networks.clone())
-                .context("cannot build the webhook HTTP client")?,
+            service::webhook::WebhookClient::new(
+                config.webhook_denied_networks.clone(),
+                config.webhook_proxy_url.as_deref(),
+            )
+            .context("cannot build the webhook HTTP client (WEBHOOK_PROXY_URL)")?,
         );
         let state = AppState {
             auth: Arc::new(Authenticator::new(
@@ -78,6 +82,7 @@ impl Application {
             webhooks,
             stats: Arc::default(),
             sealer,
+            faults: Arc::default(),
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),

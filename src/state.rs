@@ -37,6 +37,7 @@ pub struct AppState {
     pub webhooks: Arc<crate::service::webhook::WebhookClient>,
     pub stats: Arc<crate::stats::Stats>,
     pub sealer: Arc<crate::crypto::Sealer>,
+    pub faults: Arc<crate::faults::Faults>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

@@ -433,7 +433,7 @@ async fn a_batch_written_again_after_a_failed_ack_adds_nothing() {
         assert!(eventually(WAIT, || recorded(&app, "q", &id)).await);
     }
     // Every batch from now on is written, then fails before its ack, twice over.
-    app.state.recorder.inject_ack_failures(2);
+    app.state.faults.fail_recorder_acks(2);
     let pulled = app.pull(&subscription, 10, 1000).await;
     assert_eq!(pulled.len(), 5);
     let ack_ids: Vec<&str> = pulled

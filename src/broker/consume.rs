@@ -27,7 +27,8 @@ use crate::error::{ApiError, ApiResult};
 static ENSURE_GROUP: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream. ARGV: group, start id ('$' or '0'), recorder group.
+-- KEYS: stream, deletion tombstone. ARGV: group, start id ('$' or '0'), recorder group.
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
 end
@@ -107,7 +108,7 @@ return out
 static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, inflight, retry, attempts, journal.
+-- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone.
 -- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
 -- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
 -- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms).
@@ -115,6 +116,8 @@ static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- An ack also finishes an entry waiting for its retry (its late success still counts).
 local stream, inflight, retry, attempts, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, outcome = ARGV[2], ARGV[3]
+-- The queue was deleted: nothing to settle, and no journal to bring back.
+if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
 local deadline = redis.call('ZSCORE', inflight, id)
 if ARGV[4] ~= '' then
   if deadline ~= ARGV[4] then return 0 end
@@ -263,7 +266,7 @@ impl Broker {
         for keys in self.keys.partitions(queue_id, partition_count) {
             ENSURE_GROUP.add_to(
                 &mut pipeline,
-                &[&keys.stream],
+                &[&keys.stream, &keys.deleted],
                 &[
                     group.as_bytes(),
                     start.as_bytes(),
@@ -408,6 +411,7 @@ impl Broker {
                     &group_keys.retry,
                     &group_keys.attempts,
                     &keys.journal,
+                    &keys.deleted,
                 ],
                 &args,
             );

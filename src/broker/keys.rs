@@ -15,8 +15,15 @@
 //!                                    for the recorder; entries are deleted once recorded
 //! <prefix>{<queue id>.<p>}:trimmed   hash: consumer group -> entries retention removed
 //!                                    before the group read them
-//! <prefix>{<queue id>.<p>}:id:<messageId>  idempotency record, expiring after DEDUP_WINDOW_MS
-//! <prefix>{<queue id>.<p>}:cancelled:<messageId>  cancellation marker, expiring after 10 min
+//! <prefix>{<queue id>.<p>}:ids       hash: producer messageId -> where and when it was stored
+//!                                    (idempotency records, kept DEDUP_WINDOW_MS)
+//! <prefix>{<queue id>.<p>}:cancelled hash: messageId -> when it was cancelled (10 min)
+//! <prefix>{<queue id>.<p>}:expiring  sorted set: `id:<messageId>` / `cancelled:<messageId>`
+//!                                    -> when that record lapses; the publish, cancel and
+//!                                    release scripts remove lapsed records as they pass
+//! <prefix>{<queue id>.<p>}:deleted   tombstone of a deleted queue (24 h): scripts that would
+//!                                    write the partition do nothing, so a publish racing the
+//!                                    deletion on another instance cannot bring it back
 //! <prefix>{<queue id>.<p>}:inflight:<group>  entry id -> ack deadline of its delivery
 //! <prefix>{<queue id>.<p>}:retry:<group>     entry id -> when a failed delivery is retried
 //! <prefix>{<queue id>.<p>}:attempts:<group>  entry id -> deliveries made (absent = 1)
@@ -67,11 +74,19 @@ pub struct PartitionKeys {
     pub expiry: String,
     /// Hash: consumer group → entries retention removed before the group read them.
     pub trimmed: String,
+    /// Hash: producer message id → `<offset>|<published at>|<scheduled at>`.
+    pub ids: String,
+    /// Hash: message id → when it was cancelled (ms).
+    pub cancelled: String,
+    /// Sorted set: `id:<message id>` and `cancelled:<message id>` → when the record lapses.
+    pub expiring: String,
+    /// Present for a while after the queue was deleted.
+    pub deleted: String,
 }
 
 impl PartitionKeys {
-    /// Every key that holds this partition's data, for deletion.
-    pub fn all(&self) -> [&str; 7] {
+    /// Every key that holds this partition's data, for deletion (the tombstone aside).
+    pub fn all(&self) -> [&str; 10] {
         [
             &self.stream,
             &self.delayed,
@@ -80,6 +95,9 @@ impl PartitionKeys {
             &self.bytes,
             &self.expiry,
             &self.trimmed,
+            &self.ids,
+            &self.cancelled,
+            &self.expiring,
         ]
     }
 }
@@ -101,6 +119,10 @@ impl KeyLayout {
             bytes: format!("{tag}:bytes"),
             expiry: format!("{tag}:expiry"),
             trimmed: format!("{tag}:trimmed"),
+            ids: format!("{tag}:ids"),
+            cancelled: format!("{tag}:cancelled"),
+            expiring: format!("{tag}:expiring"),
+            deleted: format!("{tag}:deleted"),
         }
     }
 
@@ -112,14 +134,6 @@ impl KeyLayout {
             retry: format!("{tag}:retry:{group}"),
             attempts: format!("{tag}:attempts:{group}"),
         }
-    }
-
-    /// Marks a message cancelled while its record may still be on its way to PostgreSQL.
-    pub fn cancelled(&self, queue_id: Uuid, partition: u16, message_id: &str) -> String {
-        format!(
-            "{}{{{}.{}}}:cancelled:{}",
-            self.prefix, queue_id, partition, message_id
-        )
     }
 
     /// A lease held by one instance for a singleton job.
@@ -139,15 +153,6 @@ impl KeyLayout {
     /// Whether `key` is a partition's journal (as opposed to its message stream).
     pub fn is_journal(key: &str) -> bool {
         key.ends_with(":journal")
-    }
-
-    /// Remembers a producer's `messageId` for the idempotency window. It lives in the slot of
-    /// the partition the message is routed to, so the check and the append are one script.
-    pub fn idempotency(&self, queue_id: Uuid, partition: u16, message_id: &str) -> String {
-        format!(
-            "{}{{{}.{}}}:id:{}",
-            self.prefix, queue_id, partition, message_id
-        )
     }
 
     pub fn partitions(
@@ -175,7 +180,12 @@ mod tests {
         let id = Uuid::nil();
         let keys = layout.partition(id, 3);
         assert_eq!(keys.stream, format!("mq:{{{id}.3}}:stream"));
-        let tags: Vec<_> = keys.all().iter().map(|k| hash_tag(k).to_owned()).collect();
+        let tags: Vec<_> = keys
+            .all()
+            .iter()
+            .chain([&keys.deleted.as_str()])
+            .map(|k| hash_tag(k).to_owned())
+            .collect();
         assert!(tags.iter().all(|t| t == &tags[0]));
         assert_ne!(hash_tag(&layout.partition(id, 4).stream), tags[0]);
     }

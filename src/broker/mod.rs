@@ -26,6 +26,10 @@ use scripts::LuaScript;
 /// PostgreSQL. Subscription group names start with a letter or digit, so they never collide.
 pub const RECORDER_GROUP: &str = "__recorder";
 
+/// How long a deleted queue's partitions refuse writes: far longer than any instance keeps a
+/// queue in its cache (2 s, or while PostgreSQL is unreachable).
+const DELETION_TOMBSTONE_MS: u64 = 24 * 3600 * 1000;
+
 /// How long a request waits for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -216,16 +220,24 @@ impl Broker {
     }
 
     /// Removes all of the queue's keys: streams (with their consumer groups), delayed
-    /// messages, journals, and the delivery state of `groups`.
+    /// messages, journals, idempotency records, cancellation markers, counters, and the
+    /// delivery state of `groups`; then leaves a tombstone per partition for
+    /// `DELETION_TOMBSTONE_MS`, so that an instance still holding the queue in its cache
+    /// cannot write it back (the scripts that write a partition check it).
     pub async fn delete_queue(&self, queue: &Queue, groups: &[&str]) -> ApiResult<()> {
         let mut pipeline = redis::pipe();
         for partition in 0..queue.partition_count {
+            let keys = self.keys.partition(queue.id, partition);
             pipeline
-                .del(self.keys.partition(queue.id, partition).all().as_slice())
+                .set(&keys.deleted, "1")
+                .arg("PX")
+                .arg(DELETION_TOMBSTONE_MS)
                 .ignore();
+            // UNLINK: a large stream or hash is freed in the background.
+            pipeline.unlink(keys.all().as_slice()).ignore();
             for group in groups {
                 pipeline
-                    .del(self.keys.group(queue.id, partition, group).all().as_slice())
+                    .unlink(self.keys.group(queue.id, partition, group).all().as_slice())
                     .ignore();
             }
         }

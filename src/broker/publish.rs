@@ -18,30 +18,40 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis;
 
-use super::scripts::{self, LuaScript};
+use super::scripts::{self, prune_lapsed_lua, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::domain::message::ValidMessage;
 use crate::domain::queue::Queue;
 use crate::error::{ApiError, ErrorCode};
 
 static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
+    LuaScript::new(concat!(
+        prune_lapsed_lua!(),
         r#"
 -- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] delayed envelopes, KEYS[4] journal,
--- KEYS[5] byte counts, KEYS[6] expiry watch, KEYS[6 + i] idempotency key of message i.
--- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder group.
--- Message i, ARGV[3 + 10(i-1) + n] for n = 1..10: '1' when it has a producer id,
+-- KEYS[5] byte counts, KEYS[6] expiry watch, KEYS[7] idempotency records, KEYS[8]
+-- cancellation markers, KEYS[9] expiring records, KEYS[10] deletion tombstone.
+-- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder
+-- group, ARGV[4] now (ms).
+-- Message i, ARGV[4 + 10(i-1) + n] for n = 1..10: '1' when it has a producer id,
 -- publishedAt, scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt,
 -- message id, envelope, original payload bytes, stored payload bytes, '1' to watch its expiry.
 local stream, delayed, envelopes, journal, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ids, expiring = KEYS[7], KEYS[9]
+-- The queue was deleted (on another instance, while this one still knew it): store nothing.
+if redis.call('EXISTS', KEYS[10]) == 1 then return {'gone'} end
 local limit = tonumber(ARGV[1])
-local count = #KEYS - 6
+local now = tonumber(ARGV[4])
+local count = (#ARGV - 4) / 10
+prune_lapsed(ids, KEYS[8], expiring, now)
 
-local function arg(i, n) return ARGV[3 + 10 * (i - 1) + n] end
+local function arg(i, n) return ARGV[4 + 10 * (i - 1) + n] end
 
 local function previous(i)
-  if arg(i, 1) == '1' then return redis.call('GET', KEYS[6 + i]) end
-  return false
+  if arg(i, 1) ~= '1' then return false end
+  local lapses = tonumber(redis.call('ZSCORE', expiring, 'id:' .. arg(i, 6)))
+  if not lapses or lapses <= now then return false end
+  return redis.call('HGET', ids, arg(i, 6))
 end
 
 local function ensure_group(key)
@@ -105,15 +115,16 @@ for i = 1, count do
       results[#results + 1] = 's|'
     end
     if arg(i, 1) == '1' then
-      redis.call('SET', KEYS[6 + i], offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3), 'PX', ARGV[2])
+      redis.call('HSET', ids, arg(i, 6), offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3))
+      redis.call('ZADD', expiring, now + tonumber(ARGV[2]), 'id:' .. arg(i, 6))
     end
     redis.call('HINCRBY', bytes, 'original', arg(i, 8))
     redis.call('HINCRBY', bytes, 'stored', arg(i, 9))
   end
 end
 return results
-"#,
-    )
+"#
+    ))
 });
 
 /// Where a message was stored, or where it had been stored before (a duplicate).
@@ -136,6 +147,8 @@ pub struct PublishOutcome {
     pub stored: Vec<Option<Stored>>,
     /// The backlog of the first partition found full.
     pub full_backlog: Option<u64>,
+    /// The queue was deleted meanwhile (by another instance): nothing was stored.
+    pub queue_deleted: bool,
 }
 
 impl Broker {
@@ -145,6 +158,7 @@ impl Broker {
         queue: &Queue,
         messages: &[ValidMessage],
         dedup_window_ms: u64,
+        now_ms: i64,
     ) -> Result<PublishOutcome, ApiError> {
         let partition_bound = queue
             .max_length
@@ -159,6 +173,7 @@ impl Broker {
         let mut pipeline = redis::pipe();
         let bound = partition_bound.to_string();
         let window = dedup_window_ms.to_string();
+        let now = now_ms.to_string();
         for (partition, indexes) in &chunks {
             let keys = self.keys.partition(queue.id, *partition);
             let per_message: Vec<[String; 6]> = indexes
@@ -181,26 +196,23 @@ impl Broker {
                     ]
                 })
                 .collect();
-            let id_keys: Vec<String> = indexes
-                .iter()
-                .map(|&i| {
-                    self.keys
-                        .idempotency(queue.id, *partition, &messages[i].envelope.message_id)
-                })
-                .collect();
-            let mut all_keys: Vec<&str> = vec![
+            let all_keys: [&str; 10] = [
                 &keys.stream,
                 &keys.delayed,
                 &keys.delayed_envelopes,
                 &keys.journal,
                 &keys.bytes,
                 &keys.expiry,
+                &keys.ids,
+                &keys.cancelled,
+                &keys.expiring,
+                &keys.deleted,
             ];
-            all_keys.extend(id_keys.iter().map(String::as_str));
             let mut args: Vec<&[u8]> = vec![
                 bound.as_bytes(),
                 window.as_bytes(),
                 RECORDER_GROUP.as_bytes(),
+                now.as_bytes(),
             ];
             for (n, &i) in indexes.iter().enumerate() {
                 args.push(if messages[i].producer_id { b"1" } else { b"0" });
@@ -229,6 +241,7 @@ impl Broker {
         let mut outcome = PublishOutcome {
             stored: vec![None; messages.len()],
             full_backlog: None,
+            queue_deleted: false,
         };
         for ((_, indexes), reply) in chunks.iter().zip(replies) {
             match reply.first().map(String::as_str) {
@@ -244,6 +257,7 @@ impl Broker {
                         .unwrap_or(partition_bound);
                     outcome.full_backlog.get_or_insert(backlog);
                 }
+                Some("gone") => outcome.queue_deleted = true,
                 _ => {
                     return Err(ApiError::internal(format!(
                         "unexpected publish reply {reply:?}"

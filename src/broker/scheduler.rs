@@ -12,16 +12,19 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis;
 
-use super::scripts::{self, LuaScript};
+use super::scripts::{self, prune_lapsed_lua, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::ApiResult;
 use crate::service::partitions::PartitionRef;
 
 static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
+    LuaScript::new(concat!(
+        prune_lapsed_lua!(),
         r#"
--- KEYS: delayed set, delayed envelopes, stream, journal, expiry watch.
+-- KEYS: delayed set, delayed envelopes, stream, journal, expiry watch, idempotency records,
+-- cancellation markers, expiring records.
 -- ARGV: now (ms), batch limit, recorder group.
+prune_lapsed(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[1]))
 local function ensure_group(key)
   if redis.call('EXISTS', key) == 0 then
     redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
@@ -87,30 +90,37 @@ local next_expiry = tonumber(redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')[2
 local next_due = next_delayed
 if next_due < 0 or (next_expiry >= 0 and next_expiry < next_due) then next_due = next_expiry end
 return {released, expired, math.max(#due, #lapsed), tostring(next_due)}
-"#,
-    )
+"#
+    ))
 });
 
 static CANCEL: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
+    LuaScript::new(concat!(
+        prune_lapsed_lua!(),
         r#"
--- KEYS: delayed set, delayed envelopes, journal, cancellation marker of the message.
+-- KEYS: delayed set, delayed envelopes, journal, cancellation markers, idempotency records,
+-- expiring records, deletion tombstone.
 -- ARGV: message id, now (ms), recorder group, how long the marker lasts (ms).
 -- Returns 1 when cancelled now, 2 when cancelled before, 0 when not waiting here.
+if redis.call('EXISTS', KEYS[7]) == 1 then return 0 end
+local now = tonumber(ARGV[2])
+prune_lapsed(KEYS[5], KEYS[4], KEYS[6], now)
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
-  if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
+  local lapses = tonumber(redis.call('ZSCORE', KEYS[6], 'cancelled:' .. ARGV[1]))
+  if lapses and lapses > now then return 2 end
   return 0
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 -- Until the recorder has written the cancellation, this marker answers a repeated cancel.
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), 'cancelled:' .. ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[3], '0', 'MKSTREAM')
 end
 redis.call('XADD', KEYS[3], '*', 'k', 'cancelled', 'id', ARGV[1], 't', ARGV[2])
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// How long a cancelled message's marker outlives its cancellation: far longer than the
@@ -162,6 +172,9 @@ impl Broker {
                     &keys.stream,
                     &keys.journal,
                     &keys.expiry,
+                    &keys.ids,
+                    &keys.cancelled,
+                    &keys.expiring,
                 ],
                 &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
             );
@@ -198,14 +211,16 @@ impl Broker {
         let mut pipeline = redis::pipe();
         for partition in 0..partition_count {
             let keys = self.keys.partition(queue_id, partition);
-            let marker = self.keys.cancelled(queue_id, partition, message_id);
             CANCEL.add_to(
                 &mut pipeline,
                 &[
                     &keys.delayed,
                     &keys.delayed_envelopes,
                     &keys.journal,
-                    &marker,
+                    &keys.cancelled,
+                    &keys.ids,
+                    &keys.expiring,
+                    &keys.deleted,
                 ],
                 &[
                     message_id.as_bytes(),

@@ -3,6 +3,26 @@
 use deadpool_redis::redis::{self, Pipeline};
 use deadpool_redis::Connection;
 
+/// Lua defining `prune_lapsed(ids, cancelled, expiring, now)`, which removes up to 100
+/// idempotency records and cancellation markers whose time has passed. Put before the body of
+/// the scripts that hold a partition's `ids`, `cancelled` and `expiring` keys, so lapsed
+/// records go as messages pass instead of each holding a key with its own expiry.
+macro_rules! prune_lapsed_lua {
+    () => {
+        r#"
+local function prune_lapsed(ids, cancelled, expiring, now)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', expiring, '-inf', now, 'LIMIT', 0, 100)) do
+    local kind, id = string.match(member, '^(%a+):(.*)$')
+    if kind == 'id' then redis.call('HDEL', ids, id) end
+    if kind == 'cancelled' then redis.call('HDEL', cancelled, id) end
+    redis.call('ZREM', expiring, member)
+  end
+end
+"#
+    };
+}
+pub(super) use prune_lapsed_lua;
+
 pub struct LuaScript {
     source: &'static str,
     hash: String,

@@ -128,9 +128,18 @@ async fn publish(
     let queue = &resolved.queue;
     let outcome = state
         .broker
-        .publish(queue, &messages, state.config.dedup_window_ms)
+        .publish(
+            queue,
+            &messages,
+            state.config.dedup_window_ms,
+            context.now_ms,
+        )
         .await
         .map_err(ApiError::during_publish)?;
+    if outcome.queue_deleted {
+        state.queue_cache.invalidate(queue.tenant_id, &queue.name);
+        return Err(ApiError::queue_not_found(&queue.name));
+    }
 
     if messages.iter().any(|m| m.hold_until.is_none()) {
         state.signals.notify(queue.id);

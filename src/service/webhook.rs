@@ -4,7 +4,9 @@
 //! Outbound safety: only http(s) URLs (checked when the subscription is written), redirects
 //! are never followed, and the address a host resolves to is checked against
 //! `WEBHOOK_DENIED_NETWORKS` at delivery time (so a DNS name cannot be pointed at a denied
-//! network after the subscription was accepted).
+//! network after the subscription was accepted). Proxy variables of the environment are
+//! ignored; `WEBHOOK_PROXY_URL` sends pushes through a proxy on purpose (then names are
+//! resolved by the proxy, and only IP literals are checked here).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -42,9 +44,15 @@ pub struct WebhookClient {
 }
 
 impl WebhookClient {
-    pub fn new(denied: Vec<Cidr>) -> anyhow::Result<WebhookClient> {
+    /// A client for pushes: through `proxy` when one is configured, and otherwise directly,
+    /// whatever `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY` the process inherited.
+    pub fn new(denied: Vec<Cidr>, proxy: Option<&str>) -> anyhow::Result<WebhookClient> {
         let denied = Arc::new(denied);
-        let http = reqwest::Client::builder()
+        let builder = match proxy {
+            Some(url) => reqwest::Client::builder().proxy(reqwest::Proxy::all(url)?),
+            None => reqwest::Client::builder().no_proxy(),
+        };
+        let http = builder
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(GuardedResolver {
                 denied: denied.clone(),

@@ -44,6 +44,7 @@ const DEADLINE_MARGIN_MS: i64 = 5000;
 struct Served {
     updated_at: DateTime<Utc>,
     stop: CancellationToken,
+    task: tokio::task::Id,
 }
 
 /// Push permits per tenant, shared by all its subscriptions (`WEBHOOK_TENANT_CONCURRENCY`):
@@ -73,7 +74,7 @@ impl TenantPermits {
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let tenant_permits = Arc::new(TenantPermits::default());
     let mut served: HashMap<Uuid, Served> = HashMap::new();
-    let mut tasks = JoinSet::new();
+    let mut tasks: JoinSet<Uuid> = JoinSet::new();
     loop {
         let subscriptions = state.subscriptions.current(&state.store).await;
         let wanted: HashMap<Uuid, &Subscription> = subscriptions
@@ -98,29 +99,68 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 continue;
             }
             let stop = shutdown.child_token();
-            served.insert(
-                id,
-                Served {
-                    updated_at: subscription.updated_at,
-                    stop: stop.clone(),
-                },
-            );
             let tenant = tenant_permits.of(
                 subscription.tenant_id,
                 state.config.webhook_tenant_concurrency,
             );
-            tasks.spawn(serve(state.clone(), subscription.clone(), tenant, stop));
+            let task = tasks
+                .spawn(serve(
+                    state.clone(),
+                    subscription.clone(),
+                    tenant,
+                    stop.clone(),
+                ))
+                .id();
+            served.insert(
+                id,
+                Served {
+                    updated_at: subscription.updated_at,
+                    stop,
+                    task,
+                },
+            );
         }
-        while tasks.try_join_next().is_some() {}
         tenant_permits.prune();
         tokio::select! {
             () = tokio::time::sleep(RECONCILE_EVERY) => {}
             () = state.subscriptions.changed() => {}
+            Some(ended) = tasks.join_next_with_id() => supervise(ended, &mut served),
             () = shutdown.cancelled() => break,
+        }
+        while let Some(ended) = tasks.try_join_next_with_id() {
+            supervise(ended, &mut served);
         }
     }
     // Serving tasks watch child tokens of `shutdown`: they are stopping; wait for their pushes.
     while tasks.join_next().await.is_some() {}
+}
+
+/// A serving task ended. One that was stopped (its subscription changed) is done; one that
+/// panicked, or ended on its own, leaves its subscription unserved: it is dropped from
+/// `served`, so the reconciliation that follows starts it again.
+fn supervise(
+    ended: Result<(tokio::task::Id, Uuid), tokio::task::JoinError>,
+    served: &mut HashMap<Uuid, Served>,
+) {
+    let (task, panic) = match &ended {
+        Ok((task, _)) => (*task, None),
+        Err(error) => (error.id(), error.is_panic().then_some(error)),
+    };
+    let Some((&subscription, serving)) = served.iter().find(|(_, s)| s.task == task) else {
+        return;
+    };
+    if serving.stop.is_cancelled() {
+        return;
+    }
+    match panic {
+        Some(error) => {
+            tracing::error!(subscription = %subscription, error = %error, "webhook serving task panicked; restarting it")
+        }
+        None => {
+            tracing::warn!(subscription = %subscription, "webhook serving task ended on its own; restarting it")
+        }
+    }
+    served.remove(&subscription);
 }
 
 /// Serves one webhook subscription until `stop`.
@@ -129,7 +169,7 @@ async fn serve(
     subscription: Subscription,
     tenant_permits: Arc<Semaphore>,
     stop: CancellationToken,
-) {
+) -> Uuid {
     let concurrency = subscription
         .handler_config
         .concurrency
@@ -148,6 +188,12 @@ async fn serve(
     let mut first_partition = 0u16;
     let mut denied = false;
     while !stop.is_cancelled() {
+        if state.faults.serving_panics(subscription.id) {
+            panic!(
+                "injected fault: the serving task of {} panics",
+                subscription.id
+            );
+        }
         while pushes.try_join_next().is_some() {}
         let Ok(resolved) =
             queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
@@ -248,6 +294,7 @@ async fn serve(
     }
     // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
     while pushes.join_next().await.is_some() {}
+    subscription.id
 }
 
 /// Waits for a reason to look again: a message arrived, a push finished, or time passed.

@@ -271,6 +271,18 @@ impl TestApp {
         (Self::start(database, &proxied_url, |_| {}).await, proxy)
     }
 
+    /// Starts the service reaching Redis through a TCP proxy the test can cut.
+    pub async fn spawn_behind_redis_proxy() -> (TestApp, proxy::TcpProxy) {
+        let target = url_socket_address(&redis_url(), 6379).await;
+        let proxy = proxy::TcpProxy::start(target).await;
+        let proxied_url = with_authority(&redis_url(), &proxy.address.to_string());
+        let app = Self::spawn_with(|env| {
+            env.insert("REDIS_URL".into(), proxied_url);
+        })
+        .await;
+        (app, proxy)
+    }
+
     /// A second service instance on the same database and Redis keys, as in a deployment of
     /// several instances. Dropping it leaves the data to the first.
     pub async fn spawn_sibling(&self) -> TestApp {
@@ -327,7 +339,11 @@ impl TestApp {
         });
         TestApp {
             address,
-            client: reqwest::Client::new(),
+            // Never through a proxy the environment names: tests talk to the service directly.
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("HTTP client"),
             tenant: Uuid::new_v4(),
             redis,
             state,

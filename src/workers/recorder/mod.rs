@@ -16,7 +16,7 @@
 mod entries;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,9 +48,6 @@ pub struct RecorderStatus {
     waiting: AtomicU64,
     last_success_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
-    /// Fault injection for tests: batches that fail as if Redis refused their ack after they
-    /// were written.
-    injected_ack_failures: AtomicU32,
 }
 
 #[derive(Serialize)]
@@ -83,18 +80,6 @@ impl RecorderStatus {
                 .flatten(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
-    }
-
-    /// Makes the next `count` batches fail after they were written and before their ack, as a
-    /// Redis failure at that moment would (for tests of the writer's idempotency).
-    pub fn inject_ack_failures(&self, count: u32) {
-        self.injected_ack_failures.store(count, Ordering::SeqCst);
-    }
-
-    fn take_injected_ack_failure(&self) -> bool {
-        self.injected_ack_failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
     }
 
     fn succeeded(&self, count: usize) {
@@ -274,7 +259,7 @@ async fn record(
         }
     }
     write_isolating(state, readable).await?;
-    if state.recorder.take_injected_ack_failure() {
+    if state.faults.recorder_ack_fails() {
         return Err(BatchError::Injected);
     }
     state
