@@ -16,6 +16,7 @@ use crate::error::ApiError;
 
 /// Clock skew tolerated on `exp` (API.md: at most 60 s).
 const EXP_LEEWAY_SECS: u64 = 60;
+const MAX_PRINCIPAL_CHARS: usize = 1024;
 
 /// Verification material, built once from the configuration.
 pub struct Authenticator {
@@ -57,9 +58,18 @@ impl Authenticator {
             .as_deref()
             .and_then(|raw| Uuid::parse_str(raw).ok())
             .ok_or_else(|| ApiError::unauthorized("token lacks a UUID tenant_id claim"))?;
+        let principal = data.claims.sub.unwrap_or_default();
+        // The principal is stored (a subscription's creator) and compared with ACLs.
+        if principal.chars().count() > MAX_PRINCIPAL_CHARS
+            || principal.chars().any(char::is_control)
+        {
+            return Err(ApiError::unauthorized(
+                "token claim sub must be at most 1024 characters, none of them control characters",
+            ));
+        }
         Ok(Tenant {
             tenant_id,
-            principal: data.claims.sub.unwrap_or_default(),
+            principal,
         })
     }
 

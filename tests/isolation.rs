@@ -602,3 +602,123 @@ fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+#[tokio::test]
+async fn nul_in_any_field_of_any_route_is_a_client_error() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "q"})).await;
+    let nul = "a\u{0}b";
+    let requests: Vec<(Method, String, Option<Value>)> = vec![
+        (
+            Method::POST,
+            "/api/v1/mq/publish".into(),
+            Some(json!({"queue": nul, "payload": 1})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/queues".into(),
+            Some(json!({"name": nul})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/queues".into(),
+            Some(json!({"name": "d", "description": nul})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/queues".into(),
+            Some(json!({"name": "n", "displayName": nul})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/queues".into(),
+            Some(json!({"name": "s", "schemaDefinition": {"const": nul}})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/queues".into(),
+            Some(json!({"name": "p", "allowedProducers": [nul]})),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/mq/queues/q".into(),
+            Some(json!({"description": nul})),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/mq/queues/{}", common::urlencode(nul)),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/mq/queues?search={}", common::urlencode(nul)),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/mq/subscriptions?queue={}", common::urlencode(nul)),
+            None,
+        ),
+        (
+            Method::GET,
+            format!(
+                "/api/v1/mq/subscriptions?consumerGroup={}",
+                common::urlencode(nul)
+            ),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/mq/messages/{}?queue=q", common::urlencode(nul)),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/api/v1/mq/messages/{}?queue=q", common::urlencode(nul)),
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/subscriptions".into(),
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "redis_consumer", "messageFilter": {"key": nul}}),
+            ),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/subscriptions".into(),
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "webhook",
+                        "handlerConfig": {"url": format!("http://127.0.0.1/{nul}")}}),
+            ),
+        ),
+        (
+            Method::POST,
+            "/api/v1/mq/subscriptions".into(),
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "webhook",
+                        "handlerConfig": {"url": "http://127.0.0.1/", "secret": nul}}),
+            ),
+        ),
+    ];
+    for (method, path, body) in requests {
+        let label = format!("{method} {path}");
+        let (status, answer) = app.call(method, &path, body).await;
+        assert!((400..500).contains(&status), "{label}: {status} {answer}");
+        assert!(answer["code"].is_string(), "{label}: {answer}");
+    }
+    let token = common::sign(json!({"tenant_id": app.tenant, "sub": nul,
+                                    "exp": chrono::Utc::now().timestamp() + 60}));
+    let response = app
+        .client
+        .get(app.url("/api/v1/mq/queues"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = common::read(response).await;
+    assert_error(status, &answer, 401, "MQ_UNAUTHORIZED");
+}

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::validation::{is_valid_name, nullable, string_enum, Problems};
+use super::validation::{holds_nul, is_free_text, is_valid_name, nullable, string_enum, Problems};
 use crate::error::ApiError;
 
 pub const MAX_PARTITIONS: i64 = 64;
@@ -283,7 +283,9 @@ impl Queue {
         if let Some(schema) = fields.schema_definition {
             let schema = schema.filter(|value| !value.is_null());
             if let Some(schema) = &schema {
-                if let Err(reason) = super::schema::check(schema) {
+                if holds_nul(schema) {
+                    problems.add("schemaDefinition", "must not hold the NUL character");
+                } else if let Err(reason) = super::schema::check(schema) {
                     problems.add(
                         "schemaDefinition",
                         format!("is not a valid JSON Schema: {reason}"),
@@ -336,6 +338,15 @@ impl Queue {
             "description",
             || format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
         );
+        for (field, text) in [
+            ("displayName", &self.display_name),
+            ("description", &self.description),
+        ] {
+            problems.check(text.as_deref().is_none_or(is_free_text), field, || {
+                "must not contain control characters other than tab, line feed and carriage return"
+                    .into()
+            });
+        }
     }
 }
 
@@ -361,10 +372,15 @@ fn check_principals(problems: &mut Problems, field: &str, list: &[String]) {
         );
     }
     for (index, principal) in list.iter().enumerate() {
-        if principal.is_empty() || principal.chars().count() > MAX_PRINCIPAL_CHARS {
+        if principal.is_empty()
+            || principal.chars().count() > MAX_PRINCIPAL_CHARS
+            || principal.chars().any(char::is_control)
+        {
             problems.add(
                 format!("{field}[{index}]"),
-                format!("must be 1-{MAX_PRINCIPAL_CHARS} characters"),
+                format!(
+                    "must be 1-{MAX_PRINCIPAL_CHARS} characters, none of them control characters"
+                ),
             );
         }
     }
@@ -510,9 +526,17 @@ impl QueueListQuery {
         let status = non_empty(self.status).and_then(|text| {
             problems.choice("status", &text, QueueStatus::parse, QueueStatus::ALL)
         });
+        let name_prefix = non_empty(self.search);
+        problems.check(
+            name_prefix
+                .as_deref()
+                .is_none_or(|prefix| !prefix.chars().any(char::is_control)),
+            "search",
+            || "must not contain control characters".into(),
+        );
         let filter = QueueListFilter {
             status,
-            name_prefix: non_empty(self.search),
+            name_prefix,
             limit,
             offset,
         };

@@ -11,7 +11,7 @@ use axum::http::{HeaderName, HeaderValue};
 
 use super::filter::Filter;
 use super::retry::MAX_RETRY_DELAY_MS;
-use super::validation::{is_valid_name, nullable, string_enum, Problems};
+use super::validation::{holds_nul, is_valid_name, nullable, string_enum, Problems};
 use crate::error::ApiError;
 
 const MAX_POLL_RECORDS: i64 = 1000;
@@ -398,7 +398,9 @@ impl Subscription {
         if let Some(value) = changes.message_filter {
             let filter = value.filter(|v| !v.is_null());
             if let Some(filter) = &filter {
-                if let Err(problem) = Filter::parse(filter) {
+                if holds_nul(filter) {
+                    problems.add("messageFilter", "must not hold the NUL character");
+                } else if let Err(problem) = Filter::parse(filter) {
                     problems.add("messageFilter", problem);
                 }
             }
@@ -432,9 +434,12 @@ fn handler_config(
         let scheme_ok = url
             .split_once("://")
             .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
-        problems.check(scheme_ok && url.len() <= 2048, "handlerConfig.url", || {
-            "must be an http:// or https:// URL of at most 2048 characters".into()
-        });
+        let parses = reqwest::Url::parse(url).is_ok() && !url.chars().any(char::is_control);
+        problems.check(
+            scheme_ok && parses && url.len() <= 2048,
+            "handlerConfig.url",
+            || "must be an http:// or https:// URL of at most 2048 characters".into(),
+        );
     }
     let timeout_ms = input.timeout_ms.map(|value| {
         problems.in_range(
@@ -484,9 +489,9 @@ fn handler_config(
     }
     if let Some(secret) = &input.secret {
         problems.check(
-            (1..=512).contains(&secret.len()),
+            (1..=512).contains(&secret.len()) && !secret.chars().any(char::is_control),
             "handlerConfig.secret",
-            || "must be 1-512 characters".into(),
+            || "must be 1-512 characters, none of them control characters".into(),
         );
     }
     HandlerConfig {

@@ -102,6 +102,28 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// Whether a JSON value holds the NUL character in a string or a key: PostgreSQL's jsonb
+/// cannot store it, so configuration that does is refused up front.
+pub fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        _ => false,
+    }
+}
+
+/// Free text (descriptions, header values): any character but the control characters,
+/// except tab, line feed and carriage return.
+pub fn is_free_text(text: &str) -> bool {
+    !text
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+}
+
 /// Name rule shared by queues and consumer groups: 1–200 of `[A-Za-z0-9._-]`, starting with
 /// a letter or digit.
 pub fn is_valid_name(name: &str) -> bool {

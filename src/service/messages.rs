@@ -55,6 +55,12 @@ pub struct DeliveryView {
     pub at: DateTime<Utc>,
 }
 
+/// No message can have an id that is empty, over 200 characters or holding NUL (which
+/// PostgreSQL refuses): such a lookup is answered without one.
+fn can_exist(message_id: &str) -> bool {
+    !message_id.is_empty() && message_id.chars().count() <= 200 && !message_id.contains('\0')
+}
+
 fn not_found(message_id: &str) -> ApiError {
     ApiError::new(
         ErrorCode::MessageNotFound,
@@ -69,6 +75,9 @@ pub async fn get(
     message_id: &str,
 ) -> ApiResult<MessageView> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    if !can_exist(message_id) {
+        return Err(not_found(message_id));
+    }
     if let Some(mut record) = state
         .store
         .find_message_record(queue.id, message_id)
@@ -184,6 +193,9 @@ pub async fn cancel(
     message_id: &str,
 ) -> ApiResult<()> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    if !can_exist(message_id) {
+        return Err(not_found(message_id));
+    }
     let not_cancellable = |status: &str| {
         ApiError::new(
             ErrorCode::MessageNotCancellable,

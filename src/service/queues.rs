@@ -11,6 +11,7 @@ use crate::domain::queue::{
     is_system_queue, CreateQueueRequest, Queue, QueueDefaults, QueueListFilter, UpdateQueueRequest,
 };
 use crate::domain::schema;
+use crate::domain::validation::is_valid_name;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
 use crate::service::queue_cache::{Lookup, ResolvedQueue};
@@ -55,6 +56,10 @@ fn defaults(state: &AppState) -> QueueDefaults {
 
 /// The tenant's queue by name; another tenant's queue is "not found" exactly like a missing one.
 pub async fn require(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<Queue> {
+    // A name no queue can have is not looked up (nor sent to PostgreSQL, which refuses NUL).
+    if !is_valid_name(name) {
+        return Err(ApiError::queue_not_found(name));
+    }
     state
         .store
         .find_queue(tenant_id, name)
@@ -65,6 +70,9 @@ pub async fn require(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
 /// The tenant's queue with its compiled schema, from the cache when fresh. While PostgreSQL
 /// is unreachable a stale entry is used rather than failing the caller.
 pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult<ResolvedQueue> {
+    if !is_valid_name(name) {
+        return Err(ApiError::queue_not_found(name));
+    }
     let stale = match state.queue_cache.lookup(tenant_id, name) {
         Lookup::Fresh(entry) => return Ok(entry),
         Lookup::Stale(entry) => Some(entry),

@@ -10,7 +10,7 @@ use crate::domain::subscription::{
     default_dead_letter_queue, CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription,
     SubscriptionDefaults, SubscriptionStatus, SubscriptionType, UpdateSubscriptionRequest,
 };
-use crate::domain::validation::Problems;
+use crate::domain::validation::{is_valid_name, Problems};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
 use crate::service::publish;
@@ -69,9 +69,16 @@ impl SubscriptionListQuery {
                 SubscriptionStatus::ALL,
             )
         });
+        let queue = self.queue.filter(|q| !q.is_empty());
+        let consumer_group = self.consumer_group.filter(|g| !g.is_empty());
+        for (field, name) in [("queue", &queue), ("consumerGroup", &consumer_group)] {
+            problems.check(name.as_deref().is_none_or(is_valid_name), field, || {
+                "must be a name of 1-200 characters of [A-Za-z0-9._-]".into()
+            });
+        }
         let filter = SubscriptionListFilter {
-            queue: self.queue.filter(|q| !q.is_empty()),
-            consumer_group: self.consumer_group.filter(|g| !g.is_empty()),
+            queue,
+            consumer_group,
             status,
             limit,
             offset,
