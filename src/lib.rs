@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod faults;
+pub mod memory;
 pub mod metrics;
 pub mod service;
 pub mod state;

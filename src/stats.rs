@@ -6,7 +6,7 @@
 //! They are this instance's view: with several instances, each reports what it handled
 //! (Prometheus sums the counters across instances).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use chrono::Utc;
@@ -17,27 +17,33 @@ const RATE_WINDOW_SECS: usize = 60;
 const LATENCY_WINDOW_MINUTES: usize = 5;
 const MAX_LATENCY_MS: u64 = 24 * 3600 * 1000;
 
-/// Events per second over the last minute.
-#[derive(Clone)]
+/// Events per second over the last minute: one bucket per second that had events, oldest
+/// first, so an idle window holds nothing and a busy one at most sixty buckets.
+#[derive(Clone, Default)]
 struct RollingCounter {
-    buckets: [(i64, u64); RATE_WINDOW_SECS],
-}
-
-impl Default for RollingCounter {
-    fn default() -> Self {
-        RollingCounter {
-            buckets: [(-1, 0); RATE_WINDOW_SECS],
-        }
-    }
+    buckets: VecDeque<(i64, u64)>,
 }
 
 impl RollingCounter {
     fn add(&mut self, now_s: i64, amount: u64) {
-        let slot = &mut self.buckets[now_s.rem_euclid(RATE_WINDOW_SECS as i64) as usize];
-        if slot.0 != now_s {
-            *slot = (now_s, 0);
+        // Callers may arrive a second out of order: find the second from the newest end.
+        match self
+            .buckets
+            .iter()
+            .rposition(|(second, _)| *second <= now_s)
+        {
+            Some(at) if self.buckets[at].0 == now_s => self.buckets[at].1 += amount,
+            Some(at) => self.buckets.insert(at + 1, (now_s, amount)),
+            None => self.buckets.push_front((now_s, amount)),
         }
-        slot.1 += amount;
+        let newest = self.buckets.back().map_or(now_s, |(second, _)| *second);
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(second, _)| *second <= newest - RATE_WINDOW_SECS as i64)
+        {
+            self.buckets.pop_front();
+        }
     }
 
     fn total(&self, now_s: i64) -> u64 {
@@ -54,11 +60,7 @@ impl RollingCounter {
 
     /// The last second anything was counted (-1 for never).
     fn last_active(&self) -> i64 {
-        self.buckets
-            .iter()
-            .map(|(second, _)| *second)
-            .max()
-            .unwrap_or(-1)
+        self.buckets.back().map_or(-1, |(second, _)| *second)
     }
 }
 
@@ -395,6 +397,23 @@ mod tests {
             latency.merged(600 + 6 * 60).len(),
             0,
             "older than five minutes"
+        );
+    }
+
+    #[test]
+    fn out_of_order_seconds_land_in_their_bucket() {
+        let mut counter = RollingCounter::default();
+        counter.add(101, 1);
+        counter.add(100, 2);
+        counter.add(101, 3);
+        counter.add(99, 1);
+        assert_eq!(counter.buckets, [(99, 1), (100, 2), (101, 4)]);
+        assert_eq!(counter.total(101), 7);
+        counter.add(160, 1);
+        assert_eq!(
+            counter.buckets,
+            [(101, 4), (160, 1)],
+            "older than a minute: gone"
         );
     }
 

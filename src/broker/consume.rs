@@ -20,6 +20,7 @@ use std::sync::LazyLock;
 use deadpool_redis::redis::{self, FromRedisValue};
 use uuid::Uuid;
 
+use super::keys::PartitionKeys;
 use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::{ApiError, ApiResult};
@@ -517,7 +518,7 @@ impl Broker {
         Ok(all.pop().unwrap_or_default())
     }
 
-    /// `group_stats` of many (queue, partitions, group, consumer) in one round trip.
+    /// `group_stats` of many (queue, partitions, group, consumer), in bounded pipelines.
     pub async fn groups_stats(
         &self,
         groups: &[(Uuid, u16, &str, &str)],
@@ -525,19 +526,26 @@ impl Broker {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for (queue_id, partition_count, group, consumer) in groups {
-            for keys in self.keys.partitions(*queue_id, *partition_count) {
-                GROUP_STATS.add_to(
-                    &mut pipeline,
-                    &[&keys.stream, &keys.trimmed],
-                    &[group.as_bytes(), consumer.as_bytes()],
-                );
+        let mut partitions: Vec<(PartitionKeys, &str, &str)> = Vec::new();
+        for (queue_id, count, group, consumer) in groups {
+            for keys in self.keys.partitions(*queue_id, *count) {
+                partitions.push((keys, group, consumer));
             }
         }
         let mut connection = self.pool.get().await?;
-        let partitions: Vec<(u64, u64, u64, u64)> =
-            scripts::run(&mut connection, &pipeline, &[&GROUP_STATS]).await?;
+        let partitions: Vec<(u64, u64, u64, u64)> = scripts::run_chunked(
+            &mut connection,
+            &GROUP_STATS,
+            partitions,
+            |pipeline, (keys, group, consumer)| {
+                GROUP_STATS.add_to(
+                    pipeline,
+                    &[&keys.stream, &keys.trimmed],
+                    &[group.as_bytes(), consumer.as_bytes()],
+                );
+            },
+        )
+        .await?;
         let mut partitions = partitions.into_iter();
         Ok(groups
             .iter()

@@ -19,7 +19,7 @@ use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 
 use crate::domain::queue::Queue;
 use crate::error::ApiResult;
-use keys::KeyLayout;
+use keys::{KeyLayout, PartitionKeys};
 use scripts::LuaScript;
 
 /// The consumer group through which the service records every stored message in
@@ -154,24 +154,29 @@ impl Broker {
         Ok(all.pop().unwrap_or_default())
     }
 
-    /// Stats of many queues in one round trip (monitoring views, Prometheus gauges).
+    /// Stats of many queues (monitoring views, Prometheus gauges), in bounded pipelines.
     pub async fn queues_stats(&self, queues: &[Queue]) -> ApiResult<Vec<QueueStreamStats>> {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for queue in queues {
-            for keys in self.keys.partitions(queue.id, queue.partition_count) {
+        let partitions: Vec<PartitionKeys> = queues
+            .iter()
+            .flat_map(|queue| self.keys.partitions(queue.id, queue.partition_count))
+            .collect();
+        let mut connection = self.pool.get().await?;
+        let partitions: Vec<PartitionStatsReply> = scripts::run_chunked(
+            &mut connection,
+            &PARTITION_STATS,
+            partitions,
+            |pipeline, keys| {
                 PARTITION_STATS.add_to(
-                    &mut pipeline,
+                    pipeline,
                     &[&keys.stream, &keys.delayed, &keys.journal, &keys.bytes],
                     &[RECORDER_GROUP.as_bytes()],
                 );
-            }
-        }
-        let mut connection = self.pool.get().await?;
-        let partitions: Vec<PartitionStatsReply> =
-            scripts::run(&mut connection, &pipeline, &[&PARTITION_STATS]).await?;
+            },
+        )
+        .await?;
         let mut partitions = partitions.into_iter();
         Ok(queues
             .iter()

@@ -87,12 +87,12 @@ impl Broker {
         if streams.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for stream in streams {
-            PREPARE.add_to(&mut pipeline, &[stream], &[RECORDER_GROUP.as_bytes()]);
-        }
         let mut connection = self.pool.get().await?;
-        let exists: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&PREPARE]).await?;
+        let exists: Vec<i64> =
+            scripts::run_chunked(&mut connection, &PREPARE, streams, |pipeline, stream| {
+                PREPARE.add_to(pipeline, &[stream], &[RECORDER_GROUP.as_bytes()]);
+            })
+            .await?;
         Ok(streams
             .iter()
             .zip(exists)

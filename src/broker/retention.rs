@@ -109,21 +109,21 @@ impl Broker {
         if partitions.is_empty() {
             return Ok(0);
         }
-        let mut pipeline = redis::pipe();
-        let cutoffs: Vec<String> = partitions
-            .iter()
-            .map(|(_, cutoff)| cutoff.to_string())
-            .collect();
-        for ((partition, _), cutoff) in partitions.iter().zip(&cutoffs) {
-            let keys = self.keys.partition(partition.queue_id, partition.partition);
-            TRIM.add_to(
-                &mut pipeline,
-                &[&keys.stream, &keys.trimmed],
-                &[cutoff.as_bytes(), RECORDER_GROUP.as_bytes()],
-            );
-        }
         let mut connection = self.pool.get().await?;
-        let removed: Vec<u64> = scripts::run(&mut connection, &pipeline, &[&TRIM]).await?;
+        let removed: Vec<u64> = scripts::run_chunked(
+            &mut connection,
+            &TRIM,
+            partitions,
+            |pipeline, (partition, cutoff)| {
+                let keys = self.keys.partition(partition.queue_id, partition.partition);
+                TRIM.add_to(
+                    pipeline,
+                    &[&keys.stream, &keys.trimmed],
+                    &[cutoff.to_string().as_bytes(), RECORDER_GROUP.as_bytes()],
+                );
+            },
+        )
+        .await?;
         Ok(removed.into_iter().sum())
     }
 }

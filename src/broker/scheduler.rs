@@ -161,27 +161,30 @@ impl Broker {
             return Ok(sweep);
         }
         let (now, limit) = (now_ms.to_string(), batch.to_string());
-        let mut pipeline = redis::pipe();
-        for partition in partitions {
-            let keys = self.keys.partition(partition.queue_id, partition.partition);
-            RELEASE.add_to(
-                &mut pipeline,
-                &[
-                    &keys.delayed,
-                    &keys.delayed_envelopes,
-                    &keys.stream,
-                    &keys.journal,
-                    &keys.expiry,
-                    &keys.ids,
-                    &keys.cancelled,
-                    &keys.expiring,
-                ],
-                &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
-            );
-        }
         let mut connection = self.pool.get().await?;
-        let replies: Vec<(u64, u64, usize, String)> =
-            scripts::run(&mut connection, &pipeline, &[&RELEASE]).await?;
+        let replies: Vec<(u64, u64, usize, String)> = scripts::run_chunked(
+            &mut connection,
+            &RELEASE,
+            partitions,
+            |pipeline, partition| {
+                let keys = self.keys.partition(partition.queue_id, partition.partition);
+                RELEASE.add_to(
+                    pipeline,
+                    &[
+                        &keys.delayed,
+                        &keys.delayed_envelopes,
+                        &keys.stream,
+                        &keys.journal,
+                        &keys.expiry,
+                        &keys.ids,
+                        &keys.cancelled,
+                        &keys.expiring,
+                    ],
+                    &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
+                );
+            },
+        )
+        .await?;
         for ((released, expired, taken, next_due), partition) in replies.into_iter().zip(partitions)
         {
             if released > 0 && !sweep.released_to.contains(&partition.queue_id) {

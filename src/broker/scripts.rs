@@ -55,6 +55,37 @@ impl LuaScript {
     }
 }
 
+/// Invocations sent in one round trip by the sweeps over every partition or subscription.
+/// A connection's buffers keep the size of the largest command it ever sent: bounded
+/// chunks keep them small however many queues there are.
+pub const PIPELINE_CHUNK: usize = 128;
+
+/// Runs `script` once per item (`add` adds one invocation to the pipeline), in pipelines of
+/// at most `PIPELINE_CHUNK`; the replies in item order.
+pub async fn run_chunked<T: redis::FromRedisValue, I>(
+    connection: &mut Connection,
+    script: &LuaScript,
+    items: impl IntoIterator<Item = I>,
+    mut add: impl FnMut(&mut Pipeline, I),
+) -> redis::RedisResult<Vec<T>> {
+    let mut replies = Vec::new();
+    let mut pipeline = redis::pipe();
+    let mut queued = 0;
+    for item in items {
+        add(&mut pipeline, item);
+        queued += 1;
+        if queued == PIPELINE_CHUNK {
+            replies.extend(run::<Vec<T>>(connection, &pipeline, &[script]).await?);
+            pipeline = redis::pipe();
+            queued = 0;
+        }
+    }
+    if queued > 0 {
+        replies.extend(run::<Vec<T>>(connection, &pipeline, &[script]).await?);
+    }
+    Ok(replies)
+}
+
 /// Runs `pipeline` of script invocations; when Redis lost the scripts (restart, flush), loads
 /// them and runs it again. EVALSHA fails before executing anything, so a retry cannot apply
 /// an invocation twice.
