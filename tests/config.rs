@@ -82,6 +82,11 @@ fn each_bad_value_names_its_variable() {
         ("MQ_ENCRYPTION_KEYS", Some("k1")),
         ("MQ_ENCRYPTION_ACTIVE_KEY", Some("nope")),
         ("TENANT_RATE_LIMIT_RPS", Some("fast")),
+        ("TENANT_MAX_QUEUES", Some("0")),
+        ("TENANT_MAX_SUBSCRIPTIONS", Some("lots")),
+        ("QUEUE_MAX_SUBSCRIPTIONS", Some("-1")),
+        ("METRICS_GAUGE_INTERVAL_MS", Some("1e3")),
+        ("WEBHOOK_PROXY_URL", Some("socks5://proxy:1080")),
     ];
     for (variable, value) in cases {
         let mut env = valid_env();

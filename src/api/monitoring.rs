@@ -64,6 +64,11 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "tenantRateLimitBytesPerSec": config.tenant_publish_bytes_per_sec,
             "webhookTenantConcurrency": config.webhook_tenant_concurrency,
             "retentionIntervalMs": config.retention_interval_ms,
+            "tenantMaxQueues": config.tenant_max_queues,
+            "tenantMaxSubscriptions": config.tenant_max_subscriptions,
+            "queueMaxSubscriptions": config.queue_max_subscriptions,
+            "metricsGaugeIntervalMs": config.metrics_gauge_interval_ms,
+            "webhookProxy": config.webhook_proxy_url.is_some(),
             "devMode": config.dev_mode,
         },
     }))
