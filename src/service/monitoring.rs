@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::domain::subscription::SubscriptionStatus;
 use crate::error::ApiResult;
 use crate::metrics::QueueGauges;
+use crate::service::subscriptions;
 use crate::state::AppState;
 
 #[derive(Debug, Serialize)]
@@ -159,21 +160,10 @@ pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<Consu
         state.store.subscriptions_of(Some(tenant_id)),
     )?;
     let partitions: HashMap<Uuid, u16> = queues.iter().map(|q| (q.id, q.partition_count)).collect();
-    let names: Vec<String> = subscriptions.iter().map(|s| s.id.to_string()).collect();
-    let wanted: Vec<(Uuid, u16, &str, &str)> = subscriptions
-        .iter()
-        .zip(&names)
-        .map(|(s, consumer)| {
-            let count = partitions.get(&s.queue_id).copied().unwrap_or(1);
-            (
-                s.queue_id,
-                count,
-                s.delivery_group.as_str(),
-                consumer.as_str(),
-            )
-        })
-        .collect();
-    let groups = state.broker.groups_stats(&wanted).await?;
+    let groups = subscriptions::positions(state, &subscriptions, |s| {
+        partitions.get(&s.queue_id).copied().unwrap_or(1)
+    })
+    .await?;
     Ok(subscriptions
         .into_iter()
         .zip(groups)

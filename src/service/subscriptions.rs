@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
+use crate::broker::consume::GroupStats;
 use crate::domain::queue::{page_number, Queue, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use crate::domain::subscription::{
     default_dead_letter_queue, CreateSubscriptionRequest, OffsetReset, QueueRef, Subscription,
@@ -425,6 +426,29 @@ async fn remove(state: &AppState, subscription: &Subscription) -> ApiResult<()> 
     Ok(())
 }
 
+/// Where each subscription stands in its group (lag, its pending deliveries, what retention
+/// removed unread), read in one sweep; `partition_count` gives each one's queue's partitions.
+pub async fn positions(
+    state: &AppState,
+    subscriptions: &[Subscription],
+    partition_count: impl Fn(&Subscription) -> u16,
+) -> ApiResult<Vec<GroupStats>> {
+    let consumers: Vec<String> = subscriptions.iter().map(|s| s.id.to_string()).collect();
+    let wanted: Vec<(Uuid, u16, &str, &str)> = subscriptions
+        .iter()
+        .zip(&consumers)
+        .map(|(s, consumer)| {
+            (
+                s.queue_id,
+                partition_count(s),
+                s.delivery_group.as_str(),
+                consumer.as_str(),
+            )
+        })
+        .collect();
+    state.broker.groups_stats(&wanted).await
+}
+
 /// One subscriber of a queue, as its owner sees it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -450,20 +474,7 @@ pub async fn subscribers(
 ) -> ApiResult<Vec<Subscriber>> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
     let subscriptions = state.store.subscriptions_to(queue.id).await?;
-    let consumers: Vec<String> = subscriptions.iter().map(|s| s.id.to_string()).collect();
-    let wanted: Vec<(Uuid, u16, &str, &str)> = subscriptions
-        .iter()
-        .zip(&consumers)
-        .map(|(s, consumer)| {
-            (
-                queue.id,
-                queue.partition_count,
-                s.delivery_group.as_str(),
-                consumer.as_str(),
-            )
-        })
-        .collect();
-    let groups = state.broker.groups_stats(&wanted).await?;
+    let groups = positions(state, &subscriptions, |_| queue.partition_count).await?;
     Ok(subscriptions
         .into_iter()
         .zip(groups)
