@@ -103,6 +103,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let stop_workers = CancellationToken::new();
+        // Before the workers read any queue: data of an earlier release moves first.
+        service::upgrade::move_earlier_redis_layout(&self.state).await;
         self.start_workers(&stop_workers);
         let router = api::router(self.state.clone());
         let result = axum::serve(listener, router)

@@ -575,3 +575,75 @@ async fn an_unconsumed_stream_message_is_marked_expired_soon_after_its_ttl() {
         "taken before its expiry"
     );
 }
+
+/// Publishes on `producer` and looks up at once on `reader`, `count` times; every answer must
+/// be the message as published.
+async fn publish_then_look_up(producer: &TestApp, reader: &TestApp, round: &str, count: usize) {
+    for n in 0..count {
+        // Keyless (generated ids) and producer ids, spread over the partitions.
+        let mut body = json!({"queue": "q", "payload": {"n": n}, "headers": {"h": "v"}});
+        if n % 2 == 0 {
+            body["messageId"] = json!(format!("{round}-{n}"));
+        }
+        let (status, published) = producer.publish(body).await;
+        assert_eq!(status, 201, "{published}");
+        let id = published["messageId"].as_str().unwrap();
+        let (status, found) = message(reader, "q", id).await;
+        assert_eq!(status, 200, "lookup {n} right after its publish: {found}");
+        assert_eq!(found["status"], "published");
+        assert_eq!(found["partition"], published["partition"]);
+        assert_eq!(found["offset"], published["offset"]);
+        assert_eq!(found["payload"], json!({"n": n}));
+        assert_eq!(found["headers"], json!({"h": "v"}));
+        assert!(found["expiresAt"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn a_message_is_readable_the_moment_its_publish_answered() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "q", "partitionCount": 4}))
+        .await;
+    publish_then_look_up(&app, &app, "same", 200).await;
+    // Publish on one instance, look up on another.
+    let sibling = app.spawn_sibling().await;
+    publish_then_look_up(&app, &sibling, "there", 40).await;
+    publish_then_look_up(&sibling, &app, "back", 40).await;
+
+    // Cancelling at once: a stored message is not cancellable (409, not 404)...
+    let (_, stored) = app.publish(json!({"queue": "q", "payload": 1})).await;
+    let id = stored["messageId"].as_str().unwrap();
+    let (status, error) = sibling
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/mq/messages/{id}?queue=q"),
+            None,
+        )
+        .await;
+    assert_error(status, &error, 409, "MQ_MESSAGE_NOT_CANCELLABLE");
+    // ...and a delayed one is cancelled, and never delivered.
+    let subscription = app.subscribe_pull("q", "g").await;
+    let (_, delayed) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/publish/delayed",
+            Some(json!({"queue": "q", "payload": "never", "delayMs": 300})),
+        )
+        .await;
+    let id = delayed["messageId"].as_str().unwrap();
+    let (status, _) = sibling
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/mq/messages/{id}?queue=q"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(status_of(&app, "q", id).await, "cancelled");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let delivered = app.pull(&subscription, 500, 500).await;
+    assert!(
+        delivered.iter().all(|m| m["messageId"] != id),
+        "a cancelled message is never delivered"
+    );
+}

@@ -542,7 +542,7 @@ async fn a_full_queue_refuses_until_messages_are_consumed() {
 }
 
 #[tokio::test]
-async fn a_batch_over_a_full_partition_says_which_messages_were_stored() {
+async fn a_batch_is_stored_entirely_or_not_at_all() {
     let app = TestApp::spawn().await;
     let queue = app
         .create_queue(json!({"name": "q", "partitionCount": 2, "maxLength": 2}))
@@ -560,17 +560,61 @@ async fn a_batch_over_a_full_partition_says_which_messages_were_stored() {
             .0,
         201
     );
-    let (status, error) = publish_batch(
+    // Partition 0 is at its bound (ceil(2 / 2) = 1): partition 1's message is not stored either.
+    let batch = json!({"queue": "q", "messages": [
+        {"payload": 1, "key": open_key, "messageId": "b-1"},
+        {"payload": 2, "key": full_key, "messageId": "b-2"}
+    ]});
+    let (status, error) = publish_batch(&app, batch.clone()).await;
+    assert_error(status, &error, 429, "MQ_QUEUE_FULL");
+    assert!(error["details"].get("results").is_none(), "{error}");
+    assert_eq!(stream_entries(&app, &queue, 1).await.len(), 0);
+    assert_eq!(stream_entries(&app, &queue, 0).await.len(), 1);
+    // Room made in partition 0: the whole batch is stored, and only once.
+    app.call(Method::POST, "/api/v1/mq/queues/q/purge", None)
+        .await;
+    let (status, stored) = publish_batch(&app, batch.clone()).await;
+    assert_eq!(status, 201, "{stored}");
+    let (status, again) = publish_batch(&app, batch).await;
+    assert_eq!(status, 201);
+    assert!(again["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["duplicate"] == true));
+    assert_eq!(stream_entries(&app, &queue, 0).await.len(), 1);
+    assert_eq!(stream_entries(&app, &queue, 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_message_id_is_one_per_queue_whatever_its_key() {
+    let app = TestApp::spawn().await;
+    let queue = app
+        .create_queue(json!({"name": "q", "partitionCount": 8}))
+        .await;
+    let (status, first) = publish(
         &app,
-        json!({"queue": "q", "messages": [{"payload": 1, "key": full_key}, {"payload": 2, "key": open_key}]}),
+        json!({"queue": "q", "payload": 1, "messageId": "order-7", "key": "customer-1"}),
     )
     .await;
-    assert_error(status, &error, 429, "MQ_QUEUE_FULL");
-    let results = error["details"]["results"].as_array().unwrap();
-    assert_eq!(results[0], Value::Null);
-    assert_eq!(results[1]["partition"], 1);
-    assert_eq!(stream_entries(&app, &queue, 1).await.len(), 1);
-    assert_eq!(stream_entries(&app, &queue, 0).await.len(), 1);
+    assert_eq!(status, 201);
+    let other_key = (0..)
+        .map(|n| format!("customer-{n}"))
+        .find(|k| choose_partition(k, 8) != first["partition"].as_u64().unwrap() as u16)
+        .unwrap();
+    let (status, again) = publish(
+        &app,
+        json!({"queue": "q", "payload": 2, "messageId": "order-7", "key": other_key}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(
+        again["partition"], first["partition"],
+        "the original's partition"
+    );
+    assert_eq!(again["offset"], first["offset"]);
+    assert_eq!(stored_count(&app, &queue).await, 1);
 }
 
 /// Records of the queue named "q" (the audit trail's queue has records too).

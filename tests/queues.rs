@@ -529,3 +529,73 @@ async fn delete_removes_data_subscriptions_and_records() {
     let (status, error) = read(response).await;
     assert_error(status, &error, 404, "MQ_QUEUE_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn redis_data_of_the_earlier_key_layout_is_moved_at_start() {
+    let app = TestApp::spawn().await;
+    let queue = app
+        .create_queue(json!({"name": "old", "partitionCount": 2}))
+        .await;
+    let subscription = app.subscribe_pull("old", "g").await;
+    // What an earlier release wrote: one hash tag per partition.
+    let id = queue_id(&queue);
+    let old_stream = format!("{}{{{id}.1}}:stream", app.redis.prefix);
+    let envelope = json!({"messageId": "before-upgrade", "tenantId": app.tenant.to_string(),
+        "headers": {}, "contentType": "application/json", "publishedAt": 1,
+        "expiresAt": 4_102_444_800_000i64, "payload": "kept"});
+    let new_stream = mq::broker::keys::KeyLayout::new(&app.redis.prefix)
+        .partition(id, 1)
+        .stream;
+    let mut redis = app.redis.connection().await;
+    // As if this release had never run: partition 1's data is all in the old layout.
+    let _: () = deadpool_redis::redis::cmd("DEL")
+        .arg(&new_stream)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: String = deadpool_redis::redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&old_stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: String = deadpool_redis::redis::cmd("XADD")
+        .arg(&old_stream)
+        .arg("*")
+        .arg("e")
+        .arg(envelope.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = deadpool_redis::redis::cmd("DEL")
+        .arg(format!("{}layout", app.redis.prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // The next instance to start moves it.
+    let upgraded = app.spawn_sibling().await;
+    let pulled = common::pull_until(
+        &upgraded,
+        &subscription,
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        pulled.len(),
+        1,
+        "the message stored before the upgrade is delivered"
+    );
+    assert_eq!(pulled[0]["payload"], "kept");
+    assert_eq!(pulled[0]["partition"], 1);
+    let exists: i64 = deadpool_redis::redis::cmd("EXISTS")
+        .arg(&old_stream)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the old key is gone");
+}

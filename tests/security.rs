@@ -141,12 +141,25 @@ async fn encrypted_payloads_are_stored_without_plaintext_and_delivered_intact() 
         "no plaintext in Redis"
     );
     let mut db = app.database.connect().await;
+    let records = || async {
+        let mut db = app.database.connect().await;
+        let stored: Vec<(String,)> = sqlx::query_as(
+            "SELECT coalesce(payload::text, '') FROM message_records WHERE message_id = 'm-1'",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        stored
+    };
+    assert!(
+        eventually(WAIT, || async { !records().await.is_empty() }).await,
+        "the record is written"
+    );
     let stored: Vec<(String,)> =
         sqlx::query_as("SELECT coalesce(payload::text, '') FROM message_records")
             .fetch_all(&mut db)
             .await
             .unwrap();
-    assert!(!stored.is_empty());
     assert!(
         stored.iter().all(|(text,)| !text.contains(&marker)),
         "no plaintext in PostgreSQL"

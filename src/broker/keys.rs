@@ -1,40 +1,48 @@
 //! The Redis key layout. Nothing else in the service formats a Redis key.
 //!
-//! Every key of one queue partition carries the same Redis Cluster hash tag,
-//! `{<queue id>.<partition>}`, so each Lua script touches a single slot and the service runs
-//! unchanged on Redis Cluster:
+//! Every key of one queue carries the same Redis Cluster hash tag, `{<queue id>}`, so every
+//! Lua script over a queue touches a single slot: one script stores a whole publish request
+//! across partitions (a batch is stored entirely or not at all, and a `messageId` is one
+//! idempotency record for the queue whatever partition its `key` routes to). Queues spread
+//! over the cluster's slots; one queue lives on one node, as a RabbitMQ queue or a BullMQ
+//! queue does.
 //!
 //! ```text
-//! <prefix>{<queue id>.<p>}:stream    the partition's stream (the messages)
-//! <prefix>{<queue id>.<p>}:delayed   sorted set of delayed message ids, scored by the time
+//! per partition p:
+//! <prefix>{<queue id>}:<p>:stream    the partition's stream (the messages)
+//! <prefix>{<queue id>}:<p>:delayed   sorted set of delayed message ids, scored by the time
 //!                                    the scheduler handles them (due time, or expiry if sooner)
-//! <prefix>{<queue id>.<p>}:delayed-envelopes  hash of delayed message id -> envelope
-//! <prefix>{<queue id>.<p>}:bytes     hash: original and stored payload bytes published
-//! <prefix>{<queue id>.<p>}:expiry    sorted set of short-lived stream messages by expiry
-//! <prefix>{<queue id>.<p>}:journal   stream of record events (scheduled, expired, cancelled)
-//!                                    for the recorder; entries are deleted once recorded
-//! <prefix>{<queue id>.<p>}:trimmed   hash: consumer group -> entries retention removed
+//! <prefix>{<queue id>}:<p>:delayed-envelopes  hash of delayed message id -> envelope
+//! <prefix>{<queue id>}:<p>:bytes     hash: original and stored payload bytes published
+//! <prefix>{<queue id>}:<p>:expiry    sorted set of short-lived stream messages by expiry
+//! <prefix>{<queue id>}:<p>:journal   stream of record events (scheduled, expired, cancelled,
+//!                                    deliveries) for the recorder; deleted once recorded
+//! <prefix>{<queue id>}:<p>:trimmed   hash: consumer group -> entries retention removed
 //!                                    before the group read them
-//! <prefix>{<queue id>.<p>}:ids       hash: producer messageId -> where and when it was stored
+//! <prefix>{<queue id>}:<p>:inflight:<group>  entry id -> ack deadline of its delivery
+//! <prefix>{<queue id>}:<p>:retry:<group>     entry id -> when a failed delivery is retried
+//! <prefix>{<queue id>}:<p>:attempts:<group>  entry id -> deliveries made (absent = 1)
+//! per queue:
+//! <prefix>{<queue id>}:ids           hash: producer messageId -> where and when it was stored
 //!                                    (idempotency records, kept DEDUP_WINDOW_MS)
-//! <prefix>{<queue id>.<p>}:cancelled hash: messageId -> when it was cancelled (10 min)
-//! <prefix>{<queue id>.<p>}:expiring  sorted set: `id:<messageId>` / `cancelled:<messageId>`
+//! <prefix>{<queue id>}:unrecorded    hash: messageId -> `<p>|<offset>` of stream messages the
+//!                                    recorder has not written to PostgreSQL yet (so a lookup
+//!                                    finds a message the moment its publish answered)
+//! <prefix>{<queue id>}:cancelled     hash: messageId -> when it was cancelled (10 min)
+//! <prefix>{<queue id>}:expiring      sorted set: `id:<messageId>` / `cancelled:<messageId>`
 //!                                    -> when that record lapses; the publish, cancel and
 //!                                    release scripts remove lapsed records as they pass
-//! <prefix>{<queue id>.<p>}:deleted   tombstone of a deleted queue (24 h): scripts that would
-//!                                    write the partition do nothing, so a publish racing the
+//! <prefix>{<queue id>}:deleted       tombstone of a deleted queue (24 h): scripts that would
+//!                                    write the queue do nothing, so a publish racing the
 //!                                    deletion on another instance cannot bring it back
-//! <prefix>{<queue id>.<p>}:inflight:<group>  entry id -> ack deadline of its delivery
-//! <prefix>{<queue id>.<p>}:retry:<group>     entry id -> when a failed delivery is retried
-//! <prefix>{<queue id>.<p>}:attempts:<group>  entry id -> deliveries made (absent = 1)
 //! ```
 //!
 //! Per tenant: `<prefix>{rate.<tenant id>}:<second>:requests|bytes`, publish counters of one
 //! second (expire after two).
 //!
 //! Keys name the queue by its id, not its name: a queue deleted and created again under the
-//! same name never sees the old queue's data, and keys that outlive a deletion (idempotency
-//! keys, which expire on their own) can never be mistaken for the new queue's.
+//! same name never sees the old queue's data. Every key has a fixed name (per consumer group
+//! for delivery state), so deleting a queue removes all of them.
 
 use uuid::Uuid;
 
@@ -60,7 +68,7 @@ impl GroupKeys {
     }
 }
 
-/// The keys of one queue partition.
+/// The keys of one queue partition, with the queue-wide keys its scripts also use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionKeys {
     pub stream: String,
@@ -74,8 +82,10 @@ pub struct PartitionKeys {
     pub expiry: String,
     /// Hash: consumer group → entries retention removed before the group read them.
     pub trimmed: String,
-    /// Hash: producer message id → `<offset>|<published at>|<scheduled at>`.
+    /// Hash: producer message id → `<partition>|<offset>|<published at>|<scheduled at>`.
     pub ids: String,
+    /// Hash: message id → `<partition>|<offset>` of stream messages not recorded yet.
+    pub unrecorded: String,
     /// Hash: message id → when it was cancelled (ms).
     pub cancelled: String,
     /// Sorted set: `id:<message id>` and `cancelled:<message id>` → when the record lapses.
@@ -85,8 +95,8 @@ pub struct PartitionKeys {
 }
 
 impl PartitionKeys {
-    /// Every key that holds this partition's data, for deletion (the tombstone aside).
-    pub fn all(&self) -> [&str; 10] {
+    /// The keys that hold this partition's own data, for deletion.
+    pub fn own(&self) -> [&str; 7] {
         [
             &self.stream,
             &self.delayed,
@@ -95,10 +105,12 @@ impl PartitionKeys {
             &self.bytes,
             &self.expiry,
             &self.trimmed,
-            &self.ids,
-            &self.cancelled,
-            &self.expiring,
         ]
+    }
+
+    /// The queue-wide keys (the same for every partition of the queue), tombstone aside.
+    pub fn queue_wide(&self) -> [&str; 4] {
+        [&self.ids, &self.unrecorded, &self.cancelled, &self.expiring]
     }
 }
 
@@ -109,17 +121,23 @@ impl KeyLayout {
         }
     }
 
+    fn tag(&self, queue_id: Uuid) -> String {
+        format!("{}{{{}}}", self.prefix, queue_id)
+    }
+
     pub fn partition(&self, queue_id: Uuid, partition: u16) -> PartitionKeys {
-        let tag = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
+        let tag = self.tag(queue_id);
+        let part = format!("{tag}:{partition}");
         PartitionKeys {
-            stream: format!("{tag}:stream"),
-            delayed: format!("{tag}:delayed"),
-            delayed_envelopes: format!("{tag}:delayed-envelopes"),
-            journal: format!("{tag}:journal"),
-            bytes: format!("{tag}:bytes"),
-            expiry: format!("{tag}:expiry"),
-            trimmed: format!("{tag}:trimmed"),
+            stream: format!("{part}:stream"),
+            delayed: format!("{part}:delayed"),
+            delayed_envelopes: format!("{part}:delayed-envelopes"),
+            journal: format!("{part}:journal"),
+            bytes: format!("{part}:bytes"),
+            expiry: format!("{part}:expiry"),
+            trimmed: format!("{part}:trimmed"),
             ids: format!("{tag}:ids"),
+            unrecorded: format!("{tag}:unrecorded"),
             cancelled: format!("{tag}:cancelled"),
             expiring: format!("{tag}:expiring"),
             deleted: format!("{tag}:deleted"),
@@ -128,12 +146,49 @@ impl KeyLayout {
 
     /// The delivery state of consumer group `group` on one partition.
     pub fn group(&self, queue_id: Uuid, partition: u16, group: &str) -> GroupKeys {
-        let tag = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
+        let part = format!("{}:{partition}", self.tag(queue_id));
         GroupKeys {
-            inflight: format!("{tag}:inflight:{group}"),
-            retry: format!("{tag}:retry:{group}"),
-            attempts: format!("{tag}:attempts:{group}"),
+            inflight: format!("{part}:inflight:{group}"),
+            retry: format!("{part}:retry:{group}"),
+            attempts: format!("{part}:attempts:{group}"),
         }
+    }
+
+    /// The partition keys of the layout before queue-wide hash tags (`{<queue id>.<p>}`), for
+    /// moving data stored by earlier releases: (old key, new key) pairs.
+    pub fn earlier_partition_layout(
+        &self,
+        queue_id: Uuid,
+        partition: u16,
+        groups: &[&str],
+    ) -> Vec<(String, String)> {
+        let old = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
+        let new = format!("{}:{partition}", self.tag(queue_id));
+        let mut suffixes: Vec<String> = [
+            "stream",
+            "delayed",
+            "delayed-envelopes",
+            "journal",
+            "bytes",
+            "expiry",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for group in groups {
+            for kind in ["inflight", "retry", "attempts"] {
+                suffixes.push(format!("{kind}:{group}"));
+            }
+        }
+        suffixes
+            .into_iter()
+            .map(|suffix| (format!("{old}:{suffix}"), format!("{new}:{suffix}")))
+            .collect()
+    }
+
+    /// Records which key layout the data under this prefix follows.
+    pub fn layout_marker(&self) -> String {
+        format!("{}layout", self.prefix)
     }
 
     /// A lease held by one instance for a singleton job.
@@ -175,18 +230,25 @@ mod tests {
     }
 
     #[test]
-    fn keys_of_a_partition_share_one_hash_tag() {
+    fn every_key_of_a_queue_shares_one_hash_tag() {
         let layout = KeyLayout::new("mq:");
         let id = Uuid::nil();
         let keys = layout.partition(id, 3);
-        assert_eq!(keys.stream, format!("mq:{{{id}.3}}:stream"));
+        assert_eq!(keys.stream, format!("mq:{{{id}}}:3:stream"));
+        let group = layout.group(id, 5, "g");
         let tags: Vec<_> = keys
-            .all()
+            .own()
             .iter()
+            .chain(keys.queue_wide().iter())
             .chain([&keys.deleted.as_str()])
+            .chain(group.all().iter())
             .map(|k| hash_tag(k).to_owned())
             .collect();
         assert!(tags.iter().all(|t| t == &tags[0]));
-        assert_ne!(hash_tag(&layout.partition(id, 4).stream), tags[0]);
+        assert_ne!(
+            hash_tag(&layout.partition(Uuid::from_u128(1), 3).stream),
+            tags[0]
+        );
+        assert_ne!(layout.partition(id, 4).stream, keys.stream);
     }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use deadpool_redis::redis;
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 
+use uuid::Uuid;
+
 use crate::domain::queue::Queue;
 use crate::error::ApiResult;
 use keys::{KeyLayout, PartitionKeys};
@@ -104,15 +106,75 @@ return {length, redis.call('ZCARD', delayed), pending, lag, oldest, unrecorded,
 static PARTITION_PURGE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
+-- KEYS: stream, delayed set, delayed envelopes, byte counts, expiry watch, unrecorded index.
 local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return removed
 "#,
     )
 });
 
+/// The key layout this release writes (`keys`); recorded once earlier data was moved to it.
+const CURRENT_LAYOUT: &str = "queue-tags";
+
+/// Renames a partition's keys from the layout of earlier releases to the current one: KEYS
+/// are (old, new) pairs. Returns how many keys moved. Keys already at their new name stay.
+static MOVE_KEYS: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+local moved = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 1])
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
 impl Broker {
+    /// Moves the Redis data of earlier releases (partition-wide hash tags) to the current
+    /// layout (queue-wide tags): `queues` are (queue id, partitions, consumer groups). Only a
+    /// single Redis can rename across hash slots; returns the keys moved.
+    pub async fn move_earlier_layout(&self, queues: &[(Uuid, u16, Vec<String>)]) -> ApiResult<u64> {
+        let mut connection = self.pool.get().await?;
+        let marker = self.keys.layout_marker();
+        let done: Option<String> = redis::cmd("GET")
+            .arg(&marker)
+            .query_async(&mut connection)
+            .await?;
+        if done.is_some() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        for (queue_id, partition_count, groups) in queues {
+            let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+            for partition in 0..*partition_count {
+                let pairs = self
+                    .keys
+                    .earlier_partition_layout(*queue_id, partition, &groups);
+                let keys: Vec<&str> = pairs
+                    .iter()
+                    .flat_map(|(old, new)| [old.as_str(), new.as_str()])
+                    .collect();
+                let mut pipeline = redis::pipe();
+                MOVE_KEYS.add_to(&mut pipeline, &keys, &[]);
+                let (count,): (u64,) =
+                    scripts::run(&mut connection, &pipeline, &[&MOVE_KEYS]).await?;
+                moved += count;
+            }
+        }
+        let () = redis::cmd("SET")
+            .arg(&marker)
+            .arg(CURRENT_LAYOUT)
+            .query_async(&mut connection)
+            .await?;
+        Ok(moved)
+    }
+
     /// Builds the pool; connections are made on first use, so a Redis that is down at start-up
     /// shows in health instead of stopping the service.
     pub fn new(url: &str, pool_size: usize, key_prefix: &str) -> anyhow::Result<Broker> {
@@ -214,6 +276,7 @@ impl Broker {
                     &keys.delayed_envelopes,
                     &keys.bytes,
                     &keys.expiry,
+                    &keys.unrecorded,
                 ],
                 &[],
             );
@@ -226,20 +289,22 @@ impl Broker {
 
     /// Removes all of the queue's keys: streams (with their consumer groups), delayed
     /// messages, journals, idempotency records, cancellation markers, counters, and the
-    /// delivery state of `groups`; then leaves a tombstone per partition for
+    /// delivery state of `groups`; then leaves a tombstone for
     /// `DELETION_TOMBSTONE_MS`, so that an instance still holding the queue in its cache
-    /// cannot write it back (the scripts that write a partition check it).
+    /// cannot write it back (the scripts that write a queue check it).
     pub async fn delete_queue(&self, queue: &Queue, groups: &[&str]) -> ApiResult<()> {
         let mut pipeline = redis::pipe();
+        let queue_keys = self.keys.partition(queue.id, 0);
+        pipeline
+            .set(&queue_keys.deleted, "1")
+            .arg("PX")
+            .arg(DELETION_TOMBSTONE_MS)
+            .ignore();
+        // UNLINK: a large stream or hash is freed in the background.
+        pipeline.unlink(queue_keys.queue_wide().as_slice()).ignore();
         for partition in 0..queue.partition_count {
             let keys = self.keys.partition(queue.id, partition);
-            pipeline
-                .set(&keys.deleted, "1")
-                .arg("PX")
-                .arg(DELETION_TOMBSTONE_MS)
-                .ignore();
-            // UNLINK: a large stream or hash is freed in the background.
-            pipeline.unlink(keys.all().as_slice()).ignore();
+            pipeline.unlink(keys.own().as_slice()).ignore();
             for group in groups {
                 pipeline
                     .unlink(self.keys.group(queue.id, partition, group).all().as_slice())

@@ -1,18 +1,23 @@
-//! Appending messages to a queue's partition streams.
+//! Storing a publish request: every message of it, in one Lua script over the queue's keys
+//! (one hash slot, see `keys`).
 //!
-//! One Lua script per partition does, atomically: the idempotency check, the backpressure
-//! check, the append, and the idempotency record. So two concurrent publishes of one
-//! `messageId` cannot both be stored, and a queue at its bound stores nothing more (and drops
-//! nothing to make room).
+//! The script does, atomically: the idempotency check of every producer `messageId` against
+//! the queue's records (whatever partition its `key` routes to), the backpressure check of
+//! every partition the request touches, then — only when every partition has room — the
+//! appends, the idempotency records and the index of not-yet-recorded messages. So two
+//! concurrent publishes of one `messageId` cannot both be stored, a batch is stored entirely
+//! or not at all, and a queue at its bound stores nothing more (and drops nothing to make
+//! room). A connection lost while the script runs leaves the request either applied or not;
+//! a producer that retries with the same `messageId`s stores it once.
 //!
 //! Backpressure counts the un-consumed backlog of the slowest consumer group (delivered but
 //! unacked, plus not yet delivered), or the whole stream when no group reads it yet. The
 //! recorder group (the service's own writer of `message_records`) is not a consumer and
 //! never holds publishing back, and neither is a guest's group on a public queue
 //! (`domain::subscription::is_guest_group`): what a guest has not read waits for it until
-//! retention removes it. A queue's `maxLength` is shared evenly by its partitions,
-//! each holding at most `ceil(maxLength / partitionCount)`: every check stays inside one
-//! partition's hash slot, and for the default single partition the bound is exact.
+//! retention removes it. A queue's `maxLength` is shared evenly by its partitions, each
+//! holding at most `ceil(maxLength / partitionCount)`; for the default single partition the
+//! bound is exact.
 
 use std::sync::LazyLock;
 
@@ -24,46 +29,61 @@ use crate::domain::message::ValidMessage;
 use crate::domain::queue::Queue;
 use crate::error::{ApiError, ErrorCode};
 
+/// Keys of the queue before the per-partition ones, and keys per partition.
+const QUEUE_KEYS: usize = 5;
+const PARTITION_KEYS: usize = 6;
+/// Arguments before the per-message ones, and per message.
+const HEAD_ARGS: usize = 5;
+const MESSAGE_ARGS: usize = 11;
+
 static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(concat!(
         prune_lapsed_lua!(),
         r#"
--- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] delayed envelopes, KEYS[4] journal,
--- KEYS[5] byte counts, KEYS[6] expiry watch, KEYS[7] idempotency records, KEYS[8]
--- cancellation markers, KEYS[9] expiring records, KEYS[10] deletion tombstone.
--- ARGV[1] backlog bound of this partition, ARGV[2] idempotency window (ms), ARGV[3] recorder
--- group, ARGV[4] now (ms).
--- Message i, ARGV[4 + 10(i-1) + n] for n = 1..10: '1' when it has a producer id,
+-- KEYS[1] idempotency records, KEYS[2] unrecorded index, KEYS[3] cancellation markers,
+-- KEYS[4] expiring records, KEYS[5] deletion tombstone; then per partition the request
+-- touches (slot s = 1, 2, ...), KEYS[5 + 6(s-1) + k] for k = 1..6: stream, delayed set,
+-- delayed envelopes, journal, byte counts, expiry watch.
+-- ARGV[1] backlog bound of a partition, ARGV[2] idempotency window (ms), ARGV[3] recorder
+-- group, ARGV[4] now (ms), ARGV[5] the partition numbers of the slots, comma separated.
+-- Message i, ARGV[5 + 11(i-1) + n] for n = 1..11: its slot, '1' when it has a producer id,
 -- publishedAt, scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt,
 -- message id, envelope, original payload bytes, stored payload bytes, '1' to watch its expiry.
-local stream, delayed, envelopes, journal, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ids, expiring = KEYS[7], KEYS[9]
+-- Returns {'gone'}, {'full', slot, backlog} (nothing stored), or {'ok', result per message}:
+-- 'n|<p>|<offset>' stored, 's|<p>|' waiting for its time, or for a duplicate
+-- 'd|<p>|<offset>|<publishedAt>|<scheduledAt>' of the original.
+local ids, unrecorded, expiring = KEYS[1], KEYS[2], KEYS[4]
 -- The queue was deleted (on another instance, while this one still knew it): store nothing.
-if redis.call('EXISTS', KEYS[10]) == 1 then return {'gone'} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'gone'} end
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[4])
-local count = (#ARGV - 4) / 10
-prune_lapsed(ids, KEYS[8], expiring, now)
+local count = (#ARGV - 5) / 11
+local partitions = {}
+for p in string.gmatch(ARGV[5], '[^,]+') do partitions[#partitions + 1] = p end
+prune_lapsed(ids, KEYS[3], expiring, now)
 
-local function arg(i, n) return ARGV[4 + 10 * (i - 1) + n] end
+local function arg(i, n) return ARGV[5 + 11 * (i - 1) + n] end
+local function key(slot, k) return KEYS[5 + 6 * (slot - 1) + k] end
 
 local function previous(i)
-  if arg(i, 1) ~= '1' then return false end
-  local lapses = tonumber(redis.call('ZSCORE', expiring, 'id:' .. arg(i, 6)))
+  if arg(i, 2) ~= '1' then return false end
+  local lapses = tonumber(redis.call('ZSCORE', expiring, 'id:' .. arg(i, 7)))
   if not lapses or lapses <= now then return false end
-  return redis.call('HGET', ids, arg(i, 6))
+  return redis.call('HGET', ids, arg(i, 7))
 end
 
-local function ensure_group(key)
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
+local function ensure_group(stream)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, ARGV[3], '0', 'MKSTREAM')
   end
 end
 
--- The un-consumed backlog: the slowest consumer group's pending plus undelivered entries (the
--- whole stream while no group reads it), plus the messages still waiting to be released.
-local function backlog()
-  local waiting = redis.call('ZCARD', delayed)
+-- The un-consumed backlog of a partition: the slowest consumer group's pending plus
+-- undelivered entries (the whole stream while no group reads it), plus the messages still
+-- waiting to be released.
+local function backlog(slot)
+  local stream = key(slot, 1)
+  local waiting = redis.call('ZCARD', key(slot, 2))
   if redis.call('EXISTS', stream) == 0 then return waiting end
   local worst, consumers = 0, 0
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
@@ -83,43 +103,52 @@ local function backlog()
   return waiting + worst
 end
 
-local fresh = 0
+-- Every partition must have room for its new messages, or nothing is stored.
+local fresh = {}
 for i = 1, count do
-  if not previous(i) then fresh = fresh + 1 end
+  if not previous(i) then
+    local slot = tonumber(arg(i, 1))
+    fresh[slot] = (fresh[slot] or 0) + 1
+  end
 end
-if fresh > 0 then
-  local current = backlog()
-  if current + fresh > limit then return {'full', tostring(current)} end
+for slot, new in pairs(fresh) do
+  local current = backlog(slot)
+  if current + new > limit then return {'full', tostring(slot), tostring(current)} end
 end
+
 local results = {'ok'}
 for i = 1, count do
+  local slot = tonumber(arg(i, 1))
+  local partition = partitions[slot]
   local earlier = previous(i)
   if earlier then
     results[#results + 1] = 'd|' .. earlier
   else
     local offset = ''
-    local envelope = arg(i, 7)
-    if arg(i, 4) == '' then
-      ensure_group(stream)
-      offset = redis.call('XADD', stream, '*', 'e', envelope)
-      if arg(i, 10) == '1' then
-        redis.call('ZADD', KEYS[6], arg(i, 5), offset .. '|' .. arg(i, 6))
+    local envelope = arg(i, 8)
+    if arg(i, 5) == '' then
+      ensure_group(key(slot, 1))
+      offset = redis.call('XADD', key(slot, 1), '*', 'e', envelope)
+      redis.call('HSET', unrecorded, arg(i, 7), partition .. '|' .. offset)
+      if arg(i, 11) == '1' then
+        redis.call('ZADD', key(slot, 6), arg(i, 6), offset .. '|' .. arg(i, 7))
       end
-      results[#results + 1] = 'n|' .. offset
+      results[#results + 1] = 'n|' .. partition .. '|' .. offset
     else
       -- Stored as '<expiresAt>|<envelope>' so the scheduler tells expiry without decoding.
-      redis.call('ZADD', delayed, arg(i, 4), arg(i, 6))
-      redis.call('HSET', envelopes, arg(i, 6), arg(i, 5) .. '|' .. envelope)
-      ensure_group(journal)
-      redis.call('XADD', journal, '*', 'k', 'scheduled', 'e', envelope)
-      results[#results + 1] = 's|'
+      redis.call('ZADD', key(slot, 2), arg(i, 5), arg(i, 7))
+      redis.call('HSET', key(slot, 3), arg(i, 7), arg(i, 6) .. '|' .. envelope)
+      ensure_group(key(slot, 4))
+      redis.call('XADD', key(slot, 4), '*', 'k', 'scheduled', 'e', envelope)
+      results[#results + 1] = 's|' .. partition .. '|'
     end
-    if arg(i, 1) == '1' then
-      redis.call('HSET', ids, arg(i, 6), offset .. '|' .. arg(i, 2) .. '|' .. arg(i, 3))
-      redis.call('ZADD', expiring, now + tonumber(ARGV[2]), 'id:' .. arg(i, 6))
+    if arg(i, 2) == '1' then
+      redis.call('HSET', ids, arg(i, 7),
+        partition .. '|' .. offset .. '|' .. arg(i, 3) .. '|' .. arg(i, 4))
+      redis.call('ZADD', expiring, now + tonumber(ARGV[2]), 'id:' .. arg(i, 7))
     end
-    redis.call('HINCRBY', bytes, 'original', arg(i, 8))
-    redis.call('HINCRBY', bytes, 'stored', arg(i, 9))
+    redis.call('HINCRBY', key(slot, 5), 'original', arg(i, 9))
+    redis.call('HINCRBY', key(slot, 5), 'stored', arg(i, 10))
   end
 end
 return results
@@ -127,9 +156,43 @@ return results
     ))
 });
 
+static FIND_UNRECORDED: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS[1] unrecorded index, KEYS[2 + p] the stream of partition p. ARGV[1] message id.
+-- Returns {partition, offset, envelope} of a stored message not recorded yet, or nil.
+local at = redis.call('HGET', KEYS[1], ARGV[1])
+if not at then return false end
+local bar = string.find(at, '|', 1, true)
+local partition = tonumber(string.sub(at, 1, bar - 1))
+local offset = string.sub(at, bar + 1)
+local stream = KEYS[2 + partition]
+if not stream then return false end
+local entry = redis.call('XRANGE', stream, offset, offset)
+if #entry == 0 then return false end
+local fields = entry[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'e' then return {tostring(partition), offset, fields[i + 1]} end
+end
+return false
+"#,
+    )
+});
+
+/// A stored message the recorder has not written to PostgreSQL yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnrecordedMessage {
+    pub partition: u16,
+    pub offset: String,
+    /// The envelope (JSON text).
+    pub envelope: String,
+}
+
 /// Where a message was stored, or where it had been stored before (a duplicate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
+    /// The partition it is in (for a duplicate, the original's).
+    pub partition: u16,
     /// The stream entry id; `None` while the message waits for its delivery time.
     pub offset: Option<String>,
     pub duplicate: bool,
@@ -139,20 +202,20 @@ pub struct Stored {
     pub original_scheduled_at: Option<i64>,
 }
 
-/// The outcome of a publish: per input message, `Some` when it is stored, in input order.
-/// A partition at its bound stores none of its messages; the others are unaffected, so the
-/// caller can say exactly which messages were stored.
+/// The outcome of a publish: all of the request's messages were stored (or found stored
+/// before), or none.
 #[derive(Debug)]
-pub struct PublishOutcome {
-    pub stored: Vec<Option<Stored>>,
-    /// The backlog of the first partition found full.
-    pub full_backlog: Option<u64>,
+pub enum PublishOutcome {
+    /// One per input message, in input order.
+    Stored(Vec<Stored>),
+    /// A partition was at its bound (this backlog): nothing was stored.
+    Full { backlog: u64 },
     /// The queue was deleted meanwhile (by another instance): nothing was stored.
-    pub queue_deleted: bool,
+    QueueDeleted,
 }
 
 impl Broker {
-    /// Stores `messages` (each already assigned to a partition) in one round trip.
+    /// Stores `messages` (each already assigned to a partition) atomically, in one round trip.
     pub async fn publish(
         &self,
         queue: &Queue,
@@ -163,133 +226,180 @@ impl Broker {
         let partition_bound = queue
             .max_length
             .div_ceil(u64::from(queue.partition_count.max(1)));
-        let mut chunks: Vec<(u16, Vec<usize>)> = Vec::new();
-        for (index, message) in messages.iter().enumerate() {
-            match chunks.iter_mut().find(|(p, _)| *p == message.partition) {
-                Some((_, indexes)) => indexes.push(index),
-                None => chunks.push((message.partition, vec![index])),
+        // The partitions the request touches, in first-seen order; a message names its slot.
+        let mut partitions: Vec<u16> = Vec::new();
+        let slots: Vec<usize> = messages
+            .iter()
+            .map(
+                |message| match partitions.iter().position(|p| *p == message.partition) {
+                    Some(at) => at + 1,
+                    None => {
+                        partitions.push(message.partition);
+                        partitions.len()
+                    }
+                },
+            )
+            .collect();
+        let queue_keys = self.keys.partition(queue.id, 0);
+        let partition_keys: Vec<_> = partitions
+            .iter()
+            .map(|p| self.keys.partition(queue.id, *p))
+            .collect();
+        let mut keys: Vec<&str> =
+            Vec::with_capacity(QUEUE_KEYS + PARTITION_KEYS * partitions.len());
+        keys.extend([
+            queue_keys.ids.as_str(),
+            &queue_keys.unrecorded,
+            &queue_keys.cancelled,
+            &queue_keys.expiring,
+            &queue_keys.deleted,
+        ]);
+        for partition in &partition_keys {
+            keys.extend([
+                partition.stream.as_str(),
+                &partition.delayed,
+                &partition.delayed_envelopes,
+                &partition.journal,
+                &partition.bytes,
+                &partition.expiry,
+            ]);
+        }
+        let head = [
+            partition_bound.to_string(),
+            dedup_window_ms.to_string(),
+            RECORDER_GROUP.to_owned(),
+            now_ms.to_string(),
+            partitions
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ];
+        let per_message: Vec<[String; 7]> = messages
+            .iter()
+            .zip(&slots)
+            .map(|(message, slot)| {
+                let envelope = &message.envelope;
+                [
+                    slot.to_string(),
+                    envelope.published_at.to_string(),
+                    envelope
+                        .scheduled_at
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    message
+                        .hold_until
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    envelope.expires_at.to_string(),
+                    message.original_bytes.to_string(),
+                    message.stored_bytes.to_string(),
+                ]
+            })
+            .collect();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(HEAD_ARGS + MESSAGE_ARGS * messages.len());
+        args.extend(head.iter().map(|a| a.as_bytes()));
+        for (message, fields) in messages.iter().zip(&per_message) {
+            let [slot, published, scheduled, hold, expires, original, stored] = fields;
+            args.push(slot.as_bytes());
+            args.push(if message.producer_id { b"1" } else { b"0" });
+            for value in [published, scheduled, hold, expires] {
+                args.push(value.as_bytes());
             }
+            args.push(message.envelope.message_id.as_bytes());
+            args.push(message.encoded.as_bytes());
+            args.push(original.as_bytes());
+            args.push(stored.as_bytes());
+            // Retention would remove it before it expires otherwise: watch its expiry.
+            let envelope = &message.envelope;
+            let short_lived = envelope.expires_at
+                < envelope
+                    .published_at
+                    .saturating_add(queue.retention_ms as i64);
+            args.push(if short_lived { b"1" } else { b"0" });
         }
         let mut pipeline = redis::pipe();
-        let bound = partition_bound.to_string();
-        let window = dedup_window_ms.to_string();
-        let now = now_ms.to_string();
-        for (partition, indexes) in &chunks {
-            let keys = self.keys.partition(queue.id, *partition);
-            let per_message: Vec<[String; 6]> = indexes
-                .iter()
-                .map(|&i| {
-                    let envelope = &messages[i].envelope;
-                    [
-                        envelope.published_at.to_string(),
-                        envelope
-                            .scheduled_at
-                            .map(|t| t.to_string())
-                            .unwrap_or_default(),
-                        messages[i]
-                            .hold_until
-                            .map(|t| t.to_string())
-                            .unwrap_or_default(),
-                        envelope.expires_at.to_string(),
-                        messages[i].original_bytes.to_string(),
-                        messages[i].stored_bytes.to_string(),
-                    ]
-                })
-                .collect();
-            let all_keys: [&str; 10] = [
-                &keys.stream,
-                &keys.delayed,
-                &keys.delayed_envelopes,
-                &keys.journal,
-                &keys.bytes,
-                &keys.expiry,
-                &keys.ids,
-                &keys.cancelled,
-                &keys.expiring,
-                &keys.deleted,
-            ];
-            let mut args: Vec<&[u8]> = vec![
-                bound.as_bytes(),
-                window.as_bytes(),
-                RECORDER_GROUP.as_bytes(),
-                now.as_bytes(),
-            ];
-            for (n, &i) in indexes.iter().enumerate() {
-                args.push(if messages[i].producer_id { b"1" } else { b"0" });
-                let [published, scheduled, hold, expires, original, stored] = &per_message[n];
-                for value in [published, scheduled, hold, expires] {
-                    args.push(value.as_bytes());
-                }
-                args.push(messages[i].envelope.message_id.as_bytes());
-                args.push(messages[i].encoded.as_bytes());
-                args.push(original.as_bytes());
-                args.push(stored.as_bytes());
-                // Retention would remove it before it expires otherwise: watch its expiry.
-                let envelope = &messages[i].envelope;
-                let short_lived = envelope.expires_at
-                    < envelope
-                        .published_at
-                        .saturating_add(queue.retention_ms as i64);
-                args.push(if short_lived { b"1" } else { b"0" });
-            }
-            PUBLISH.add_to(&mut pipeline, &all_keys, &args);
-        }
+        PUBLISH.add_to(&mut pipeline, &keys, &args);
         let mut connection = self.pool.get().await?;
-        let replies: Vec<Vec<String>> =
+        let (reply,): (Vec<String>,) =
             scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
-
-        let mut outcome = PublishOutcome {
-            stored: vec![None; messages.len()],
-            full_backlog: None,
-            queue_deleted: false,
-        };
-        for ((_, indexes), reply) in chunks.iter().zip(replies) {
-            match reply.first().map(String::as_str) {
-                Some("ok") => {
-                    for (&index, result) in indexes.iter().zip(&reply[1..]) {
-                        outcome.stored[index] = Some(parse_result(result)?);
-                    }
-                }
-                Some("full") => {
-                    let backlog = reply
-                        .get(1)
-                        .and_then(|b| b.parse().ok())
-                        .unwrap_or(partition_bound);
-                    outcome.full_backlog.get_or_insert(backlog);
-                }
-                Some("gone") => outcome.queue_deleted = true,
-                _ => {
-                    return Err(ApiError::internal(format!(
-                        "unexpected publish reply {reply:?}"
-                    )))
-                }
-            }
+        match reply.first().map(String::as_str) {
+            Some("ok") if reply.len() == messages.len() + 1 => Ok(PublishOutcome::Stored(
+                reply[1..]
+                    .iter()
+                    .map(|result| parse_result(result))
+                    .collect::<Result<_, _>>()?,
+            )),
+            Some("full") => Ok(PublishOutcome::Full {
+                backlog: reply
+                    .get(2)
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(partition_bound),
+            }),
+            Some("gone") => Ok(PublishOutcome::QueueDeleted),
+            _ => Err(ApiError::internal(format!(
+                "unexpected publish reply {reply:?}"
+            ))),
         }
-        Ok(outcome)
+    }
+}
+
+impl Broker {
+    /// A message stored in a stream of the queue and not recorded yet, so that it can be
+    /// looked up the moment its publish answered.
+    pub async fn find_unrecorded(
+        &self,
+        queue: &Queue,
+        message_id: &str,
+    ) -> Result<Option<UnrecordedMessage>, ApiError> {
+        let partitions: Vec<_> = self
+            .keys
+            .partitions(queue.id, queue.partition_count)
+            .collect();
+        let mut keys: Vec<&str> = vec![partitions[0].unrecorded.as_str()];
+        keys.extend(partitions.iter().map(|p| p.stream.as_str()));
+        let mut pipeline = redis::pipe();
+        FIND_UNRECORDED.add_to(&mut pipeline, &keys, &[message_id.as_bytes()]);
+        let mut connection = self.pool.get().await?;
+        let (found,): (Option<(u16, String, String)>,) =
+            scripts::run(&mut connection, &pipeline, &[&FIND_UNRECORDED]).await?;
+        Ok(
+            found.map(|(partition, offset, envelope)| UnrecordedMessage {
+                partition,
+                offset,
+                envelope,
+            }),
+        )
     }
 }
 
 fn parse_result(result: &str) -> Result<Stored, ApiError> {
     let unexpected = || ApiError::internal(format!("unexpected publish result '{result}'"));
-    let (kind, rest) = result.split_once('|').ok_or_else(unexpected)?;
-    let offset = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+    let mut parts = result.split('|');
+    let kind = parts.next().ok_or_else(unexpected)?;
+    let partition = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(unexpected)?;
+    let offset = parts
+        .next()
+        .filter(|text| !text.is_empty())
+        .map(str::to_owned);
     match kind {
         "n" | "s" => Ok(Stored {
-            offset: offset(rest),
+            partition,
+            offset,
             duplicate: false,
             original_published_at: None,
             original_scheduled_at: None,
         }),
-        "d" => {
-            let mut parts = rest.split('|');
-            let stored_offset = parts.next().ok_or_else(unexpected)?;
-            Ok(Stored {
-                offset: offset(stored_offset),
-                duplicate: true,
-                original_published_at: parts.next().and_then(|t| t.parse().ok()),
-                original_scheduled_at: parts.next().and_then(|t| t.parse().ok()),
-            })
-        }
+        "d" => Ok(Stored {
+            partition,
+            offset,
+            duplicate: true,
+            original_published_at: parts.next().and_then(|t| t.parse().ok()),
+            original_scheduled_at: parts.next().and_then(|t| t.parse().ok()),
+        }),
         _ => Err(unexpected()),
     }
 }
@@ -313,15 +423,18 @@ mod tests {
 
     #[test]
     fn results_parse() {
-        let stored = parse_result("n|1-0").unwrap();
+        let stored = parse_result("n|2|1-0").unwrap();
         assert_eq!(
-            (stored.offset.as_deref(), stored.duplicate),
-            (Some("1-0"), false)
+            (stored.partition, stored.offset.as_deref(), stored.duplicate),
+            (2, Some("1-0"), false)
         );
-        let delayed = parse_result("s|").unwrap();
+        let delayed = parse_result("s|0|").unwrap();
         assert_eq!((delayed.offset, delayed.duplicate), (None, false));
-        let duplicate = parse_result("d|5-1|1700|").unwrap();
-        assert_eq!(duplicate.offset.as_deref(), Some("5-1"));
+        let duplicate = parse_result("d|3|5-1|1700|").unwrap();
+        assert_eq!(
+            (duplicate.partition, duplicate.offset.as_deref()),
+            (3, Some("5-1"))
+        );
         assert_eq!(
             (
                 duplicate.original_published_at,
@@ -329,7 +442,7 @@ mod tests {
             ),
             (Some(1700), None)
         );
-        let delayed_duplicate = parse_result("d||1700|1900").unwrap();
+        let delayed_duplicate = parse_result("d|0||1700|1900").unwrap();
         assert_eq!(
             (
                 delayed_duplicate.offset,
@@ -338,5 +451,6 @@ mod tests {
             (None, Some(1900))
         );
         assert!(parse_result("x").is_err());
+        assert!(parse_result("n|x|1-0").is_err());
     }
 }

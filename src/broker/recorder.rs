@@ -7,6 +7,8 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
 
+use uuid::Uuid;
+
 use super::keys::KeyLayout;
 use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
@@ -182,12 +184,22 @@ impl Broker {
     }
 
     /// Acknowledges recorded entries; journal entries are deleted too (nothing else reads
-    /// them), so journals stay small.
-    pub async fn ack_recorded(&self, entries: &[StreamEntry]) -> ApiResult<()> {
+    /// them), so journals stay small. `recorded` names the (queue, message id) of stream
+    /// messages now in PostgreSQL: lookups no longer need their index entry.
+    pub async fn ack_recorded(
+        &self,
+        entries: &[StreamEntry],
+        recorded: &[(Uuid, &str)],
+    ) -> ApiResult<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pipeline = redis::pipe();
+        for (queue_id, message_id) in recorded {
+            pipeline
+                .hdel(&self.keys.partition(*queue_id, 0).unrecorded, *message_id)
+                .ignore();
+        }
         for entry in entries {
             pipeline
                 .cmd("XACK")

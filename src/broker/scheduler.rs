@@ -22,8 +22,8 @@ static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
         prune_lapsed_lua!(),
         r#"
 -- KEYS: delayed set, delayed envelopes, stream, journal, expiry watch, idempotency records,
--- cancellation markers, expiring records.
--- ARGV: now (ms), batch limit, recorder group.
+-- cancellation markers, expiring records, unrecorded index.
+-- ARGV: now (ms), batch limit, recorder group, partition number.
 prune_lapsed(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[1]))
 local function ensure_group(key)
   if redis.call('EXISTS', key) == 0 then
@@ -44,7 +44,8 @@ for _, id in ipairs(due) do
       expired = expired + 1
     else
       ensure_group(KEYS[3])
-      redis.call('XADD', KEYS[3], '*', 'e', string.sub(stored, bar + 1))
+      local offset = redis.call('XADD', KEYS[3], '*', 'e', string.sub(stored, bar + 1))
+      redis.call('HSET', KEYS[9], id, ARGV[4] .. '|' .. offset)
       released = released + 1
     end
     redis.call('HDEL', KEYS[2], id)
@@ -100,8 +101,9 @@ static CANCEL: LazyLock<LuaScript> = LazyLock::new(|| {
         r#"
 -- KEYS: delayed set, delayed envelopes, journal, cancellation markers, idempotency records,
 -- expiring records, deletion tombstone.
--- ARGV: message id, now (ms), recorder group, how long the marker lasts (ms).
--- Returns 1 when cancelled now, 2 when cancelled before, 0 when not waiting here.
+-- ARGV: message id, now (ms), recorder group, how long the marker lasts (ms), partition.
+-- Returns 1 when cancelled now, 2 when cancelled before, 0 when not waiting here. The marker
+-- keeps the envelope, so a lookup shows the cancelled message until its record is written.
 if redis.call('EXISTS', KEYS[7]) == 1 then return 0 end
 local now = tonumber(ARGV[2])
 prune_lapsed(KEYS[5], KEYS[4], KEYS[6], now)
@@ -110,9 +112,11 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   if lapses and lapses > now then return 2 end
   return 0
 end
+local stored = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('HDEL', KEYS[2], ARGV[1])
--- Until the recorder has written the cancellation, this marker answers a repeated cancel.
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+-- Until the recorder has written the cancellation, this marker answers a repeated cancel
+-- and a lookup: '<partition>|<expiresAt>|<envelope>'.
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[5] .. '|' .. stored)
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), 'cancelled:' .. ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[3], '0', 'MKSTREAM')
@@ -179,8 +183,14 @@ impl Broker {
                         &keys.ids,
                         &keys.cancelled,
                         &keys.expiring,
+                        &keys.unrecorded,
                     ],
-                    &[now.as_bytes(), limit.as_bytes(), RECORDER_GROUP.as_bytes()],
+                    &[
+                        now.as_bytes(),
+                        limit.as_bytes(),
+                        RECORDER_GROUP.as_bytes(),
+                        partition.partition.to_string().as_bytes(),
+                    ],
                 );
             },
         )
@@ -230,6 +240,7 @@ impl Broker {
                     now.as_bytes(),
                     RECORDER_GROUP.as_bytes(),
                     marker_ms.as_bytes(),
+                    partition.to_string().as_bytes(),
                 ],
             );
         }
@@ -244,27 +255,59 @@ impl Broker {
         })
     }
 
-    /// The envelope (JSON text) and partition of a message still waiting for its time.
+    /// A message waiting for its time, or cancelled while it waited (its marker keeps it for
+    /// a while): its partition, envelope (JSON text) and whether it was cancelled.
     pub async fn find_delayed(
         &self,
         queue_id: uuid::Uuid,
         partition_count: u16,
         message_id: &str,
-    ) -> ApiResult<Option<(u16, String)>> {
+    ) -> ApiResult<Option<WaitingMessage>> {
         let mut pipeline = redis::pipe();
-        for keys in self.keys.partitions(queue_id, partition_count) {
+        let partitions: Vec<_> = self.keys.partitions(queue_id, partition_count).collect();
+        for keys in &partitions {
             pipeline.hget(&keys.delayed_envelopes, message_id);
         }
+        if let Some(keys) = partitions.first() {
+            pipeline.hget(&keys.cancelled, message_id);
+        }
         let mut connection = self.pool.get().await?;
-        let found: Vec<Option<String>> = pipeline.query_async(&mut connection).await?;
-        Ok(found
+        let mut found: Vec<Option<String>> = pipeline.query_async(&mut connection).await?;
+        let cancelled = found.pop().flatten();
+        let waiting = found
             .into_iter()
             .enumerate()
             .find_map(|(partition, stored)| {
                 let (_, envelope) = stored?
                     .split_once('|')
                     .map(|(e, v)| (e.to_owned(), v.to_owned()))?;
-                Some((partition as u16, envelope))
-            }))
+                Some(WaitingMessage {
+                    partition: partition as u16,
+                    envelope,
+                    cancelled: false,
+                })
+            });
+        Ok(waiting.or_else(|| {
+            // '<partition>|<expiresAt>|<envelope>'
+            let marker = cancelled?;
+            let mut parts = marker.splitn(3, '|');
+            let partition = parts.next()?.parse().ok()?;
+            let envelope = parts.nth(1)?.to_owned();
+            Some(WaitingMessage {
+                partition,
+                envelope,
+                cancelled: true,
+            })
+        }))
     }
+}
+
+/// A delayed message as Redis holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingMessage {
+    pub partition: u16,
+    /// The envelope (JSON text).
+    pub envelope: String,
+    /// Cancelled while it waited.
+    pub cancelled: bool,
 }

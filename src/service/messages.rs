@@ -1,8 +1,10 @@
 //! Looking up one message and cancelling a scheduled one.
 //!
 //! The record in PostgreSQL is the message's history (written by the recorder within about a
-//! second of each change); a delayed message not yet recorded is found in Redis, where it
-//! waits. Cancellation acts on Redis, atomically with release.
+//! second of each change); what the recorder has not written yet is read from Redis — a
+//! stored message through the queue's index of unrecorded messages, a delayed one where it
+//! waits — so a message's state is readable the moment its publish answered. Cancellation
+//! acts on Redis, atomically with release.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -68,6 +70,9 @@ fn not_found(message_id: &str) -> ApiError {
     )
 }
 
+/// A message's current state: its record in PostgreSQL (history, deliveries), completed from
+/// the hot store for what the recorder has not written yet — so a message is found the moment
+/// its publish answered, on any instance.
 pub async fn get(
     state: &AppState,
     tenant: &Tenant,
@@ -78,30 +83,131 @@ pub async fn get(
     if !can_exist(message_id) {
         return Err(not_found(message_id));
     }
-    if let Some(mut record) = state
-        .store
-        .find_message_record(queue.id, message_id)
-        .await?
-    {
-        let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
-        let stored = StoredPayload::of_record(&mut record);
-        let mut view = from_record(&queue.name, record, deliveries);
-        set_payload(state, &queue, &mut view, stored).await;
+    if let Some(view) = recorded(state, &queue, message_id).await? {
+        return Ok(view);
+    }
+    if let Some(found) = state.broker.find_unrecorded(&queue, message_id).await? {
+        return from_hot_store(
+            state,
+            &queue,
+            found.partition,
+            Some(found.offset),
+            &found.envelope,
+        )
+        .await;
+    }
+    // The recorder may have written it between the two looks.
+    if let Some(view) = recorded(state, &queue, message_id).await? {
         return Ok(view);
     }
     let waiting = state
         .broker
         .find_delayed(queue.id, queue.partition_count, message_id)
-        .await?;
-    let (partition, envelope) = waiting.ok_or_else(|| not_found(message_id))?;
-    let mut envelope: Envelope = serde_json::from_str(&envelope)
+        .await?
+        .ok_or_else(|| not_found(message_id))?;
+    let mut view =
+        from_hot_store(state, &queue, waiting.partition, None, &waiting.envelope).await?;
+    if waiting.cancelled {
+        view.status = "cancelled".to_owned();
+    }
+    Ok(view)
+}
+
+/// The message's record, if the recorder wrote it, brought up to date with what happened
+/// since: a release not recorded yet, or the data of a record that so far holds only a
+/// status (its message's record was still on its way).
+async fn recorded(
+    state: &AppState,
+    queue: &Queue,
+    message_id: &str,
+) -> ApiResult<Option<MessageView>> {
+    let Some(mut record) = state
+        .store
+        .find_message_record(queue.id, message_id)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
+    let placeholder = record.payload.is_none();
+    let stored = StoredPayload::of_record(&mut record);
+    let mut view = from_record(&queue.name, record, deliveries);
+    let current = if view.status == "scheduled" || placeholder {
+        match state.broker.find_unrecorded(queue, message_id).await? {
+            Some(found) => Some(
+                from_hot_store(
+                    state,
+                    queue,
+                    found.partition,
+                    Some(found.offset),
+                    &found.envelope,
+                )
+                .await?,
+            ),
+            None => None,
+        }
+    } else {
+        None
+    };
+    match current {
+        Some(current) if placeholder => {
+            if view.status == "scheduled" {
+                view.status = current.status;
+            }
+            view.offset = current.offset;
+            view.headers = current.headers;
+            view.key = current.key;
+            view.correlation_id = current.correlation_id;
+            view.payload = current.payload;
+            view.payload_error = current.payload_error;
+            view.published_at = current.published_at;
+            view.expires_at = current.expires_at;
+            view.trace_id = current.trace_id;
+        }
+        Some(current) => {
+            view.status = current.status;
+            view.offset = current.offset;
+            set_payload(state, queue, &mut view, stored).await;
+        }
+        None => {
+            // Cancelled while its record still said scheduled.
+            if view.status == "scheduled" {
+                let waiting = state
+                    .broker
+                    .find_delayed(queue.id, queue.partition_count, message_id)
+                    .await?;
+                if waiting.is_some_and(|w| w.cancelled) {
+                    view.status = "cancelled".to_owned();
+                }
+            }
+            set_payload(state, queue, &mut view, stored).await;
+        }
+    }
+    Ok(Some(view))
+}
+
+/// The view of a message known only to the hot store: in a stream (`offset`), or waiting for
+/// its time.
+async fn from_hot_store(
+    state: &AppState,
+    queue: &Queue,
+    partition: u16,
+    offset: Option<String>,
+    envelope: &str,
+) -> ApiResult<MessageView> {
+    let mut envelope: Envelope = serde_json::from_str(envelope)
         .map_err(|error| ApiError::internal(format!("stored envelope unreadable: {error}")))?;
     let stored = match envelope.sealed.take() {
         Some(sealed) => StoredPayload::Sealed(sealed),
         None => StoredPayload::Plain(std::mem::take(&mut envelope.payload)),
     };
-    let mut view = from_waiting(&queue.name, partition, envelope);
-    set_payload(state, &queue, &mut view, stored).await;
+    let status = if offset.is_some() {
+        "published"
+    } else {
+        "scheduled"
+    };
+    let mut view = from_envelope(&queue.name, partition, offset, status, envelope);
+    set_payload(state, queue, &mut view, stored).await;
     Ok(view)
 }
 
@@ -220,6 +326,15 @@ pub async fn cancel(
         // A record still saying "scheduled" was released after it was written.
         Some(record) if record.status == "scheduled" => Err(not_cancellable("published")),
         Some(record) => Err(not_cancellable(&record.status)),
+        // Stored a moment ago: its record is on its way.
+        None if state
+            .broker
+            .find_unrecorded(&queue, message_id)
+            .await?
+            .is_some() =>
+        {
+            Err(not_cancellable("published"))
+        }
         None => Err(not_found(message_id)),
     }
 }
@@ -255,14 +370,20 @@ fn from_record(queue: &str, record: MessageRecord, deliveries: Vec<DeliveryRecor
     }
 }
 
-fn from_waiting(queue: &str, partition: u16, envelope: Envelope) -> MessageView {
+fn from_envelope(
+    queue: &str,
+    partition: u16,
+    offset: Option<String>,
+    status: &str,
+    envelope: Envelope,
+) -> MessageView {
     let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
     MessageView {
         message_id: envelope.message_id,
         queue: queue.to_owned(),
-        status: "scheduled".to_owned(),
+        status: status.to_owned(),
         partition: i32::from(partition),
-        offset: None,
+        offset,
         key: envelope.key,
         correlation_id: envelope.correlation_id,
         headers: serde_json::to_value(envelope.headers).unwrap_or(Value::Null),

@@ -13,4 +13,5 @@ pub mod queues;
 pub mod signals;
 pub mod subscriptions;
 pub mod system_queues;
+pub mod upgrade;
 pub mod webhook;

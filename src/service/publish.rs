@@ -8,7 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
-use crate::broker::publish::{queue_full, Stored};
+use crate::broker::publish::{queue_full, PublishOutcome, Stored};
 use std::sync::Arc;
 
 use crate::crypto::{Binding, Sealer};
@@ -136,48 +136,30 @@ async fn publish(
         )
         .await
         .map_err(ApiError::during_publish)?;
-    if outcome.queue_deleted {
-        state.queue_cache.invalidate(queue.tenant_id, &queue.name);
-        return Err(ApiError::queue_not_found(&queue.name));
-    }
-
+    let stored = match outcome {
+        PublishOutcome::Stored(stored) => stored,
+        PublishOutcome::Full { backlog } => return Err(queue_full(queue, backlog)),
+        PublishOutcome::QueueDeleted => {
+            state.queue_cache.invalidate(queue.tenant_id, &queue.name);
+            return Err(ApiError::queue_not_found(&queue.name));
+        }
+    };
     if messages.iter().any(|m| m.hold_until.is_none()) {
         state.signals.notify(queue.id);
     }
     if let Some(earliest) = messages.iter().filter_map(|m| m.hold_until).min() {
         state.scheduler.message_waiting(earliest);
     }
-    let stored_new = outcome
-        .stored
-        .iter()
-        .filter(|stored| stored.as_ref().is_some_and(|s| !s.duplicate))
-        .count() as u64;
+    let stored_new = stored.iter().filter(|s| !s.duplicate).count() as u64;
     state
         .metrics
         .count_messages(queue.tenant_id, &queue.name, "published", stored_new);
     state.stats.published(queue.tenant_id, queue.id, stored_new);
-    let results: Vec<Option<PublishResult>> = messages
+    Ok(messages
         .iter()
-        .zip(outcome.stored)
-        .map(|(message, stored)| stored.map(|stored| result(&queue.name, message, stored)))
-        .collect();
-    match outcome.full_backlog {
-        None => Ok(results.into_iter().flatten().collect()),
-        Some(backlog) => {
-            let mut error = queue_full(queue, backlog);
-            let stored = results.iter().filter(|r| r.is_some()).count();
-            if stored > 0 {
-                // Some partitions had room: say exactly which messages were stored.
-                error.message = format!(
-                    "{}; {stored} of {} messages were stored (see details.results)",
-                    error.message,
-                    results.len()
-                );
-                error = error.with_detail("results", json!(results));
-            }
-            Err(error)
-        }
-    }
+        .zip(stored)
+        .map(|(message, stored)| result(&queue.name, message, stored))
+        .collect())
 }
 
 /// Counts the request against the tenant's publish limits; 429 when over them.
@@ -387,7 +369,7 @@ fn result(queue: &str, message: &ValidMessage, stored: Stored) -> PublishResult 
     PublishResult {
         message_id: message.envelope.message_id.clone(),
         queue: queue.to_owned(),
-        partition: message.partition,
+        partition: stored.partition,
         offset: stored.offset,
         published_at: DateTime::from_timestamp_millis(published_at_ms).unwrap_or_default(),
         duplicate: stored.duplicate,

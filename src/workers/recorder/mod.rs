@@ -258,13 +258,24 @@ async fn record(
             Err(reason) => quarantine(state, &owner, entry, &reason).await?,
         }
     }
+    let recorded: Vec<(uuid::Uuid, String)> = readable
+        .iter()
+        .filter_map(|(_, owner, contribution)| match contribution {
+            Some(entries::Contribution::Record(record)) if record.status == "published" => {
+                Some((owner.queue_id, record.message_id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
     write_isolating(state, readable).await?;
     if state.faults.recorder_ack_fails() {
         return Err(BatchError::Injected);
     }
+    let recorded: Vec<(uuid::Uuid, &str)> =
+        recorded.iter().map(|(q, id)| (*q, id.as_str())).collect();
     state
         .broker
-        .ack_recorded(entries)
+        .ack_recorded(entries, &recorded)
         .await
         .map_err(BatchError::Ack)
 }
