@@ -387,6 +387,10 @@ async fn internal_routes_publish_to_system_queues_and_report() {
             .unwrap();
         assert_eq!(envelope["headers"]["eventType"], event);
         assert!(envelope["payload"].get("tenantId").is_none());
+        assert_eq!(
+            envelope["producerId"], "tests",
+            "the calling service's X-Service-Name"
+        );
     }
     // Tenant from the header; conflicting or missing tenant is 400.
     let (status, _) = read(

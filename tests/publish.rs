@@ -653,7 +653,7 @@ async fn records_appear_in_postgres() {
     );
     let mut db = app.database.connect().await;
     let row: (Uuid, i32, String, Option<String>, Option<String>, Value, Value, String) = sqlx::query_as(
-        "SELECT topic_id, partition, stream_offset, message_key, correlation_id, headers, payload, status \
+        "SELECT topic_id, partition_id, offset_value, message_key, correlation_id, headers, payload, status \
          FROM message_records WHERE message_id = 'm-1'",
     )
     .fetch_one(&mut db)
@@ -666,6 +666,27 @@ async fn records_appear_in_postgres() {
     assert_eq!(row.5, json!({"h": "v"}));
     assert_eq!(row.6, json!({"a": 1}));
     assert_eq!(row.7, "published");
+    // The seed design's columns.
+    let seed: (
+        Option<String>,
+        Option<String>,
+        i32,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) = sqlx::query_as(
+        "SELECT content_type, producer_id, payload_size, consumed_at \
+             FROM message_records WHERE message_id = 'm-1'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(seed.0.as_deref(), Some("application/json"));
+    assert_eq!(
+        seed.1.as_deref(),
+        Some("tester"),
+        "the JWT sub of the producer"
+    );
+    assert_eq!(seed.2, 7, "the size of {{\"a\":1}}");
+    assert_eq!(seed.3, None, "not consumed yet");
 }
 
 #[tokio::test]

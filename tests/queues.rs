@@ -478,7 +478,7 @@ async fn delete_removes_data_subscriptions_and_records() {
     .bind(Uuid::new_v4()).bind(app.tenant).bind(queue_id(&queue))
     .execute(&mut db).await.unwrap();
     sqlx::query(
-        "INSERT INTO message_records (topic_id, message_id, tenant_id, partition, status, published_at) \
+        "INSERT INTO message_records (topic_id, message_id, tenant_id, partition_id, status, published_at) \
          VALUES ($1, 'm1', $2, 0, 'published', now())",
     )
     .bind(queue_id(&queue)).bind(app.tenant)

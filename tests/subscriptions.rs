@@ -805,3 +805,81 @@ async fn a_consumer_that_crashes_loses_nothing() {
     }
     assert_eq!(acked, published, "every message was acked by someone");
 }
+
+#[tokio::test]
+async fn consumption_records_carry_the_seed_designs_columns() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "q"})).await;
+    let subscription = consumer(&app, "q", "g", "worker-1", json!({"retryDelayMs": 1})).await;
+    let id = publish(&app, "q", json!(1), json!({})).await;
+    let first = pull(&app, &subscription, 1, 1000).await.remove(0);
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{subscription}/nack"),
+            Some(json!({"ackIds": [first["ackId"]], "delayMs": 50})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let second = common::pull_until(&app, &subscription, 1, WAIT)
+        .await
+        .remove(0);
+    assert_eq!(
+        app.ack(&subscription, &[second["ackId"].as_str().unwrap()])
+            .await,
+        1
+    );
+    assert!(
+        eventually(WAIT, || async {
+            stats(&app, &subscription).await["acked"] == 1
+        })
+        .await
+    );
+
+    type Row = (
+        String,
+        i32,
+        Option<String>,
+        Option<i32>,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        i32,
+    );
+    let mut db = app.database.connect().await;
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT status, attempt, consumer_instance, partition_id, offset_value, processed_at, \
+             next_retry_at, retry_count \
+         FROM consumption_records WHERE message_id = $1 ORDER BY attempt",
+    )
+    .bind(&id)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (failed, acked) = (&rows[0], &rows[1]);
+    assert_eq!((failed.0.as_str(), failed.1, failed.7), ("failed", 1, 0));
+    assert_eq!((acked.0.as_str(), acked.1, acked.7), ("acked", 2, 1));
+    for row in &rows {
+        assert!(
+            row.2.as_deref().unwrap().starts_with("worker-1@"),
+            "{row:?}"
+        );
+        assert_eq!(row.3, Some(0));
+        assert_eq!(row.4.as_deref(), first["offset"].as_str());
+        assert!(row.5.is_some());
+    }
+    assert!(
+        failed.6.unwrap() > failed.5.unwrap(),
+        "a retry is planned after the failure"
+    );
+    assert_eq!(acked.6, None);
+    let consumed: (Option<chrono::DateTime<chrono::Utc>>, String) =
+        sqlx::query_as("SELECT consumed_at, status FROM message_records WHERE message_id = $1")
+            .bind(&id)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(consumed.1, "consumed");
+    assert_eq!(consumed.0, acked.5, "consumed when acked");
+}

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, ApiQuery};
 use crate::auth::ServiceCaller;
-use crate::domain::message::trace_id_from_traceparent;
+use crate::domain::message::{trace_id_from_traceparent, PublishContext};
 use crate::error::{ApiError, ApiResult};
 use crate::service::system_queues::{
     self, AUDIT_LOGS, NOTIFICATIONS, USER_EVENTS, USER_NOTIFICATIONS,
@@ -85,7 +85,17 @@ async fn publish_to(
         queue,
         "internal publish"
     );
-    let result = system_queues::publish_event(state, tenant_id, queue, body, event, trace_id)
+    let context = PublishContext {
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        trace_id,
+        producer_id: Some(
+            caller
+                .service_name
+                .clone()
+                .unwrap_or_else(|| "unnamed-service".to_owned()),
+        ),
+    };
+    let result = system_queues::publish_event(state, tenant_id, queue, body, event, &context)
         .await
         .map_err(ApiError::during_publish)?;
     Ok((StatusCode::CREATED, Json(result)))

@@ -14,13 +14,14 @@ use crate::error::{ApiError, ApiResult};
 use crate::service::publish::{self, PublishResult};
 use crate::state::AppState;
 
-fn context(headers: &HeaderMap) -> PublishContext {
+fn context(headers: &HeaderMap, tenant: &Tenant) -> PublishContext {
     PublishContext {
         now_ms: chrono::Utc::now().timestamp_millis(),
         trace_id: headers
             .get("traceparent")
             .and_then(|value| value.to_str().ok())
             .and_then(trace_id_from_traceparent),
+        producer_id: Some(tenant.principal.clone()).filter(|p| !p.is_empty()),
     }
 }
 
@@ -76,7 +77,8 @@ async fn publish_with_queue_in_body(
         }
         _ => {}
     }
-    let result = publish::publish_one(&state, &tenant, &queue, input, &context(&headers)).await?;
+    let context = context(&headers, &tenant);
+    let result = publish::publish_one(&state, &tenant, &queue, input, &context).await?;
     Ok(respond(result))
 }
 
@@ -114,7 +116,8 @@ pub async fn publish_to_topic(
     headers: HeaderMap,
     ApiJson(input): ApiJson<MessageInput>,
 ) -> ApiResult<Response> {
-    let result = publish::publish_one(&state, &tenant, &name, input, &context(&headers)).await?;
+    let context = context(&headers, &tenant);
+    let result = publish::publish_one(&state, &tenant, &name, input, &context).await?;
     Ok(respond(result))
 }
 
@@ -138,8 +141,14 @@ pub async fn publish_batch(
     let messages = request
         .messages
         .ok_or_else(|| ApiError::validation("messages is required", vec!["messages".into()]))?;
-    let results =
-        publish::publish_batch(&state, &tenant, &queue, messages, &context(&headers)).await?;
+    let results = publish::publish_batch(
+        &state,
+        &tenant,
+        &queue,
+        messages,
+        &context(&headers, &tenant),
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "queue": queue, "count": results.len(), "results": results })),

@@ -112,7 +112,7 @@ static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone.
 -- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
 -- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
--- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms).
+-- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer.
 -- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter' finish.
 -- An ack also finishes an entry waiting for its retry (its late success still counts).
 local stream, inflight, retry, attempts, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -139,7 +139,8 @@ if redis.call('EXISTS', journal) == 0 then
   redis.call('XGROUP', 'CREATE', journal, ARGV[7], '0', 'MKSTREAM')
 end
 redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[8], 'sub', ARGV[9],
-  'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12])
+  'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12], 'off', id, 'ra', ARGV[6],
+  'ci', ARGV[13])
 return 1
 "#,
     )
@@ -374,6 +375,7 @@ impl Broker {
     pub async fn settle(
         &self,
         queue_id: Uuid,
+        consumer_instance: &str,
         settlements: &[Settlement<'_>],
     ) -> ApiResult<Vec<bool>> {
         if settlements.is_empty() {
@@ -402,6 +404,7 @@ impl Broker {
                 s.processing_ms.map(|ms| ms.to_string()).unwrap_or_default(),
                 s.error.unwrap_or_default().chars().take(1000).collect(),
                 s.now_ms.to_string(),
+                consumer_instance.to_owned(),
             ];
             let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
             SETTLE.add_to(

@@ -302,7 +302,7 @@ impl Broker {
         for (message, fields) in messages.iter().zip(&per_message) {
             let [slot, published, scheduled, hold, expires, original, stored] = fields;
             args.push(slot.as_bytes());
-            args.push(if message.producer_id { b"1" } else { b"0" });
+            args.push(if message.idempotent { b"1" } else { b"0" });
             for value in [published, scheduled, hold, expires] {
                 args.push(value.as_bytes());
             }

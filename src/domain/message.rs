@@ -55,6 +55,9 @@ pub struct Envelope {
     /// When the producer asked for delivery (ms), for delayed and scheduled messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<i64>,
+    /// Who published: the JWT `sub` of the producer, or the platform service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer_id: Option<String>,
     /// The payload; `null` when it is stored sealed (compressed and/or encrypted) instead.
     pub payload: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,7 +69,7 @@ pub struct Envelope {
 pub struct ValidMessage {
     pub partition: u16,
     /// Whether the producer chose the id (then it is an idempotency key).
-    pub producer_id: bool,
+    pub idempotent: bool,
     pub envelope: Envelope,
     /// The envelope as stored (JSON text).
     pub encoded: String,
@@ -204,7 +207,7 @@ pub fn validate(
         }
     }
 
-    let producer_id = input.message_id.is_some();
+    let idempotent = input.message_id.is_some();
     let message_id = input.message_id.unwrap_or(generated_id);
     let partition = choose_partition(
         input.key.as_deref().unwrap_or(&message_id),
@@ -220,6 +223,7 @@ pub fn validate(
             .content_type
             .unwrap_or_else(|| "application/json".to_owned()),
         trace_id: context.trace_id.clone(),
+        producer_id: context.producer_id.clone(),
         published_at: context.now_ms,
         expires_at: context.now_ms.saturating_add(ttl_ms),
         scheduled_at,
@@ -232,7 +236,7 @@ pub fn validate(
         .map(|due| due.min(envelope.expires_at));
     Ok(ValidMessage {
         partition,
-        producer_id,
+        idempotent,
         envelope,
         encoded,
         hold_until,
@@ -353,7 +357,12 @@ fn is_forbidden_in_value(c: char) -> bool {
 pub struct PublishContext {
     pub now_ms: i64,
     pub trace_id: Option<String>,
+    /// Who publishes (recorded as `producer_id`): a JWT `sub` or a service's name.
+    pub producer_id: Option<String>,
 }
+
+/// The producer name of what the service publishes on its own behalf (dead letters, audit).
+pub const SERVICE_PRODUCER: &str = "message-queue-service";
 
 /// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if valid.
 pub fn trace_id_from_traceparent(header: &str) -> Option<String> {
@@ -463,6 +472,7 @@ mod tests {
         let context = PublishContext {
             now_ms: 1,
             trace_id: None,
+            producer_id: None,
         };
         let fields = |input: MessageInput| -> Vec<String> {
             match validate(&queue, None, input, LIMITS, &context, "g".into()) {

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
+use crate::domain::message::{PublishContext, SERVICE_PRODUCER};
 use crate::service::system_queues::{self, AUDIT_LOGS};
 use crate::state::AppState;
 
@@ -45,13 +46,18 @@ pub async fn record(
         "source".into(),
         Value::String("message-queue-service".into()),
     );
+    let context = PublishContext {
+        now_ms: Utc::now().timestamp_millis(),
+        trace_id: None,
+        producer_id: Some(SERVICE_PRODUCER.to_owned()),
+    };
     if let Err(error) = system_queues::publish_event(
         state,
         tenant.tenant_id,
         AUDIT_LOGS,
         body,
         Some(action.clone()),
-        None,
+        &context,
     )
     .await
     {

@@ -14,7 +14,7 @@ use crate::broker::consume::{Delivery, Outcome, Settlement};
 use crate::crypto::{Binding, SealError, Sealer};
 use crate::domain::ack_token::AckToken;
 use crate::domain::filter::{Filter, MessageView};
-use crate::domain::message::{Envelope, MessageInput, PublishContext};
+use crate::domain::message::{Envelope, MessageInput, PublishContext, SERVICE_PRODUCER};
 use crate::domain::queue::{Compression, Queue, QueueStatus};
 use crate::domain::retry::{may_retry, retry_delay_ms};
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
@@ -295,7 +295,7 @@ pub async fn screen(
                 published_at_ms: None,
             })
             .collect();
-        settle(state, queue, &settlements).await?;
+        settle(state, subscription, queue, &settlements).await?;
     }
     Ok(deliverable)
 }
@@ -405,7 +405,7 @@ pub async fn ack(
             published_at_ms: Some(token.published_at_ms),
         })
         .collect();
-    let applied = settle(state, &queue, &settlements)
+    let applied = settle(state, &subscription, &queue, &settlements)
         .await
         .map_err(ApiError::during_consume)?;
     Ok(applied.into_iter().filter(|a| *a).count())
@@ -537,7 +537,7 @@ pub async fn record_failure(
         now_ms: now,
         published_at_ms: None,
     };
-    let applied = settle(state, queue, &[settlement]).await?;
+    let applied = settle(state, subscription, queue, &[settlement]).await?;
     Ok(applied.first().copied().unwrap_or(false))
 }
 
@@ -545,10 +545,17 @@ pub async fn record_failure(
 /// Every settlement of a delivery goes through here.
 pub async fn settle(
     state: &AppState,
+    subscription: &Subscription,
     queue: &Queue,
     settlements: &[Settlement<'_>],
 ) -> ApiResult<Vec<bool>> {
-    let applied = state.broker.settle(queue.id, settlements).await?;
+    // Recorded as the consumption's `consumer_instance`: which consumer, through which
+    // instance of the service.
+    let consumer = format!("{}@{}", subscription.consumer_name, state.instance_id);
+    let applied = state
+        .broker
+        .settle(queue.id, &consumer, settlements)
+        .await?;
     for (settlement, _) in settlements
         .iter()
         .zip(&applied)
@@ -651,6 +658,7 @@ async fn dead_letter(
     let context = PublishContext {
         now_ms: now_ms(),
         trace_id: envelope.trace_id,
+        producer_id: Some(SERVICE_PRODUCER.to_owned()),
     };
     publish::publish_as_service(state, tenant_id, dlq_name, input, &context).await?;
     Ok(())

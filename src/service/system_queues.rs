@@ -26,7 +26,7 @@ pub async fn publish_event(
     queue: &str,
     body: Map<String, Value>,
     event: Option<String>,
-    trace_id: Option<String>,
+    context: &PublishContext,
 ) -> ApiResult<PublishResult> {
     queues::ensure_exists(state, tenant_id, queue, None).await?;
     let input = MessageInput {
@@ -39,11 +39,7 @@ pub async fn publish_event(
         ),
         ..MessageInput::default()
     };
-    let context = PublishContext {
-        now_ms: Utc::now().timestamp_millis(),
-        trace_id,
-    };
-    publish::publish_as_service(state, tenant_id, queue, input, &context).await
+    publish::publish_as_service(state, tenant_id, queue, input, context).await
 }
 
 /// The stats of one tenant's system queue `queue`, or the sum over all tenants (`None`).

@@ -30,6 +30,8 @@ pub struct NewMessageRecord {
     pub payload: String,
     pub payload_encoding: PayloadEncoding,
     pub payload_bytes: i32,
+    pub content_type: String,
+    pub producer_id: Option<String>,
     pub trace_id: Option<String>,
     pub published_at: DateTime<Utc>,
     pub scheduled_at: Option<DateTime<Utc>>,
@@ -136,6 +138,8 @@ pub struct RecordStatusChange {
     pub status: &'static str,
     /// Retries scheduled so far.
     pub retries: i32,
+    /// When the change happened (for `consumed`: the message's `consumed_at`).
+    pub at: DateTime<Utc>,
 }
 
 /// One delivery attempt's outcome.
@@ -153,6 +157,12 @@ pub struct NewConsumptionRecord {
     pub processing_ms: Option<i32>,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The consumer and the service instance that delivered (`<consumerName>@<instance>`).
+    pub consumer_instance: Option<String>,
+    /// The stream entry id of the delivered message.
+    pub offset_value: Option<String>,
+    /// For a failed attempt to be retried: when.
+    pub next_retry_at: Option<DateTime<Utc>>,
 }
 
 /// A stored message record, for lookups.
@@ -238,9 +248,9 @@ impl Store {
         message_id: &str,
     ) -> ApiResult<Option<MessageRecord>> {
         let record = sqlx::query_as(
-            "SELECT message_id, partition, stream_offset, message_key, correlation_id, headers, \
-                 payload, payload_encoding, status, trace_id, retry_count, published_at, \
-                 scheduled_at, expires_at \
+            "SELECT message_id, partition_id AS partition, offset_value AS stream_offset, \
+                 message_key, correlation_id, headers, payload, payload_encoding, status, \
+                 trace_id, retry_count, published_at, scheduled_at, expires_at \
              FROM message_records WHERE topic_id = $1 AND message_id = $2",
         )
         .bind(topic_id)
@@ -293,22 +303,24 @@ async fn insert_message_records(
         };
     }
     sqlx::query(
-        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, stream_offset, \
-             message_key, correlation_id, headers, payload, payload_encoding, payload_bytes, status, \
-             trace_id, published_at, scheduled_at, expires_at) \
-         SELECT r.topic_id, r.tenant_id, r.message_id, r.partition, r.stream_offset, \
+        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition_id, offset_value, \
+             message_key, correlation_id, headers, payload, payload_encoding, payload_size, status, \
+             trace_id, published_at, scheduled_at, expires_at, content_type, producer_id) \
+         SELECT r.topic_id, r.tenant_id, r.message_id, r.partition_id, r.offset_value, \
              r.message_key, r.correlation_id, r.headers::jsonb, r.payload::jsonb, \
-             r.payload_encoding, r.payload_bytes, r.status, r.trace_id, r.published_at, \
-             r.scheduled_at, r.expires_at \
+             r.payload_encoding, r.payload_size, r.status, r.trace_id, r.published_at, \
+             r.scheduled_at, r.expires_at, r.content_type, r.producer_id \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], \
              $7::text[], $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[], \
-             $14::timestamptz[], $15::timestamptz[], $16::timestamptz[]) \
-           AS r(topic_id, tenant_id, message_id, partition, stream_offset, message_key, \
-             correlation_id, headers, payload, payload_encoding, payload_bytes, status, trace_id, \
-             published_at, scheduled_at, expires_at) \
+             $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::text[], $18::text[]) \
+           AS r(topic_id, tenant_id, message_id, partition_id, offset_value, message_key, \
+             correlation_id, headers, payload, payload_encoding, payload_size, status, trace_id, \
+             published_at, scheduled_at, expires_at, content_type, producer_id) \
          WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = r.topic_id) \
          ON CONFLICT (topic_id, message_id) DO UPDATE SET \
-           stream_offset = COALESCE(EXCLUDED.stream_offset, message_records.stream_offset), \
+           offset_value = COALESCE(EXCLUDED.offset_value, message_records.offset_value), \
+           content_type = COALESCE(message_records.content_type, EXCLUDED.content_type), \
+           producer_id = COALESCE(message_records.producer_id, EXCLUDED.producer_id), \
            payload_encoding = CASE WHEN message_records.payload IS NULL \
                                    THEN EXCLUDED.payload_encoding \
                                    ELSE message_records.payload_encoding END, \
@@ -317,7 +329,7 @@ async fn insert_message_records(
                           ELSE message_records.headers END, \
            message_key = COALESCE(message_records.message_key, EXCLUDED.message_key), \
            correlation_id = COALESCE(message_records.correlation_id, EXCLUDED.correlation_id), \
-           payload_bytes = GREATEST(message_records.payload_bytes, EXCLUDED.payload_bytes), \
+           payload_size = GREATEST(message_records.payload_size, EXCLUDED.payload_size), \
            trace_id = COALESCE(message_records.trace_id, EXCLUDED.trace_id), \
            published_at = CASE WHEN message_records.payload IS NULL THEN EXCLUDED.published_at \
                                ELSE message_records.published_at END, \
@@ -348,6 +360,8 @@ async fn insert_message_records(
     .bind(column!(published_at))
     .bind(column!(scheduled_at))
     .bind(column!(expires_at))
+    .bind(column!(content_type))
+    .bind(column!(producer_id))
     .execute(connection)
     .await?;
     Ok(())
@@ -368,17 +382,20 @@ async fn change_record_statuses(
         WHEN 'failed' THEN 2 WHEN 'dead_letter' THEN 3 WHEN 'consumed' THEN 4 ELSE 5 END";
     let rank = |column: &str| RANK.replace("{}", column);
     let sql = format!(
-        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition, status, \
-             retry_count, published_at) \
-         SELECT c.topic_id, c.tenant_id, c.message_id, c.partition, c.status, c.retries, now() \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[]) \
-           AS c(topic_id, tenant_id, message_id, partition, status, retries) \
+        "INSERT INTO message_records (topic_id, tenant_id, message_id, partition_id, status, \
+             retry_count, published_at, consumed_at) \
+         SELECT c.topic_id, c.tenant_id, c.message_id, c.partition_id, c.status, c.retries, now(), \
+             CASE WHEN c.status = 'consumed' THEN c.at END \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[], \
+             $7::timestamptz[]) \
+           AS c(topic_id, tenant_id, message_id, partition_id, status, retries, at) \
          WHERE EXISTS (SELECT 1 FROM message_topics t WHERE t.id = c.topic_id) \
          ON CONFLICT (topic_id, message_id) DO UPDATE SET \
            status = CASE WHEN {new} > {old} AND (EXCLUDED.status NOT IN ('expired', 'cancelled') \
                              OR message_records.status IN ('scheduled', 'published')) \
                          THEN EXCLUDED.status ELSE message_records.status END, \
            retry_count = GREATEST(message_records.retry_count, EXCLUDED.retry_count), \
+           consumed_at = COALESCE(message_records.consumed_at, EXCLUDED.consumed_at), \
            updated_at = now()",
         new = rank("EXCLUDED.status"),
         old = rank("message_records.status"),
@@ -395,6 +412,7 @@ async fn change_record_statuses(
         .bind(changes.iter().map(|c| c.partition).collect::<Vec<_>>())
         .bind(changes.iter().map(|c| c.status).collect::<Vec<_>>())
         .bind(changes.iter().map(|c| c.retries).collect::<Vec<_>>())
+        .bind(changes.iter().map(|c| c.at).collect::<Vec<_>>())
         .execute(connection)
         .await?;
     Ok(())
@@ -411,13 +429,18 @@ async fn insert_consumption_records(
     }
     sqlx::query(
         "INSERT INTO consumption_records (tenant_id, topic_id, partition_id, journal_id, \
-             subscription_id, message_id, attempt, status, processing_ms, error, created_at) \
+             subscription_id, message_id, attempt, status, processing_ms, error, created_at, \
+             consumer_instance, offset_value, processed_at, next_retry_at, retry_count) \
          SELECT r.tenant_id, r.topic_id, r.partition_id, r.journal_id, r.subscription_id, \
-             r.message_id, r.attempt, r.status, r.processing_ms, r.error, r.created_at \
+             r.message_id, r.attempt, r.status, r.processing_ms, r.error, r.created_at, \
+             r.consumer_instance, r.offset_value, r.created_at, r.next_retry_at, \
+             GREATEST(r.attempt - 1, 0) \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::uuid[], $6::text[], \
-             $7::int4[], $8::text[], $9::int4[], $10::text[], $11::timestamptz[]) WITH ORDINALITY \
+             $7::int4[], $8::text[], $9::int4[], $10::text[], $11::timestamptz[], $12::text[], \
+             $13::text[], $14::timestamptz[]) WITH ORDINALITY \
            AS r(tenant_id, topic_id, partition_id, journal_id, subscription_id, message_id, \
-             attempt, status, processing_ms, error, created_at, position) \
+             attempt, status, processing_ms, error, created_at, consumer_instance, offset_value, \
+             next_retry_at, position) \
          WHERE EXISTS (SELECT 1 FROM message_subscriptions s WHERE s.id = r.subscription_id) \
          ORDER BY r.position \
          ON CONFLICT (topic_id, partition_id, journal_id) DO NOTHING",
@@ -448,6 +471,19 @@ async fn insert_consumption_records(
     .bind(records.iter().map(|r| r.processing_ms).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .bind(
+        records
+            .iter()
+            .map(|r| r.consumer_instance.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.offset_value.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(records.iter().map(|r| r.next_retry_at).collect::<Vec<_>>())
     .execute(&mut *connection)
     .await?;
     // A subscription's last consumption is its latest acked attempt.

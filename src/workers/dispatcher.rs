@@ -357,7 +357,9 @@ async fn push(
                 now_ms: Utc::now().timestamp_millis(),
                 published_at_ms: Some(envelope.published_at),
             };
-            settle(&state, &queue, &[settlement]).await.map(|_| ())
+            settle(&state, &subscription, &queue, &[settlement])
+                .await
+                .map(|_| ())
         }
         PushOutcome::Failed {
             error,

@@ -57,7 +57,11 @@ pub fn read(owner: &PartitionRef, entry: &StreamEntry) -> Result<Contribution, S
             };
             let message_id = message_id_field(entry)?;
             Ok(Contribution::Status(status_change(
-                owner, message_id, status, 0,
+                owner,
+                message_id,
+                status,
+                0,
+                event_time(entry),
             )))
         }
         Some("delivery") => {
@@ -67,8 +71,15 @@ pub fn read(owner: &PartitionRef, entry: &StreamEntry) -> Result<Contribution, S
             } else {
                 attempt.attempt - 1
             };
-            let change = message_status_after(attempt.status)
-                .map(|status| status_change(owner, &attempt.message_id, status, retries));
+            let change = message_status_after(attempt.status).map(|status| {
+                status_change(
+                    owner,
+                    &attempt.message_id,
+                    status,
+                    retries,
+                    attempt.created_at,
+                )
+            });
             Ok(Contribution::Attempt(attempt, change))
         }
         Some(other) => Err(format!("unknown journal event '{other}'")),
@@ -89,6 +100,7 @@ pub fn plan(contributions: Vec<Contribution>) -> RecordBatch {
             Some(known) => {
                 if rank(change.status) > rank(known.status) {
                     known.status = change.status;
+                    known.at = change.at;
                 }
                 known.retries = known.retries.max(change.retries);
             }
@@ -196,6 +208,7 @@ fn status_change(
     message_id: &str,
     status: &'static str,
     retries: i32,
+    at: DateTime<Utc>,
 ) -> RecordStatusChange {
     RecordStatusChange {
         topic_id: owner.queue_id,
@@ -204,7 +217,17 @@ fn status_change(
         message_id: message_id.to_owned(),
         status,
         retries,
+        at,
     }
+}
+
+/// When a journal event happened (`t`, ms), or now for events written without it.
+fn event_time(entry: &StreamEntry) -> DateTime<Utc> {
+    entry
+        .field("t")
+        .and_then(|t| t.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or_else(Utc::now)
 }
 
 /// A `delivery` journal event as a consumption record.
@@ -224,12 +247,20 @@ fn delivery_attempt(
         .field("sub")
         .and_then(|id| id.parse().ok())
         .ok_or("the delivery names no subscription")?;
-    let at = entry
-        .field("t")
-        .and_then(|t| t.parse::<i64>().ok())
-        .and_then(DateTime::from_timestamp_millis)
-        .unwrap_or_else(Utc::now);
+    let at = event_time(entry);
+    let text = |name: &str| {
+        entry
+            .field(name)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
     Ok(NewConsumptionRecord {
+        consumer_instance: text("ci"),
+        offset_value: text("off"),
+        next_retry_at: entry
+            .field("ra")
+            .and_then(|t| t.parse::<i64>().ok())
+            .and_then(DateTime::from_timestamp_millis),
         tenant_id: owner.tenant_id,
         topic_id: owner.queue_id,
         partition: i32::from(owner.partition),
@@ -298,6 +329,8 @@ fn to_record(
         payload_bytes: i32::try_from(payload_bytes).unwrap_or(i32::MAX),
         payload,
         payload_encoding,
+        content_type: envelope.content_type,
+        producer_id: envelope.producer_id,
         trace_id: envelope.trace_id,
         published_at: timestamp(envelope.published_at),
         scheduled_at: envelope.scheduled_at.map(timestamp),
