@@ -36,6 +36,8 @@ pub struct Config {
     pub queue_max_subscriptions: u64,
     /// How often the retention job trims streams.
     pub retention_interval_ms: u64,
+    /// How often records past their queue's retention are removed from PostgreSQL.
+    pub record_retention_interval_ms: u64,
     pub max_message_size: usize,
     pub default_ttl_secs: u64,
     pub max_queue_length: u64,
@@ -240,6 +242,11 @@ impl Config {
             )?,
             queue_max_subscriptions: env.number("QUEUE_MAX_SUBSCRIPTIONS", 100, 1..=1_000_000)?,
             retention_interval_ms: env.number("RETENTION_INTERVAL_MS", 5000, 100..=3_600_000)?,
+            record_retention_interval_ms: env.number(
+                "RECORD_RETENTION_INTERVAL_MS",
+                60_000,
+                100..=86_400_000,
+            )?,
             max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
             default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,
             max_queue_length: env.number("MAX_QUEUE_LENGTH", 10_000, 1..=u64::MAX)?,

@@ -152,5 +152,11 @@ impl Application {
             .spawn("recorder", shutdown.clone(), move |token| {
                 workers::recorder::run(state.clone(), token)
             });
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("record_retention", shutdown.clone(), move |token| {
+                workers::record_retention::run(state.clone(), token)
+            });
     }
 }

@@ -116,3 +116,74 @@ async fn entries_every_group_acked_are_removed_and_pending_ones_kept() {
     let (_, status) = app.get_anonymous("/api/v1/mq/status").await;
     assert_eq!(status["workers"]["retention"], "running");
 }
+
+#[tokio::test]
+async fn records_past_their_queues_retention_are_removed() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("RECORD_RETENTION_INTERVAL_MS".into(), "200".into());
+    })
+    .await;
+    let short = app
+        .create_queue(json!({"name": "short", "retentionMs": 60000}))
+        .await;
+    let long = app.create_queue(json!({"name": "long"})).await;
+    let subscription = app.subscribe_pull("short", "g").await;
+    let mut db = app.database.connect().await;
+    // Two minutes old and fresh rows in both queues: only the short queue's old ones go.
+    for (queue, age_s, id) in [
+        (&short, 120, "old-1"),
+        (&short, 120, "old-2"),
+        (&short, 0, "new-1"),
+        (&long, 120, "kept-1"),
+    ] {
+        sqlx::query(
+            "INSERT INTO message_records (topic_id, message_id, tenant_id, partition_id, status, \
+                 published_at) \
+             VALUES ($1, $2, $3, 0, 'consumed', now() - $4 * interval '1 second')",
+        )
+        .bind(common::queue_id(queue))
+        .bind(id)
+        .bind(app.tenant)
+        .bind(f64::from(age_s))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    for (age_s, id) in [(120, "old-1"), (0, "new-1")] {
+        sqlx::query(
+            "INSERT INTO consumption_records (tenant_id, topic_id, subscription_id, message_id, \
+                 attempt, status, created_at) \
+             VALUES ($1, $2, $3, $4, 1, 'acked', now() - $5 * interval '1 second')",
+        )
+        .bind(app.tenant)
+        .bind(common::queue_id(&short))
+        .bind(subscription.parse::<uuid::Uuid>().unwrap())
+        .bind(id)
+        .bind(f64::from(age_s))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    let app = &app;
+    let ids = |table: &'static str| async move {
+        let mut db = app.database.connect().await;
+        let mut ids: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT message_id FROM {table} WHERE message_id NOT LIKE '%-%-%'"
+        ))
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        ids.sort();
+        ids
+    };
+    assert!(
+        eventually(WAIT, || async {
+            ids("message_records").await == ["kept-1", "new-1"]
+                && ids("consumption_records").await == ["new-1"]
+        })
+        .await,
+        "records: {:?}, consumption: {:?}",
+        ids("message_records").await,
+        ids("consumption_records").await
+    );
+}

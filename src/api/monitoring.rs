@@ -64,6 +64,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "tenantRateLimitBytesPerSec": config.tenant_publish_bytes_per_sec,
             "webhookTenantConcurrency": config.webhook_tenant_concurrency,
             "retentionIntervalMs": config.retention_interval_ms,
+            "recordRetentionIntervalMs": config.record_retention_interval_ms,
             "tenantMaxQueues": config.tenant_max_queues,
             "tenantMaxSubscriptions": config.tenant_max_subscriptions,
             "queueMaxSubscriptions": config.queue_max_subscriptions,

@@ -242,6 +242,34 @@ impl Store {
         Ok(())
     }
 
+    /// Removes up to `batch` rows of each table (message records, consumption records,
+    /// quarantined entries) older than their queue's `retentionMs`; how many went. Each queue
+    /// is visited through its (queue, time) index, so a call costs in proportion to what it
+    /// removes plus one index probe per queue.
+    pub async fn delete_expired_records(&self, batch: i64) -> ApiResult<u64> {
+        let mut removed = 0;
+        for (table, time) in [
+            ("message_records", "published_at"),
+            ("consumption_records", "created_at"),
+            ("record_quarantine", "created_at"),
+        ] {
+            let sql = format!(
+                "WITH doomed AS ( \
+                   SELECT r.ctid AS row_id FROM message_topics t \
+                   CROSS JOIN LATERAL ( \
+                     SELECT ctid FROM {table} \
+                     WHERE topic_id = t.id \
+                       AND {time} < now() - t.retention_ms * interval '1 millisecond' \
+                     ORDER BY {time} LIMIT $1) r \
+                   LIMIT $1) \
+                 DELETE FROM {table} WHERE ctid IN (SELECT row_id FROM doomed)"
+            );
+            let result = sqlx::query(&sql).bind(batch).execute(&self.pool).await?;
+            removed += result.rows_affected();
+        }
+        Ok(removed)
+    }
+
     pub async fn find_message_record(
         &self,
         topic_id: Uuid,

@@ -5,6 +5,7 @@
 pub mod dispatcher;
 pub mod health_monitor;
 pub mod reclaimer;
+pub mod record_retention;
 pub mod recorder;
 pub mod retention;
 pub mod scheduler;
