@@ -63,6 +63,8 @@ pub struct Config {
     pub auth_service_url: Option<String>,
     pub user_service_url: Option<String>,
     pub audit_service_url: Option<String>,
+    /// Whether every publish is audited (`message_published`), as the seed design does.
+    pub audit_publishes: bool,
     pub notification_service_url: Option<String>,
 }
 
@@ -277,6 +279,7 @@ impl Config {
             auth_service_url: env.optional_url("AUTH_SERVICE_URL")?,
             user_service_url: env.optional_url("USER_SERVICE_URL")?,
             audit_service_url: env.optional_url("AUDIT_SERVICE_URL")?,
+            audit_publishes: env.boolean("AUDIT_PUBLISHES", true)?,
             notification_service_url: env.optional_url("NOTIFICATION_SERVICE_URL")?,
         })
     }

@@ -63,6 +63,10 @@ impl Application {
             )
             .context("cannot build the webhook HTTP client (WEBHOOK_PROXY_URL)")?,
         );
+        let audit_forwarder = config
+            .audit_service_url
+            .clone()
+            .map(|url| Arc::new(workers::audit_forwarder::AuditForwarder::new(url)));
         let state = AppState {
             auth: Arc::new(Authenticator::new(
                 &config.jwt_secret,
@@ -84,6 +88,7 @@ impl Application {
             stats: Arc::default(),
             sealer,
             faults: Arc::default(),
+            audit_forwarder,
             instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             started_at: Utc::now(),
             started: Instant::now(),
@@ -158,5 +163,13 @@ impl Application {
             .spawn("record_retention", shutdown.clone(), move |token| {
                 workers::record_retention::run(state.clone(), token)
             });
+        if self.state.audit_forwarder.is_some() {
+            let state = self.state.clone();
+            self.state
+                .workers
+                .spawn("audit_forwarder", shutdown.clone(), move |token| {
+                    workers::audit_forwarder::run(state.clone(), token)
+                });
+        }
     }
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// How often the per-queue gauges were read from the stores (at most once per
     /// `METRICS_GAUGE_INTERVAL_MS`, however many scrapes arrive).
     pub gauge_refreshes: prometheus::IntCounter,
+    /// `message_published` events that reached neither `audit-logs` nor the audit service.
+    pub audit_events_dropped: prometheus::IntCounter,
     /// When the per-queue gauges were last refreshed; held while refreshing, so concurrent
     /// scrapes wait for one refresh instead of each doing one.
     pub gauges_refreshed_at: tokio::sync::Mutex<Option<Instant>>,
@@ -156,6 +158,12 @@ impl Metrics {
             "Reads of the per-queue gauges from Redis and PostgreSQL for scrapes",
         )
         .expect("valid metric definition");
+        let audit_events_dropped = prometheus::IntCounter::new(
+            "audit_events_dropped_total",
+            "message_published audit events not stored in audit-logs (queue full, Redis down) \
+             or not taken by the audit service",
+        )
+        .expect("valid metric definition");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -168,6 +176,7 @@ impl Metrics {
             Box::new(record_writer_backlog.clone()),
             Box::new(records_quarantined.clone()),
             Box::new(gauge_refreshes.clone()),
+            Box::new(audit_events_dropped.clone()),
         ] {
             registry
                 .register(collector)
@@ -186,6 +195,7 @@ impl Metrics {
             record_writer_backlog,
             records_quarantined,
             gauge_refreshes,
+            audit_events_dropped,
             gauges_refreshed_at: tokio::sync::Mutex::new(None),
             queue_series: Mutex::new(HashSet::new()),
             max_queue_series,

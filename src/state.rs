@@ -38,6 +38,8 @@ pub struct AppState {
     pub stats: Arc<crate::stats::Stats>,
     pub sealer: Arc<crate::crypto::Sealer>,
     pub faults: Arc<crate::faults::Faults>,
+    /// Posts audit events to `AUDIT_SERVICE_URL`, when it is set.
+    pub audit_forwarder: Option<Arc<crate::workers::audit_forwarder::AuditForwarder>>,
     /// Distinguishes this process among several instances (consumer names in Redis).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,

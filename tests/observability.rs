@@ -694,3 +694,113 @@ async fn openapi_describes_every_route_the_router_serves() {
         json!([{"serviceToken": []}])
     );
 }
+
+/// The `message_published` events of the default tenant's audit-logs queue, read through a
+/// subscription from its start.
+async fn published_events(
+    app: &TestApp,
+    subscription: &str,
+    count: usize,
+    within: Duration,
+) -> Vec<Value> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while events.len() < count && tokio::time::Instant::now() < deadline {
+        for message in app.pull(subscription, 100, 200).await {
+            if message["payload"]["action"] == "message_published" {
+                events.push(message["payload"].clone());
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn every_publish_is_audited_once_off_the_hot_path() {
+    let receiver = common::receiver::Receiver::start(common::receiver::Reply::Status(200)).await;
+    let app = TestApp::spawn_with(|env| {
+        env.insert("AUDIT_SERVICE_URL".into(), receiver.url("/audit/events"));
+    })
+    .await;
+    app.create_queue(json!({"name": "orders", "partitionCount": 2}))
+        .await;
+    let audit = app.subscribe_pull("audit-logs", "auditor").await;
+    // One batch of the recorder is written twice (its ack fails once): events stay single.
+    app.state.faults.fail_recorder_acks(1);
+    let (_, first) = app
+        .publish(json!({"queue": "orders", "payload": {"a": 1}, "messageId": "o-1"}))
+        .await;
+    app.publish(json!({"queue": "orders", "payload": "xy"}))
+        .await;
+    app.call(
+        Method::POST,
+        "/api/v1/mq/publish/delayed",
+        Some(json!({"queue": "orders", "payload": 1, "delayMs": 200, "messageId": "later"})),
+    )
+    .await;
+
+    let events = published_events(&app, &audit, 3, WAIT).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(
+        published_events(&app, &audit, 1, Duration::from_millis(1500))
+            .await
+            .is_empty(),
+        "no event twice, none for the release of the delayed message, none for audit-logs itself"
+    );
+    let event = events.iter().find(|e| e["messageId"] == "o-1").unwrap();
+    assert_eq!(event["queue"], "orders");
+    assert_eq!(event["partition"], first["partition"]);
+    assert_eq!(event["offset"], first["offset"]);
+    assert_eq!(event["size"], 7);
+    assert_eq!(event["tenantId"], app.tenant.to_string());
+    assert_eq!(event["producerId"], "tester");
+    let delayed = events.iter().find(|e| e["messageId"] == "later").unwrap();
+    assert_eq!(delayed["offset"], Value::Null);
+
+    // The audit service got them too, in batches.
+    assert!(
+        eventually(WAIT, || async {
+            receiver
+                .delivered()
+                .iter()
+                .flat_map(|r| r.json["events"].as_array().cloned().unwrap_or_default())
+                .filter(|e| e["action"] == "message_published")
+                .count()
+                >= 3
+        })
+        .await
+    );
+    let posted = receiver.delivered();
+    assert!(posted.iter().all(|r| r.json["events"].is_array()));
+}
+
+#[tokio::test]
+async fn publish_auditing_can_be_turned_off() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("AUDIT_PUBLISHES".into(), "false".into());
+    })
+    .await;
+    app.create_queue(json!({"name": "orders"})).await;
+    let audit = app.subscribe_pull("audit-logs", "auditor").await;
+    app.publish(json!({"queue": "orders", "payload": 1, "messageId": "quiet"}))
+        .await;
+    // Once the record is written, the recorder has passed the point where it would audit.
+    assert!(
+        eventually(WAIT, || async {
+            let mut db = app.database.connect().await;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM message_records WHERE message_id = 'quiet'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+                == 1
+        })
+        .await
+    );
+    assert!(
+        published_events(&app, &audit, 1, Duration::from_millis(1000))
+            .await
+            .is_empty()
+    );
+}

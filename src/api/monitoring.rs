@@ -70,6 +70,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "queueMaxSubscriptions": config.queue_max_subscriptions,
             "metricsGaugeIntervalMs": config.metrics_gauge_interval_ms,
             "webhookProxy": config.webhook_proxy_url.is_some(),
+            "auditPublishes": config.audit_publishes,
             "devMode": config.dev_mode,
         },
     }))

@@ -8,6 +8,7 @@ pub mod messages;
 pub mod monitoring;
 pub mod partitions;
 pub mod publish;
+pub mod publish_audit;
 pub mod queue_cache;
 pub mod queues;
 pub mod signals;

@@ -63,6 +63,18 @@ pub async fn publish_as_service(
         .ok_or_else(|| ApiError::internal("publish returned no result"))
 }
 
+/// Publishes several messages on the service's own behalf, all or none (audit events).
+pub async fn publish_batch_as_service(
+    state: &AppState,
+    tenant_id: Uuid,
+    queue_name: &str,
+    inputs: Vec<MessageInput>,
+    context: &PublishContext,
+) -> ApiResult<Vec<PublishResult>> {
+    let producer = Producer::Service { tenant_id };
+    publish(state, producer, queue_name, inputs, context, true).await
+}
+
 /// Who publishes: a tenant's principal (subject to `allowedProducers`) or the service.
 #[derive(Clone, Copy)]
 enum Producer<'a> {

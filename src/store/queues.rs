@@ -282,6 +282,15 @@ impl Store {
         rows.into_iter().map(Queue::try_from).collect()
     }
 
+    /// The names of the queues `ids` (those that still exist).
+    pub async fn queue_names(&self, ids: &[Uuid]) -> ApiResult<Vec<(Uuid, String)>> {
+        let names = sqlx::query_as("SELECT id, name FROM message_topics WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(names)
+    }
+
     pub async fn count_subscriptions(&self, queue_id: Uuid) -> ApiResult<i64> {
         let count =
             sqlx::query_scalar("SELECT count(*) FROM message_subscriptions WHERE topic_id = $1")

@@ -2,6 +2,7 @@
 //! module supervises them: restarts one that panicked, records its state for `/status`, and
 //! waits for all of them at shutdown.
 
+pub mod audit_forwarder;
 pub mod dispatcher;
 pub mod health_monitor;
 pub mod reclaimer;

@@ -12,6 +12,7 @@ use crate::broker::keys::KeyLayout;
 use crate::broker::recorder::StreamEntry;
 use crate::domain::message::Envelope;
 use crate::service::partitions::PartitionRef;
+use crate::service::publish_audit::Published;
 use crate::store::records::{
     NewConsumptionRecord, NewMessageRecord, PayloadEncoding, QuarantinedEntry, RecordBatch,
     RecordStatusChange,
@@ -131,6 +132,35 @@ pub fn plan(contributions: Vec<Contribution>) -> RecordBatch {
         attempts,
         changes: changes.into_values().collect(),
     }
+}
+
+/// The messages of a batch that were just published, for the `message_published` audit:
+/// stored now, or scheduled for later (a release of a scheduled message is not a publish).
+pub fn newly_published(
+    readable: &[(&StreamEntry, PartitionRef, Option<Contribution>)],
+) -> Vec<Published> {
+    readable
+        .iter()
+        .filter_map(|(_, owner, contribution)| {
+            let Some(Contribution::Record(record)) = contribution else {
+                return None;
+            };
+            let released = record.status == "published"
+                && record
+                    .scheduled_at
+                    .is_some_and(|due| due > record.published_at);
+            (!released).then(|| Published {
+                tenant_id: owner.tenant_id,
+                queue_id: owner.queue_id,
+                message_id: record.message_id.clone(),
+                partition: record.partition,
+                offset: record.stream_offset.clone(),
+                size: record.payload_bytes,
+                producer_id: record.producer_id.clone(),
+                published_at: record.published_at,
+            })
+        })
+        .collect()
 }
 
 /// An entry set aside, described so that PostgreSQL can always store the description:

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::recorder::{RecorderRead, StreamEntry};
 use crate::error::{ApiError, ApiResult};
 use crate::service::partitions::PartitionRef;
+use crate::service::publish_audit;
 use crate::state::AppState;
 use crate::store::records::RecordWriteError;
 
@@ -267,7 +268,9 @@ async fn record(
             _ => None,
         })
         .collect();
+    let published = entries::newly_published(&readable);
     write_isolating(state, readable).await?;
+    publish_audit::emit(state, published).await;
     if state.faults.recorder_ack_fails() {
         return Err(BatchError::Injected);
     }
