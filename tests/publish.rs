@@ -770,3 +770,34 @@ async fn redis_down_is_publish_failed_with_retry_after() {
         assert!(error["retryAfter"].as_u64().unwrap() >= 1);
     }
 }
+
+#[tokio::test]
+async fn avro_and_protobuf_records_travel_as_base64_with_their_content_type() {
+    let app = TestApp::spawn().await;
+    for (format, content_type) in [
+        ("avro", "application/avro"),
+        ("protobuf", "application/x-protobuf"),
+    ] {
+        let queue = app
+            .create_queue(json!({"name": format, "messageFormat": format}))
+            .await;
+        assert_eq!(queue["messageFormat"], format);
+        let record = "AAECAwQF/w==";
+        let (status, result) = publish(&app, json!({"queue": format, "payload": record})).await;
+        assert_eq!(status, 201, "{result}");
+        let (_, envelope) = stream_entries(&app, &queue, 0).await.remove(0);
+        assert_eq!(envelope["payload"], record);
+        assert_eq!(envelope["contentType"], content_type);
+        let (status, named) = publish(
+            &app,
+            json!({"queue": format, "payload": record, "contentType": "application/vnd.x+avro"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{named}");
+        for bad in [json!("not base64!"), json!({"a": 1}), json!(""), json!(7)] {
+            let (status, error) = publish(&app, json!({"queue": format, "payload": bad})).await;
+            assert_error(status, &error, 400, "MQ_VALIDATION_ERROR");
+            assert_eq!(error["details"]["fields"], json!(["payload"]));
+        }
+    }
+}

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
 use super::queue::{MessageFormat, Queue};
 use super::validation::Problems;
 use crate::error::{ApiError, ErrorCode};
@@ -110,6 +113,18 @@ pub fn validate(
             problems.check(payload.is_null() || payload.is_string(), "payload", || {
                 format!(
                     "must be a string on a '{}' queue",
+                    queue.message_format.as_str()
+                )
+            })
+        }
+        // Avro and protobuf records are bytes: they travel as base64 text.
+        MessageFormat::Avro | MessageFormat::Protobuf => {
+            let base64 = payload
+                .as_str()
+                .is_some_and(|text| !text.is_empty() && BASE64.decode(text.as_bytes()).is_ok());
+            problems.check(payload.is_null() || base64, "payload", || {
+                format!(
+                    "must be the base64 (standard alphabet) of the encoded record on a '{}' queue",
                     queue.message_format.as_str()
                 )
             })
@@ -221,7 +236,7 @@ pub fn validate(
         correlation_id: input.correlation_id,
         content_type: input
             .content_type
-            .unwrap_or_else(|| "application/json".to_owned()),
+            .unwrap_or_else(|| queue.message_format.default_content_type().to_owned()),
         trace_id: context.trace_id.clone(),
         producer_id: context.producer_id.clone(),
         published_at: context.now_ms,

@@ -20,7 +20,31 @@ const MAX_PRINCIPAL_CHARS: usize = 200;
 const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 string_enum!(TopicType { RedisStream => "redis_stream" });
-string_enum!(MessageFormat { Json => "json", Text => "text", Binary => "binary" });
+string_enum!(MessageFormat {
+    Json => "json",
+    Avro => "avro",
+    Protobuf => "protobuf",
+    Text => "text",
+    Binary => "binary",
+});
+
+impl MessageFormat {
+    /// The `contentType` of a message that names none.
+    pub fn default_content_type(self) -> &'static str {
+        match self {
+            MessageFormat::Json => "application/json",
+            MessageFormat::Avro => "application/avro",
+            MessageFormat::Protobuf => "application/x-protobuf",
+            MessageFormat::Text => "text/plain",
+            MessageFormat::Binary => "application/octet-stream",
+        }
+    }
+
+    /// Whether payloads travel as base64 text of their encoded bytes (they are not JSON).
+    pub fn is_encoded(self) -> bool {
+        matches!(self, MessageFormat::Avro | MessageFormat::Protobuf)
+    }
+}
 string_enum!(Compression { None => "none", Gzip => "gzip", Zstd => "zstd" });
 string_enum!(QueueStatus { Active => "active", Paused => "paused", Archived => "archived" });
 

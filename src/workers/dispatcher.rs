@@ -226,7 +226,8 @@ async fn serve(
         arrived.as_mut().enable();
         let available = permits
             .available_permits()
-            .min(tenant_permits.available_permits());
+            .min(tenant_permits.available_permits())
+            .min(state.config.message_batch_size);
         let mut pushed = 0;
         if available > 0 && queue.status != QueueStatus::Paused {
             let now = Utc::now().timestamp_millis();

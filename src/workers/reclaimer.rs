@@ -18,8 +18,6 @@ use crate::service::queues;
 use crate::state::AppState;
 
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
-/// Overdue deliveries handled per group and partition per sweep.
-const BATCH: usize = 200;
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
@@ -54,7 +52,8 @@ async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
                 queue.partition_count,
                 &subscription.delivery_group,
                 now,
-                BATCH,
+                // Overdue deliveries read per group and partition per sweep.
+                state.config.message_batch_size,
             )
             .await?;
         for delivery in overdue {

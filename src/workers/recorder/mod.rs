@@ -117,7 +117,7 @@ enum BatchError {
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
-    let batch_size = state.config.message_batch_size.max(100);
+    let batch_size = state.config.message_batch_size;
     let mut owners: Owners = Arc::default();
     let mut streams: Vec<String> = Vec::new();
     let mut refreshed: Option<Instant> = None;
