@@ -33,7 +33,7 @@ use auth::Authenticator;
 use broker::Broker;
 use config::Config;
 use metrics::Metrics;
-use state::AppState;
+use state::{AppState, Shared};
 use store::Store;
 use workers::Workers;
 
@@ -47,27 +47,27 @@ impl Application {
         let store = Store::connect(&config.database_url, config.database_max_connections)
             .await
             .context("cannot connect to PostgreSQL (DATABASE_URL) or apply migrations")?;
+        let instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let broker = Broker::new(
             &config.redis_url,
             config.redis_pool_size,
             &config.redis_key_prefix,
+            &instance_id,
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_queue_series));
         let sealer = Arc::new(crypto::Sealer::new(config.encryption.clone()));
-        let ack_signer = Arc::new(domain::ack_token::AckSigner::new(&config.jwt_secret));
-        let webhooks = Arc::new(
-            service::webhook::WebhookClient::new(
-                config.webhook_denied_networks.clone(),
-                config.webhook_proxy_url.as_deref(),
-            )
-            .context("cannot build the webhook HTTP client (WEBHOOK_PROXY_URL)")?,
-        );
+        let ack_signer = domain::ack_token::AckSigner::new(&config.jwt_secret);
+        let webhooks = service::webhook::WebhookClient::new(
+            config.webhook_denied_networks.clone(),
+            config.webhook_proxy_url.as_deref(),
+        )
+        .context("cannot build the webhook HTTP client (WEBHOOK_PROXY_URL)")?;
         let audit_forwarder = config
             .audit_service_url
             .clone()
             .map(|url| Arc::new(workers::audit_forwarder::AuditForwarder::new(url)));
-        let state = AppState {
+        let state = AppState::new(Shared {
             auth: Arc::new(Authenticator::new(
                 &config.jwt_secret,
                 &config.internal_service_token,
@@ -77,22 +77,25 @@ impl Application {
             broker,
             metrics,
             workers: Workers::default(),
-            queue_cache: Arc::new(service::queue_cache::QueueCache::default()),
-            recorder: Arc::default(),
-            scheduler: Arc::default(),
-            partitions: Arc::default(),
-            subscriptions: Arc::default(),
-            signals: Arc::default(),
+            queue_cache: service::queue_cache::QueueCache::default(),
+            recorder: Default::default(),
+            scheduler: Default::default(),
+            queue_directory: Default::default(),
+            subscriptions: Default::default(),
+            signals: Default::default(),
+            activity: Default::default(),
+            retry_timers: Default::default(),
+            deadline_timers: Default::default(),
             ack_signer,
             webhooks,
-            stats: Arc::default(),
+            stats: Default::default(),
             sealer,
-            faults: Arc::default(),
+            faults: Default::default(),
             audit_forwarder,
-            instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            instance_id,
             started_at: Utc::now(),
             started: Instant::now(),
-        };
+        });
         Ok(Application { state })
     }
 
@@ -121,6 +124,12 @@ impl Application {
     }
 
     fn start_workers(&self, shutdown: &CancellationToken) {
+        let state = self.state.clone();
+        self.state
+            .workers
+            .spawn("waker", shutdown.clone(), move |token| {
+                workers::waker::run(state.clone(), token)
+            });
         let state = self.state.clone();
         self.state
             .workers

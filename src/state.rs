@@ -1,49 +1,80 @@
 //! What every handler and worker shares.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::FromRef;
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::domain::ack_token::AckSigner;
 use crate::metrics::Metrics;
-use crate::service::partitions::{PartitionDirectory, SubscriptionDirectory};
+use crate::service::activity::ActiveQueues;
+use crate::service::due::DueQueues;
+use crate::service::partitions::{QueueDirectory, SubscriptionDirectory};
 use crate::service::queue_cache::QueueCache;
 use crate::service::signals::QueueSignals;
+use crate::service::wake::Announcement;
 use crate::store::Store;
 use crate::workers::recorder::RecorderStatus;
 use crate::workers::scheduler::SchedulerStatus;
 use crate::workers::Workers;
 
+/// The shared state: one pointer, so handing it to a request or a task costs one reference
+/// count, not one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub store: Store,
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
     pub workers: Workers,
     pub auth: Arc<Authenticator>,
-    pub queue_cache: Arc<QueueCache>,
-    pub recorder: Arc<RecorderStatus>,
-    pub scheduler: Arc<SchedulerStatus>,
-    pub partitions: Arc<PartitionDirectory>,
-    pub subscriptions: Arc<SubscriptionDirectory>,
-    pub signals: Arc<QueueSignals>,
-    pub ack_signer: Arc<AckSigner>,
-    pub webhooks: Arc<crate::service::webhook::WebhookClient>,
-    pub stats: Arc<crate::stats::Stats>,
+    pub queue_cache: QueueCache,
+    pub recorder: RecorderStatus,
+    pub scheduler: SchedulerStatus,
+    pub queue_directory: QueueDirectory,
+    pub subscriptions: SubscriptionDirectory,
+    /// Wakes this instance's consumers of a queue (long-polls, webhook serving tasks).
+    pub signals: QueueSignals,
+    /// The queues that may hold anything, for the sweeping workers.
+    pub activity: ActiveQueues,
+    /// When a retry falls due in a queue: its consumers here are woken then.
+    pub retry_timers: DueQueues,
+    /// When an ack deadline of a delivery made here passes: the reclaimer looks then.
+    pub deadline_timers: DueQueues,
+    pub ack_signer: AckSigner,
+    pub webhooks: crate::service::webhook::WebhookClient,
+    pub stats: crate::stats::Stats,
     pub sealer: Arc<crate::crypto::Sealer>,
-    pub faults: Arc<crate::faults::Faults>,
+    pub faults: crate::faults::Faults,
     /// Posts audit events to `AUDIT_SERVICE_URL`, when it is set.
     pub audit_forwarder: Option<Arc<crate::workers::audit_forwarder::AuditForwarder>>,
-    /// Distinguishes this process among several instances (consumer names in Redis).
+    /// Distinguishes this process among several instances (consumer names in Redis, the
+    /// origin of wake-ups).
     pub instance_id: String,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -59,8 +90,31 @@ impl FromRef<AppState> for Arc<Metrics> {
 }
 
 impl AppState {
-    /// A subscription was created, changed or deleted here: workers reload them now.
-    pub fn subscription_changed(&self) {
+    /// A subscription was created, changed or deleted here: the workers of every instance
+    /// reload the subscriptions now.
+    pub async fn subscription_changed(&self) {
         self.subscriptions.expire();
+        self.announce(&Announcement::SubscriptionsChanged).await;
+    }
+
+    /// A queue was created, changed or deleted here: every instance forgets what it cached
+    /// of it, and its consumers look at it again (a resumed queue is served at once).
+    pub async fn queue_changed(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
+        self.queue_cache.invalidate(tenant_id, name);
+        self.queue_directory.expire();
+        self.signals.notify(queue_id);
+        self.announce(&Announcement::QueueChanged {
+            queue_id,
+            tenant_id,
+            name: name.to_owned(),
+        })
+        .await;
+    }
+
+    /// Tells the other instances; one that misses it catches up within its safety refresh.
+    async fn announce(&self, announcement: &Announcement) {
+        if let Err(error) = self.broker.announce(announcement).await {
+            tracing::debug!(error = %error, "announcement not sent; other instances catch up on their own");
+        }
     }
 }

@@ -249,12 +249,12 @@ async fn a_webhook_serving_task_that_panics_is_restarted() {
 
     let id: Uuid = subscription["id"].as_str().unwrap().parse().unwrap();
     app.state.faults.panic_serving(id);
-    // The armed panic fires at the task's next turn (it looks every 250 ms when idle).
+    // The armed panic fires at the task's next turn: the publish wakes it.
+    app.publish(json!({"queue": "q", "payload": "after"})).await;
     assert!(
         eventually(WAIT, || async { !app.state.faults.serving_panic_armed(id) }).await,
         "the serving task panicked"
     );
-    app.publish(json!({"queue": "q", "payload": "after"})).await;
     assert!(
         eventually(WAIT, || async { receiver.delivered().len() == 2 }).await,
         "the subscription is served again after its task panicked"

@@ -57,49 +57,80 @@ return 1
 static TAKE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, inflight, retry, attempts.
--- ARGV: group, consumer, how many, now (ms), ack deadline of these deliveries (ms),
--- '1' for in-order delivery (nothing new while an entry of this partition is in flight or
--- waiting for its retry).
--- Returns {entry id, {field, value, ...}, deliveries} for each delivery: due retries first.
-local stream, inflight, retry, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- KEYS[1] the queue's `announced` key; then per partition slot s = 1, 2, ... (visited in
+-- that order): KEYS[1 + 4(s-1) + k] for k = 1..4: stream, inflight, retry, attempts.
+-- ARGV: 1 group, 2 consumer, 3 how many, 4 now (ms), 5 ack deadline of these deliveries
+-- (ms), 6 '1' for in-order delivery (nothing new from a partition while one of its entries
+-- is in flight or waiting for its retry), 7 the partition number of each slot, comma
+-- separated.
+-- Returns {next retry time ('' if none or not needed), {partition, entry id, {field, value,
+-- ...}, deliveries}, ...}: due retries of a partition before its new entries. Finding
+-- nothing clears `announced`, so the next publish wakes this consumer.
 local want = tonumber(ARGV[3])
 local ordered = ARGV[6] == '1'
-local out = {}
-if ordered then
-  if redis.call('ZCARD', inflight) > 0 then return out end
-  want = 1
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT', 0, want)) do
-  redis.call('ZREM', retry, id)
-  local entry = redis.call('XRANGE', stream, id, id)
-  if #entry == 0 then
-    -- Purged or trimmed while it waited: nothing left to deliver.
-    redis.call('XACK', stream, ARGV[1], id)
-    redis.call('HDEL', attempts, id)
-  else
-    local deliveries = (tonumber(redis.call('HGET', attempts, id)) or 1) + 1
-    redis.call('HSET', attempts, id, deliveries)
-    redis.call('ZADD', inflight, ARGV[5], id)
-    redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, id, 'JUSTID')
-    out[#out + 1] = {id, entry[1][2], deliveries}
+local partitions = {}
+for p in string.gmatch(ARGV[7], '[^,]+') do partitions[#partitions + 1] = p end
+local out = {''}
+local taken = 0
+for slot = 1, #partitions do
+  if taken >= want then break end
+  local base = 1 + 4 * (slot - 1)
+  local stream, inflight, retry, attempts = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
+  local room = want - taken
+  local blocked = false
+  if ordered then
+    room = 1
+    blocked = redis.call('ZCARD', inflight) > 0
+  end
+  if not blocked then
+    local got = 0
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT', 0, room)) do
+      redis.call('ZREM', retry, id)
+      local entry = redis.call('XRANGE', stream, id, id)
+      if #entry == 0 then
+        -- Purged or trimmed while it waited: nothing left to deliver.
+        redis.call('XACK', stream, ARGV[1], id)
+        redis.call('HDEL', attempts, id)
+      else
+        local deliveries = (tonumber(redis.call('HGET', attempts, id)) or 1) + 1
+        redis.call('HSET', attempts, id, deliveries)
+        redis.call('ZADD', inflight, ARGV[5], id)
+        redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, id, 'JUSTID')
+        out[#out + 1] = {partitions[slot], id, entry[1][2], deliveries}
+        got = got + 1
+      end
+    end
+    local remaining = room - got
+    if ordered and (got > 0 or redis.call('ZCARD', retry) > 0) then remaining = 0 end
+    if remaining > 0 and redis.call('EXISTS', stream) == 1 then
+      local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
+      if type(read) == 'table' and read.err then
+        -- The group is gone (Redis lost its data): recreate it over what the stream holds.
+        redis.call('XGROUP', 'CREATE', stream, ARGV[1], '0')
+        read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
+      end
+      if read then
+        for _, entry in ipairs(read[1][2]) do
+          redis.call('ZADD', inflight, ARGV[5], entry[1])
+          out[#out + 1] = {partitions[slot], entry[1], entry[2], 1}
+          got = got + 1
+        end
+      end
+    end
+    taken = taken + got
   end
 end
-local remaining = want - #out
-if ordered and redis.call('ZCARD', retry) > 0 then remaining = 0 end
-if remaining > 0 and redis.call('EXISTS', stream) == 1 then
-  local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
-  if type(read) == 'table' and read.err then
-    -- The group is gone (Redis lost its data): recreate it over what the stream holds.
-    redis.call('XGROUP', 'CREATE', stream, ARGV[1], '0')
-    read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
-  end
-  if read then
-    for _, entry in ipairs(read[1][2]) do
-      redis.call('ZADD', inflight, ARGV[5], entry[1])
-      out[#out + 1] = {entry[1], entry[2], 1}
+if taken == 0 then redis.call('DEL', KEYS[1]) end
+if taken < want then
+  -- The caller may sleep: tell it when the next retry of this group falls due.
+  local next_retry = nil
+  for slot = 1, #partitions do
+    local first = redis.call('ZRANGE', KEYS[1 + 4 * (slot - 1) + 3], 0, 0, 'WITHSCORES')
+    if first[2] and (not next_retry or tonumber(first[2]) < next_retry) then
+      next_retry = tonumber(first[2])
     end
   end
+  if next_retry then out[1] = string.format('%.0f', next_retry) end
 end
 return out
 "#,
@@ -112,9 +143,12 @@ static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone.
 -- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
 -- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
--- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer.
+-- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer,
+-- 14 wake channel, 15 this instance, 16 queue id.
 -- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter' finish.
 -- An ack also finishes an entry waiting for its retry (its late success still counts).
+-- A retry due sooner than any other of the group here is announced (`t`), so consumers
+-- sleeping on other instances wake for it.
 local stream, inflight, retry, attempts, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, outcome = ARGV[2], ARGV[3]
 -- The queue was deleted: nothing to settle, and no journal to bring back.
@@ -129,7 +163,11 @@ local deliveries = tonumber(redis.call('HGET', attempts, id)) or 1
 if ARGV[5] ~= '' and deliveries ~= tonumber(ARGV[5]) then return 0 end
 redis.call('ZREM', inflight, id)
 if outcome == 'failed' then
+  local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
   redis.call('ZADD', retry, ARGV[6], id)
+  if not first[2] or tonumber(ARGV[6]) < tonumber(first[2]) then
+    redis.call('PUBLISH', ARGV[14], 't ' .. ARGV[15] .. ' ' .. ARGV[16] .. ' ' .. ARGV[6])
+  end
 else
   redis.call('ZREM', retry, id)
   redis.call('XACK', stream, ARGV[1], id)
@@ -142,6 +180,48 @@ redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[8], '
   'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12], 'off', id, 'ra', ARGV[6],
   'ci', ARGV[13])
 return 1
+"#,
+    )
+});
+
+static OVERDUE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS: per partition slot p = 1..P the stream (KEYS[p]); then per group g = 1..G and slot p,
+-- KEYS[P + 2((g-1)P + p) - 1] inflight and KEYS[P + 2((g-1)P + p)] attempts.
+-- ARGV: 1 now (ms), 2 most deliveries per group and partition, 3 P.
+-- Returns {next deadline after now ('' if none), {group, slot, entry id, deadline,
+-- deliveries, envelope or ''}, ...} for the deliveries whose ack deadline passed.
+local partitions = tonumber(ARGV[3])
+local groups = (#KEYS - partitions) / (2 * partitions)
+local out = {''}
+local next_deadline = nil
+for g = 1, groups do
+  for p = 1, partitions do
+    local at = partitions + 2 * ((g - 1) * partitions + p)
+    local inflight, attempts = KEYS[at - 1], KEYS[at]
+    local overdue = redis.call('ZRANGEBYSCORE', inflight, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+    for i = 1, #overdue, 2 do
+      local id = overdue[i]
+      local envelope = ''
+      local entry = redis.call('XRANGE', KEYS[p], id, id)
+      if #entry > 0 then
+        local fields = entry[1][2]
+        for f = 1, #fields, 2 do
+          if fields[f] == 'e' then envelope = fields[f + 1] end
+        end
+      end
+      local deliveries = tonumber(redis.call('HGET', attempts, id)) or 1
+      out[#out + 1] = {g, p, id, overdue[i + 1], deliveries, envelope}
+    end
+    local later = redis.call('ZRANGEBYSCORE', inflight, '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if later[2] and (not next_deadline or tonumber(later[2]) < next_deadline) then
+      next_deadline = tonumber(later[2])
+    end
+  end
+end
+if next_deadline then out[1] = string.format('%.0f', next_deadline) end
+return out
 "#,
     )
 });
@@ -233,6 +313,23 @@ pub struct Settlement<'a> {
     pub published_at_ms: Option<i64>,
 }
 
+/// What a take found.
+#[derive(Debug, Clone, Default)]
+pub struct Taken {
+    pub deliveries: Vec<Delivery>,
+    /// When the taker found fewer than it wanted: the earliest retry of its group still to
+    /// come, to wake up for.
+    pub next_retry_ms: Option<i64>,
+}
+
+/// Deliveries whose ack deadline passed, and when the next one passes.
+#[derive(Debug, Clone, Default)]
+pub struct Overdue {
+    /// (index of the group in the request, delivery)
+    pub deliveries: Vec<(usize, OverdueDelivery)>,
+    pub next_deadline_ms: Option<i64>,
+}
+
 /// A delivery whose ack deadline passed.
 #[derive(Debug, Clone)]
 pub struct OverdueDelivery {
@@ -276,7 +373,7 @@ impl Broker {
                 ],
             );
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let _: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&ENSURE_GROUP]).await?;
         Ok(())
     }
@@ -305,14 +402,14 @@ impl Broker {
                 &[group.as_bytes()],
             );
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let _: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&DESTROY_GROUP]).await?;
         Ok(())
     }
 
     /// Takes up to `count` deliveries for `consumer` of `group`, visiting partitions from
-    /// `first_partition` on (callers rotate it for fairness). `in_order` delivers one entry
-    /// of a partition at a time, in stream order, across all instances.
+    /// `first_partition` on (callers rotate it for fairness), in one round trip. `in_order`
+    /// delivers one entry of a partition at a time, in stream order, across all instances.
     #[allow(clippy::too_many_arguments)]
     pub async fn take(
         &self,
@@ -325,50 +422,62 @@ impl Broker {
         now_ms: i64,
         deadline_ms: i64,
         in_order: bool,
-    ) -> ApiResult<Vec<Delivery>> {
-        let mut connection = self.pool.get().await?;
+    ) -> ApiResult<Taken> {
+        let partition_count = partition_count.max(1);
+        let order: Vec<u16> = (0..partition_count)
+            .map(|step| (first_partition + step) % partition_count)
+            .collect();
+        let announced = self.keys.partition(queue_id, 0).announced;
+        let mut keys: Vec<String> = Vec::with_capacity(1 + 4 * order.len());
+        keys.push(announced);
+        for partition in &order {
+            let stream = self.keys.partition(queue_id, *partition).stream;
+            let group_keys = self.keys.group(queue_id, *partition, group);
+            keys.extend([
+                stream,
+                group_keys.inflight,
+                group_keys.retry,
+                group_keys.attempts,
+            ]);
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let (now, deadline) = (now_ms.to_string(), deadline_ms.to_string());
-        let mut taken = Vec::new();
-        for step in 0..partition_count {
-            let partition = (first_partition + step) % partition_count;
-            let remaining = count - taken.len();
-            if remaining == 0 {
-                break;
-            }
-            let keys = self.keys.partition(queue_id, partition);
-            let group_keys = self.keys.group(queue_id, partition, group);
-            let mut pipeline = redis::pipe();
-            let want = remaining.to_string();
-            TAKE.add_to(
-                &mut pipeline,
-                &[
-                    &keys.stream,
-                    &group_keys.inflight,
-                    &group_keys.retry,
-                    &group_keys.attempts,
-                ],
-                &[
-                    group.as_bytes(),
-                    consumer.as_bytes(),
-                    want.as_bytes(),
-                    now.as_bytes(),
-                    deadline.as_bytes(),
-                    if in_order { b"1" } else { b"0" },
-                ],
-            );
-            let (reply,): (redis::Value,) =
-                scripts::run(&mut connection, &pipeline, &[&TAKE]).await?;
-            for (entry_id, fields, attempt) in parse_take(reply)? {
-                taken.push(Delivery {
+        let partitions = order
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let want = count.to_string();
+        let mut pipeline = redis::pipe();
+        TAKE.add_to(
+            &mut pipeline,
+            &keys,
+            &[
+                group.as_bytes(),
+                consumer.as_bytes(),
+                want.as_bytes(),
+                now.as_bytes(),
+                deadline.as_bytes(),
+                if in_order { b"1" } else { b"0" },
+                partitions.as_bytes(),
+            ],
+        );
+        let mut connection = self.connection().await?;
+        let (reply,): (redis::Value,) = scripts::run(&mut connection, &pipeline, &[&TAKE]).await?;
+        let (next_retry_ms, entries) = parse_take(reply)?;
+        Ok(Taken {
+            deliveries: entries
+                .into_iter()
+                .map(|(partition, entry_id, fields, attempt)| Delivery {
                     partition,
                     envelope: envelope_field(&fields),
                     entry_id,
                     attempt,
                     deadline: deadline.clone(),
-                });
-            }
-        }
-        Ok(taken)
+                })
+                .collect(),
+            next_retry_ms,
+        })
     }
 
     /// Applies settlements; returns for each whether it took effect.
@@ -381,6 +490,8 @@ impl Broker {
         if settlements.is_empty() {
             return Ok(Vec::new());
         }
+        let channel = self.keys.wake_channel();
+        let queue = queue_id.to_string();
         let mut pipeline = redis::pipe();
         for s in settlements {
             let keys = self.keys.partition(queue_id, s.partition);
@@ -406,7 +517,8 @@ impl Broker {
                 s.now_ms.to_string(),
                 consumer_instance.to_owned(),
             ];
-            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            let mut args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            args.extend([channel.as_bytes(), self.origin.as_bytes(), queue.as_bytes()]);
             SETTLE.add_to(
                 &mut pipeline,
                 &[
@@ -420,73 +532,82 @@ impl Broker {
                 &args,
             );
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let applied: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
         Ok(applied.into_iter().map(|a| a == 1).collect())
     }
 
-    /// Deliveries of `group` whose ack deadline passed by `now_ms`, up to `limit` per
-    /// partition, with their envelopes and attempt counts.
+    /// Deliveries of each of `groups` whose ack deadline passed by `now_ms`, up to `limit`
+    /// per group and partition, with their envelopes and attempt counts; and the next
+    /// deadline of any of them still to come. One round trip for the whole queue.
     pub async fn overdue(
         &self,
         queue_id: Uuid,
         partition_count: u16,
-        group: &str,
+        groups: &[&str],
         now_ms: i64,
         limit: usize,
-    ) -> ApiResult<Vec<OverdueDelivery>> {
-        let mut pipeline = redis::pipe();
-        for partition in 0..partition_count {
-            let group_keys = self.keys.group(queue_id, partition, group);
-            pipeline
-                .cmd("ZRANGEBYSCORE")
-                .arg(&group_keys.inflight)
-                .arg("-inf")
-                .arg(now_ms)
-                .arg("WITHSCORES")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit);
+    ) -> ApiResult<Overdue> {
+        if groups.is_empty() {
+            return Ok(Overdue::default());
         }
-        let mut connection = self.pool.get().await?;
-        let per_partition: Vec<Vec<(String, String)>> =
-            pipeline.query_async(&mut connection).await?;
-        let overdue: Vec<(u16, String, String)> = per_partition
-            .into_iter()
-            .enumerate()
-            .flat_map(|(partition, items)| {
-                items
-                    .into_iter()
-                    .map(move |(id, deadline)| (partition as u16, id, deadline))
-            })
+        let partition_count = partition_count.max(1);
+        let mut keys: Vec<String> = self
+            .keys
+            .partitions(queue_id, partition_count)
+            .map(|keys| keys.stream)
             .collect();
-        if overdue.is_empty() {
-            return Ok(Vec::new());
+        for group in groups {
+            for partition in 0..partition_count {
+                let group_keys = self.keys.group(queue_id, partition, group);
+                keys.extend([group_keys.inflight, group_keys.attempts]);
+            }
         }
-        let mut details = redis::pipe();
-        for (partition, id, _) in &overdue {
-            let keys = self.keys.partition(queue_id, *partition);
-            let group_keys = self.keys.group(queue_id, *partition, group);
-            details.cmd("XRANGE").arg(&keys.stream).arg(id).arg(id);
-            details.hget(&group_keys.attempts, id);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (now, limit, partitions) = (
+            now_ms.to_string(),
+            limit.to_string(),
+            partition_count.to_string(),
+        );
+        let mut pipeline = redis::pipe();
+        OVERDUE.add_to(
+            &mut pipeline,
+            &keys,
+            &[now.as_bytes(), limit.as_bytes(), partitions.as_bytes()],
+        );
+        let mut connection = self.connection().await?;
+        let (reply,): (Vec<redis::Value>,) =
+            scripts::run(&mut connection, &pipeline, &[&OVERDUE]).await?;
+        let mut items = reply.into_iter();
+        let next_deadline_ms = items
+            .next()
+            .and_then(|first| String::from_redis_value(&first).ok())
+            .and_then(|text| text.parse().ok());
+        let mut deliveries = Vec::new();
+        for item in items {
+            let (group, slot, entry_id, deadline, attempt, envelope): (
+                usize,
+                u16,
+                String,
+                String,
+                u32,
+                String,
+            ) = FromRedisValue::from_redis_value(&item).map_err(|_| unexpected("overdue item"))?;
+            deliveries.push((
+                group.saturating_sub(1),
+                OverdueDelivery {
+                    partition: slot.saturating_sub(1),
+                    entry_id,
+                    deadline,
+                    attempt,
+                    envelope: (!envelope.is_empty()).then_some(envelope),
+                },
+            ));
         }
-        let replies: Vec<redis::Value> = details.query_async(&mut connection).await?;
-        let mut result = Vec::with_capacity(overdue.len());
-        for ((partition, entry_id, deadline), pair) in overdue.into_iter().zip(replies.chunks(2)) {
-            let envelope = parse_range_envelope(&pair[0]);
-            let attempt = Option::<u32>::from_redis_value(&pair[1])
-                .ok()
-                .flatten()
-                .unwrap_or(1);
-            result.push(OverdueDelivery {
-                partition,
-                entry_id,
-                deadline,
-                attempt,
-                envelope,
-            });
-        }
-        Ok(result)
+        Ok(Overdue {
+            deliveries,
+            next_deadline_ms,
+        })
     }
 
     /// The envelope of one stream entry, if it is still stored.
@@ -497,7 +618,7 @@ impl Broker {
         entry_id: &str,
     ) -> ApiResult<Option<String>> {
         let keys = self.keys.partition(queue_id, partition);
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let reply: redis::Value = redis::cmd("XRANGE")
             .arg(&keys.stream)
             .arg(entry_id)
@@ -535,7 +656,7 @@ impl Broker {
                 partitions.push((keys, group, consumer));
             }
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let partitions: Vec<(u64, u64, u64, u64)> = scripts::run_chunked(
             &mut connection,
             &GROUP_STATS,
@@ -574,23 +695,29 @@ fn unexpected(what: &str) -> ApiError {
     ApiError::internal(format!("unexpected Redis reply: {what}"))
 }
 
-/// A taken entry: id, fields, deliveries made.
-type TakenEntry = (String, Vec<(String, String)>, u32);
+/// A taken entry: partition, id, fields, deliveries made.
+type TakenEntry = (u16, String, Vec<(String, String)>, u32);
 
-/// `{ {id, {field, value, ...}, deliveries}, ... }`
-fn parse_take(reply: redis::Value) -> ApiResult<Vec<TakenEntry>> {
+/// `{next retry or '', {partition, id, {field, value, ...}, deliveries}, ...}`
+fn parse_take(reply: redis::Value) -> ApiResult<(Option<i64>, Vec<TakenEntry>)> {
     let redis::Value::Array(items) = reply else {
-        return Ok(Vec::new());
+        return Err(unexpected("take reply"));
     };
-    items
-        .into_iter()
+    let mut items = items.into_iter();
+    let next_retry = items
+        .next()
+        .and_then(|first| String::from_redis_value(&first).ok())
+        .and_then(|text| text.parse().ok());
+    let entries = items
         .map(|item| {
             let redis::Value::Array(parts) = item else {
                 return Err(unexpected("take item"));
             };
-            let [id, fields, attempt]: [redis::Value; 3] = parts
+            let [partition, id, fields, attempt]: [redis::Value; 4] = parts
                 .try_into()
                 .map_err(|_| unexpected("take item length"))?;
+            let partition =
+                u16::from_redis_value(&partition).map_err(|_| unexpected("partition"))?;
             let id = String::from_redis_value(&id).map_err(|_| unexpected("entry id"))?;
             let flat = Vec::<String>::from_redis_value(&fields).unwrap_or_default();
             let fields = flat
@@ -598,9 +725,10 @@ fn parse_take(reply: redis::Value) -> ApiResult<Vec<TakenEntry>> {
                 .filter_map(|pair| Some((pair.first()?.clone(), pair.get(1)?.clone())))
                 .collect();
             let attempt = u32::from_redis_value(&attempt).map_err(|_| unexpected("attempt"))?;
-            Ok((id, fields, attempt))
+            Ok((partition, id, fields, attempt))
         })
-        .collect()
+        .collect::<ApiResult<_>>()?;
+    Ok((next_retry, entries))
 }
 
 fn envelope_field(fields: &[(String, String)]) -> Option<String> {

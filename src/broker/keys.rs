@@ -32,10 +32,15 @@
 //! <prefix>{<queue id>}:expiring      sorted set: `id:<messageId>` / `cancelled:<messageId>`
 //!                                    -> when that record lapses; the publish, cancel and
 //!                                    release scripts remove lapsed records as they pass
+//! <prefix>{<queue id>}:announced     present while a wake-up for the queue's new messages went
+//!                                    out and no consumer has found the queue empty since
+//!                                    (see `service::wake`): later publishes skip announcing
 //! <prefix>{<queue id>}:deleted       tombstone of a deleted queue (24 h): scripts that would
 //!                                    write the queue do nothing, so a publish racing the
 //!                                    deletion on another instance cannot bring it back
 //! ```
+//!
+//! The wake-up channel (Pub/Sub, no key): `<prefix>wake`.
 //!
 //! Per tenant: `<prefix>{rate.<tenant id>}:<second>:requests|bytes`, publish counters of one
 //! second (expire after two).
@@ -90,6 +95,8 @@ pub struct PartitionKeys {
     pub cancelled: String,
     /// Sorted set: `id:<message id>` and `cancelled:<message id>` → when the record lapses.
     pub expiring: String,
+    /// Present while a wake-up for the queue went out and nobody found it empty since.
+    pub announced: String,
     /// Present for a while after the queue was deleted.
     pub deleted: String,
 }
@@ -109,8 +116,14 @@ impl PartitionKeys {
     }
 
     /// The queue-wide keys (the same for every partition of the queue), tombstone aside.
-    pub fn queue_wide(&self) -> [&str; 4] {
-        [&self.ids, &self.unrecorded, &self.cancelled, &self.expiring]
+    pub fn queue_wide(&self) -> [&str; 5] {
+        [
+            &self.ids,
+            &self.unrecorded,
+            &self.cancelled,
+            &self.expiring,
+            &self.announced,
+        ]
     }
 }
 
@@ -140,6 +153,7 @@ impl KeyLayout {
             unrecorded: format!("{tag}:unrecorded"),
             cancelled: format!("{tag}:cancelled"),
             expiring: format!("{tag}:expiring"),
+            announced: format!("{tag}:announced"),
             deleted: format!("{tag}:deleted"),
         }
     }
@@ -189,6 +203,11 @@ impl KeyLayout {
     /// Records which key layout the data under this prefix follows.
     pub fn layout_marker(&self) -> String {
         format!("{}layout", self.prefix)
+    }
+
+    /// The Pub/Sub channel of wake-ups between instances (`service::wake`).
+    pub fn wake_channel(&self) -> String {
+        format!("{}wake", self.prefix)
     }
 
     /// A lease held by one instance for a singleton job.

@@ -2,6 +2,7 @@
 //! every multi-key state change is one Lua script over the keys of one partition (one hash
 //! slot; see `keys`).
 
+mod connections;
 pub mod consume;
 pub mod keys;
 pub mod publish;
@@ -10,6 +11,7 @@ pub mod recorder;
 pub mod retention;
 pub mod scheduler;
 mod scripts;
+pub mod wake;
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -32,13 +34,23 @@ pub const RECORDER_GROUP: &str = "__recorder";
 /// queue in its cache (2 s, or while PostgreSQL is unreachable).
 const DELETION_TOMBSTONE_MS: u64 = 24 * 3600 * 1000;
 
+/// How long a queue's `announced` key stands at most: however it was left, a publish after
+/// that announces the queue again (`service::wake`).
+const ANNOUNCEMENT_LIFETIME_MS: u64 = 60_000;
+
 /// How long a request waits for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Broker {
+    /// For the commands that hold a connection while they wait (see `connections`).
     pool: Pool,
+    shared: std::sync::Arc<connections::SharedConnections>,
     keys: KeyLayout,
+    /// For the dedicated Pub/Sub connection of wake-ups (`wake`), outside the pool.
+    client: redis::Client,
+    /// This instance's id, as its announcements name it.
+    origin: std::sync::Arc<str>,
 }
 
 /// The stats script's answer: length, delayed, pending, lag, oldest pending (ms, -1 for
@@ -140,7 +152,7 @@ impl Broker {
     /// layout (queue-wide tags): `queues` are (queue id, partitions, consumer groups). Only a
     /// single Redis can rename across hash slots; returns the keys moved.
     pub async fn move_earlier_layout(&self, queues: &[(Uuid, u16, Vec<String>)]) -> ApiResult<u64> {
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let marker = self.keys.layout_marker();
         let done: Option<String> = redis::cmd("GET")
             .arg(&marker)
@@ -177,7 +189,12 @@ impl Broker {
 
     /// Builds the pool; connections are made on first use, so a Redis that is down at start-up
     /// shows in health instead of stopping the service.
-    pub fn new(url: &str, pool_size: usize, key_prefix: &str) -> anyhow::Result<Broker> {
+    pub fn new(
+        url: &str,
+        pool_size: usize,
+        key_prefix: &str,
+        origin: &str,
+    ) -> anyhow::Result<Broker> {
         let mut config = deadpool_redis::Config::from_url(url);
         config.pool = Some(PoolConfig {
             max_size: pool_size,
@@ -192,7 +209,18 @@ impl Broker {
         Ok(Broker {
             pool,
             keys: KeyLayout::new(key_prefix),
+            shared: std::sync::Arc::new(connections::SharedConnections::new(
+                redis::Client::open(url)?,
+                POOL_TIMEOUT,
+            )),
+            client: redis::Client::open(url)?,
+            origin: origin.into(),
         })
+    }
+
+    /// A shared connection for ordinary commands (see `connections`).
+    async fn connection(&self) -> ApiResult<connections::SharedConnection> {
+        Ok(self.shared.get().await?)
     }
 
     pub fn keys(&self) -> &KeyLayout {
@@ -200,7 +228,7 @@ impl Broker {
     }
 
     pub async fn ping(&self) -> ApiResult<()> {
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
         Ok(())
     }
@@ -225,7 +253,7 @@ impl Broker {
             .iter()
             .flat_map(|queue| self.keys.partitions(queue.id, queue.partition_count))
             .collect();
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let partitions: Vec<PartitionStatsReply> = scripts::run_chunked(
             &mut connection,
             &PARTITION_STATS,
@@ -281,7 +309,7 @@ impl Broker {
                 &[],
             );
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let removed: Vec<u64> =
             scripts::run(&mut connection, &pipeline, &[&PARTITION_PURGE]).await?;
         Ok(removed.into_iter().sum())
@@ -311,7 +339,7 @@ impl Broker {
                     .ignore();
             }
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let () = pipeline.query_async(&mut connection).await?;
         Ok(())
     }

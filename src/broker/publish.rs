@@ -30,10 +30,10 @@ use crate::domain::queue::Queue;
 use crate::error::{ApiError, ErrorCode};
 
 /// Keys of the queue before the per-partition ones, and keys per partition.
-const QUEUE_KEYS: usize = 5;
+const QUEUE_KEYS: usize = 6;
 const PARTITION_KEYS: usize = 6;
 /// Arguments before the per-message ones, and per message.
-const HEAD_ARGS: usize = 5;
+const HEAD_ARGS: usize = 9;
 const MESSAGE_ARGS: usize = 11;
 
 static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -41,29 +41,34 @@ static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
         prune_lapsed_lua!(),
         r#"
 -- KEYS[1] idempotency records, KEYS[2] unrecorded index, KEYS[3] cancellation markers,
--- KEYS[4] expiring records, KEYS[5] deletion tombstone; then per partition the request
--- touches (slot s = 1, 2, ...), KEYS[5 + 6(s-1) + k] for k = 1..6: stream, delayed set,
--- delayed envelopes, journal, byte counts, expiry watch.
+-- KEYS[4] expiring records, KEYS[5] deletion tombstone, KEYS[6] `announced`; then per
+-- partition the request touches (slot s = 1, 2, ...), KEYS[6 + 6(s-1) + k] for k = 1..6:
+-- stream, delayed set, delayed envelopes, journal, byte counts, expiry watch.
 -- ARGV[1] backlog bound of a partition, ARGV[2] idempotency window (ms), ARGV[3] recorder
--- group, ARGV[4] now (ms), ARGV[5] the partition numbers of the slots, comma separated.
--- Message i, ARGV[5 + 11(i-1) + n] for n = 1..11: its slot, '1' when it has a producer id,
+-- group, ARGV[4] now (ms), ARGV[5] the partition numbers of the slots, comma separated,
+-- ARGV[6] wake channel, ARGV[7] this instance, ARGV[8] queue id, ARGV[9] announcement
+-- lifetime (ms).
+-- Message i, ARGV[9 + 11(i-1) + n] for n = 1..11: its slot, '1' when it has a producer id,
 -- publishedAt, scheduledAt ('' if none), hold-until score ('' = deliver now), expiresAt,
 -- message id, envelope, original payload bytes, stored payload bytes, '1' to watch its expiry.
 -- Returns {'gone'}, {'full', slot, backlog} (nothing stored), or {'ok', result per message}:
 -- 'n|<p>|<offset>' stored, 's|<p>|' waiting for its time, or for a duplicate
 -- 'd|<p>|<offset>|<publishedAt>|<scheduledAt>' of the original.
+-- Wake-ups (`service::wake`): messages ready now are announced unless an announcement is
+-- still standing (`announced`); a delayed message or expiry due sooner than anything its
+-- partition waited for is announced with its time.
 local ids, unrecorded, expiring = KEYS[1], KEYS[2], KEYS[4]
 -- The queue was deleted (on another instance, while this one still knew it): store nothing.
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'gone'} end
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[4])
-local count = (#ARGV - 5) / 11
+local count = (#ARGV - 9) / 11
 local partitions = {}
 for p in string.gmatch(ARGV[5], '[^,]+') do partitions[#partitions + 1] = p end
 prune_lapsed(ids, KEYS[3], expiring, now)
 
-local function arg(i, n) return ARGV[5 + 11 * (i - 1) + n] end
-local function key(slot, k) return KEYS[5 + 6 * (slot - 1) + k] end
+local function arg(i, n) return ARGV[9 + 11 * (i - 1) + n] end
+local function key(slot, k) return KEYS[6 + 6 * (slot - 1) + k] end
 
 local function previous(i)
   if arg(i, 2) ~= '1' then return false end
@@ -116,7 +121,23 @@ for slot, new in pairs(fresh) do
   if current + new > limit then return {'full', tostring(slot), tostring(current)} end
 end
 
+-- The earliest time each touched partition waited for before this request, and the
+-- earliest of the request's own delayed messages and expiries there.
+local waited, sooner = {}, nil
+local function will_wait(slot, at)
+  if waited[slot] == nil then
+    waited[slot] = false
+    for _, k in ipairs({2, 6}) do
+      local first = tonumber(redis.call('ZRANGE', key(slot, k), 0, 0, 'WITHSCORES')[2] or '-1')
+      if first >= 0 and (not waited[slot] or first < waited[slot]) then waited[slot] = first end
+    end
+  end
+  at = tonumber(at)
+  if (not waited[slot] or at < waited[slot]) and (not sooner or at < sooner) then sooner = at end
+end
+
 local results = {'ok'}
+local ready = 0
 for i = 1, count do
   local slot = tonumber(arg(i, 1))
   local partition = partitions[slot]
@@ -131,11 +152,14 @@ for i = 1, count do
       offset = redis.call('XADD', key(slot, 1), '*', 'e', envelope)
       redis.call('HSET', unrecorded, arg(i, 7), partition .. '|' .. offset)
       if arg(i, 11) == '1' then
+        will_wait(slot, arg(i, 6))
         redis.call('ZADD', key(slot, 6), arg(i, 6), offset .. '|' .. arg(i, 7))
       end
+      ready = ready + 1
       results[#results + 1] = 'n|' .. partition .. '|' .. offset
     else
       -- Stored as '<expiresAt>|<envelope>' so the scheduler tells expiry without decoding.
+      will_wait(slot, arg(i, 5))
       redis.call('ZADD', key(slot, 2), arg(i, 5), arg(i, 7))
       redis.call('HSET', key(slot, 3), arg(i, 7), arg(i, 6) .. '|' .. envelope)
       ensure_group(key(slot, 4))
@@ -150,6 +174,12 @@ for i = 1, count do
     redis.call('HINCRBY', key(slot, 5), 'original', arg(i, 9))
     redis.call('HINCRBY', key(slot, 5), 'stored', arg(i, 10))
   end
+end
+if ready > 0 and redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[9]) then
+  redis.call('PUBLISH', ARGV[6], 'r ' .. ARGV[7] .. ' ' .. ARGV[8])
+end
+if sooner then
+  redis.call('PUBLISH', ARGV[6], 'w ' .. ARGV[7] .. ' ' .. ARGV[8] .. ' ' .. string.format('%.0f', sooner))
 end
 return results
 "#
@@ -253,6 +283,7 @@ impl Broker {
             &queue_keys.cancelled,
             &queue_keys.expiring,
             &queue_keys.deleted,
+            &queue_keys.announced,
         ]);
         for partition in &partition_keys {
             keys.extend([
@@ -274,6 +305,10 @@ impl Broker {
                 .map(u16::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
+            self.keys.wake_channel(),
+            self.origin.to_string(),
+            queue.id.to_string(),
+            super::ANNOUNCEMENT_LIFETIME_MS.to_string(),
         ];
         let per_message: Vec<[String; 7]> = messages
             .iter()
@@ -320,7 +355,7 @@ impl Broker {
         }
         let mut pipeline = redis::pipe();
         PUBLISH.add_to(&mut pipeline, &keys, &args);
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let (reply,): (Vec<String>,) =
             scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
         match reply.first().map(String::as_str) {
@@ -360,7 +395,7 @@ impl Broker {
         keys.extend(partitions.iter().map(|p| p.stream.as_str()));
         let mut pipeline = redis::pipe();
         FIND_UNRECORDED.add_to(&mut pipeline, &keys, &[message_id.as_bytes()]);
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let (found,): (Option<(u16, String, String)>,) =
             scripts::run(&mut connection, &pipeline, &[&FIND_UNRECORDED]).await?;
         Ok(

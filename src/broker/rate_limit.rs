@@ -57,7 +57,7 @@ impl Broker {
                 bytes.as_bytes(),
             ],
         );
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let (admitted,): (i64,) = scripts::run(&mut connection, &pipeline, &[&ADMIT]).await?;
         Ok(admitted == 1)
     }

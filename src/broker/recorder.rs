@@ -14,12 +14,14 @@ use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::{ApiError, ApiResult};
 
-/// 1 when the stream exists (creating the recorder group on it if missing), else 0.
+/// Makes sure the stream (or journal) exists with the recorder group on it, so the recorder
+/// can read it from now on; 0 when its queue was deleted.
 static PREPARE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+-- KEYS: stream, deletion tombstone. ARGV: recorder group.
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 return 1
 "#,
     )
@@ -84,22 +86,27 @@ pub enum RecorderRead {
 }
 
 impl Broker {
-    /// Which of `streams` exist; each that does gets the recorder group if it lacks it.
-    pub async fn prepare_recorder(&self, streams: &[String]) -> ApiResult<Vec<String>> {
+    /// Creates each of `streams` (with the deletion tombstone of its queue) that is missing,
+    /// with the recorder group; returns those whose queue still exists.
+    pub async fn prepare_recorder(&self, streams: &[(String, String)]) -> ApiResult<Vec<String>> {
         if streams.is_empty() {
             return Ok(Vec::new());
         }
-        let mut connection = self.pool.get().await?;
-        let exists: Vec<i64> =
-            scripts::run_chunked(&mut connection, &PREPARE, streams, |pipeline, stream| {
-                PREPARE.add_to(pipeline, &[stream], &[RECORDER_GROUP.as_bytes()]);
-            })
-            .await?;
+        let mut connection = self.connection().await?;
+        let prepared: Vec<i64> = scripts::run_chunked(
+            &mut connection,
+            &PREPARE,
+            streams,
+            |pipeline, (stream, tombstone)| {
+                PREPARE.add_to(pipeline, &[stream, tombstone], &[RECORDER_GROUP.as_bytes()]);
+            },
+        )
+        .await?;
         Ok(streams
             .iter()
-            .zip(exists)
-            .filter(|(_, exists)| *exists == 1)
-            .map(|(stream, _)| stream.clone())
+            .zip(prepared)
+            .filter(|(_, prepared)| *prepared == 1)
+            .map(|((stream, _), _)| stream.clone())
             .collect())
     }
 
@@ -125,6 +132,7 @@ impl Broker {
         for _ in streams {
             command.arg(">");
         }
+        // Blocking: a connection of its own, never a shared one.
         let mut connection = self.pool.get().await?;
         let reply: Option<StreamReadReply> = match command.query_async(&mut connection).await {
             Ok(reply) => reply,
@@ -164,7 +172,7 @@ impl Broker {
         min_idle_ms: u64,
         count: usize,
     ) -> ApiResult<Vec<StreamEntry>> {
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let reply: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(RECORDER_GROUP)
@@ -215,7 +223,7 @@ impl Broker {
                     .ignore();
             }
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let () = pipeline.query_async(&mut connection).await?;
         Ok(())
     }

@@ -32,6 +32,10 @@ local function before(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
+local function successor(id)
+  local ms, seq = parse(id)
+  return string.format('%.0f-%.0f', ms, seq + 1)
+end
 local function fields(flat)
   local map = {}
   for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end
@@ -43,8 +47,9 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = fields(info)
   groups[#groups + 1] = group
   if group['name'] ~= ARGV[2] then consumers = consumers + 1 end
-  -- Everything before the group's oldest pending entry (or its cursor) is acked by it.
-  local bound = group['last-delivered-id']
+  -- Everything before the group's oldest pending entry is acked by it; with nothing
+  -- pending, everything up to its cursor is (so a consumed stream ends up empty).
+  local bound = successor(group['last-delivered-id'])
   if group['pending'] > 0 then bound = redis.call('XPENDING', KEYS[1], group['name'])[2] end
   if safe == nil or before(bound, safe) then safe = bound end
 end
@@ -53,7 +58,7 @@ if consumers > 0 and safe ~= nil and before(minid, safe) then minid = safe end
 -- place a cursor by position, the entries are counted before they go.
 local lagging = {}
 for _, group in ipairs(groups) do
-  if group['name'] ~= ARGV[2] and before(group['last-delivered-id'], minid) then
+  if group['name'] ~= ARGV[2] and before(successor(group['last-delivered-id']), minid) then
     local counted = false
     if not group['entries-read'] then
       counted = #redis.call('XRANGE', KEYS[1], '(' .. group['last-delivered-id'], '(' .. minid)
@@ -98,7 +103,7 @@ impl Broker {
         let ttl = ttl_ms.to_string();
         let mut pipeline = redis::pipe();
         LEASE.add_to(&mut pipeline, &[&key], &[holder.as_bytes(), ttl.as_bytes()]);
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let (held,): (i64,) = scripts::run(&mut connection, &pipeline, &[&LEASE]).await?;
         Ok(held == 1)
     }
@@ -109,7 +114,7 @@ impl Broker {
         if partitions.is_empty() {
             return Ok(0);
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let removed: Vec<u64> = scripts::run_chunked(
             &mut connection,
             &TRIM,

@@ -15,82 +15,105 @@ use deadpool_redis::redis;
 use super::scripts::{self, prune_lapsed_lua, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::ApiResult;
-use crate::service::partitions::PartitionRef;
 
 static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(concat!(
         prune_lapsed_lua!(),
         r#"
--- KEYS: delayed set, delayed envelopes, stream, journal, expiry watch, idempotency records,
--- cancellation markers, expiring records, unrecorded index.
--- ARGV: now (ms), batch limit, recorder group, partition number.
-prune_lapsed(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[1]))
+-- KEYS[1..5]: idempotency records, cancellation markers, expiring records, unrecorded index,
+-- `announced`; then per partition slot s = 1, 2, ...: KEYS[5 + 5(s-1) + k] for k = 1..5:
+-- delayed set, delayed envelopes, stream, journal, expiry watch.
+-- ARGV: 1 now (ms), 2 batch limit per partition, 3 recorder group, 4 the partition number of
+-- each slot (comma separated), 5 wake channel, 6 this instance, 7 queue id,
+-- 8 announcement lifetime (ms).
+-- Returns {released, expired, 1 if a partition had more due than the limit, the earliest
+-- time anything still waits for ('' if nothing), 1 if the queue holds nothing at all}.
+-- Released messages are announced (`r`) unless an announcement is still standing; a queue
+-- found empty loses its `announced` key, so the next publish announces it again.
+prune_lapsed(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
 local function ensure_group(key)
   if redis.call('EXISTS', key) == 0 then
     redis.call('XGROUP', 'CREATE', key, ARGV[3], '0', 'MKSTREAM')
   end
 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
 local now = tonumber(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[2])
-local released, expired = 0, 0
-for _, id in ipairs(due) do
-  local stored = redis.call('HGET', KEYS[2], id)
-  if stored then
-    local bar = string.find(stored, '|', 1, true)
-    local expires_at = tonumber(string.sub(stored, 1, bar - 1))
-    if expires_at <= now then
-      ensure_group(KEYS[4])
-      redis.call('XADD', KEYS[4], '*', 'k', 'expired', 'id', id, 't', ARGV[1])
-      expired = expired + 1
-    else
-      ensure_group(KEYS[3])
-      local offset = redis.call('XADD', KEYS[3], '*', 'e', string.sub(stored, bar + 1))
-      redis.call('HSET', KEYS[9], id, ARGV[4] .. '|' .. offset)
-      released = released + 1
+local partitions = {}
+for p in string.gmatch(ARGV[4], '[^,]+') do partitions[#partitions + 1] = p end
+local released, expired, more, next_due, empty = 0, 0, 0, nil, true
+for slot = 1, #partitions do
+  local base = 5 + 5 * (slot - 1)
+  local delayed, envelopes, stream, journal, expiry =
+    KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4], KEYS[base + 5]
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, ARGV[2])
+  for _, id in ipairs(due) do
+    local stored = redis.call('HGET', envelopes, id)
+    if stored then
+      local bar = string.find(stored, '|', 1, true)
+      local expires_at = tonumber(string.sub(stored, 1, bar - 1))
+      if expires_at <= now then
+        ensure_group(journal)
+        redis.call('XADD', journal, '*', 'k', 'expired', 'id', id, 't', ARGV[1])
+        expired = expired + 1
+      else
+        ensure_group(stream)
+        local offset = redis.call('XADD', stream, '*', 'e', string.sub(stored, bar + 1))
+        redis.call('HSET', KEYS[4], id, partitions[slot] .. '|' .. offset)
+        released = released + 1
+      end
+      redis.call('HDEL', envelopes, id)
     end
-    redis.call('HDEL', KEYS[2], id)
+    redis.call('ZREM', delayed, id)
   end
-  redis.call('ZREM', KEYS[1], id)
+  -- Stream messages whose ttl ran out: expired unless some consumer group already took them
+  -- (a message delivered in time is not expired; one taken later is expired at delivery).
+  local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, ARGV[2])
+  if #lapsed > 0 then
+    local cursors = {}
+    if redis.call('EXISTS', stream) == 1 then
+      for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+        local group = {}
+        for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
+        if group['name'] ~= ARGV[3] then cursors[#cursors + 1] = group['last-delivered-id'] end
+      end
+    end
+    local function taken(entry)
+      local em, es = parse(entry)
+      for _, cursor in ipairs(cursors) do
+        local cm, cs = parse(cursor)
+        if cm > em or (cm == em and cs >= es) then return true end
+      end
+      return false
+    end
+    for _, member in ipairs(lapsed) do
+      local bar = string.find(member, '|', 1, true)
+      if not taken(string.sub(member, 1, bar - 1)) then
+        ensure_group(journal)
+        redis.call('XADD', journal, '*', 'k', 'expired', 'id', string.sub(member, bar + 1), 't', ARGV[1])
+        expired = expired + 1
+      end
+      redis.call('ZREM', expiry, member)
+    end
+  end
+  if math.max(#due, #lapsed) >= tonumber(ARGV[2]) then more = 1 end
+  for _, set in ipairs({delayed, expiry}) do
+    local first = tonumber(redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2] or '-1')
+    if first >= 0 and (not next_due or first < next_due) then next_due = first end
+  end
+  if empty and (next_due or redis.call('XLEN', stream) > 0 or redis.call('XLEN', journal) > 0) then
+    empty = false
+  end
 end
--- Stream messages whose ttl ran out: expired unless some consumer group already took them
--- (a message delivered in time is not expired; one taken later is expired at delivery).
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, ARGV[2])
-if #lapsed > 0 then
-  local cursors = {}
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
-      local group = {}
-      for i = 1, #info, 2 do group[info[i]] = info[i + 1] end
-      if group['name'] ~= ARGV[3] then cursors[#cursors + 1] = group['last-delivered-id'] end
-    end
-  end
-  local function parse(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms), tonumber(seq)
-  end
-  local function taken(entry)
-    local em, es = parse(entry)
-    for _, cursor in ipairs(cursors) do
-      local cm, cs = parse(cursor)
-      if cm > em or (cm == em and cs >= es) then return true end
-    end
-    return false
-  end
-  for _, member in ipairs(lapsed) do
-    local bar = string.find(member, '|', 1, true)
-    if not taken(string.sub(member, 1, bar - 1)) then
-      ensure_group(KEYS[4])
-      redis.call('XADD', KEYS[4], '*', 'k', 'expired', 'id', string.sub(member, bar + 1), 't', ARGV[1])
-      expired = expired + 1
-    end
-    redis.call('ZREM', KEYS[5], member)
-  end
+if released > 0 and redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[8]) then
+  redis.call('PUBLISH', ARGV[5], 'r ' .. ARGV[6] .. ' ' .. ARGV[7])
 end
-local next_delayed = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '-1')
-local next_expiry = tonumber(redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')[2] or '-1')
-local next_due = next_delayed
-if next_due < 0 or (next_expiry >= 0 and next_expiry < next_due) then next_due = next_expiry end
-return {released, expired, math.max(#due, #lapsed), tostring(next_due)}
+if empty then redis.call('DEL', KEYS[5]) end
+local next_text = ''
+if next_due then next_text = string.format('%.0f', next_due) end
+return {released, expired, more, next_text, empty and 1 or 0}
 "#
     ))
 });
@@ -139,76 +162,100 @@ pub enum Cancellation {
     NotWaiting,
 }
 
-/// What one release sweep did.
+/// What releasing one queue's due messages did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReleaseSweep {
+pub struct Release {
+    pub queue_id: uuid::Uuid,
     pub released: u64,
     pub expired: u64,
-    /// Some partition had more due than one batch: sweep again at once.
+    /// A partition had more due than one batch: release again at once.
     pub more_due: bool,
-    /// The earliest time (ms) something waits for, if anything does.
+    /// The earliest time (ms) something still waits for, if anything does.
     pub next_due_ms: Option<i64>,
-    /// Queues that received messages in this sweep.
-    pub released_to: Vec<uuid::Uuid>,
+    /// The queue holds nothing at all: no message, delayed message or journal entry.
+    pub empty: bool,
 }
 
+/// A queue to release: its id and partition count.
+pub type QueueToRelease = (uuid::Uuid, u16);
+
 impl Broker {
-    /// Releases everything due at `now_ms` on `partitions`, up to `batch` per partition.
+    /// Releases everything due at `now_ms` in each of `queues`, up to `batch` per partition:
+    /// one script per queue, in bounded pipelines.
     pub async fn release_due(
         &self,
-        partitions: &[PartitionRef],
+        queues: &[QueueToRelease],
         now_ms: i64,
         batch: usize,
-    ) -> ApiResult<ReleaseSweep> {
-        let mut sweep = ReleaseSweep::default();
-        if partitions.is_empty() {
-            return Ok(sweep);
+    ) -> ApiResult<Vec<Release>> {
+        if queues.is_empty() {
+            return Ok(Vec::new());
         }
         let (now, limit) = (now_ms.to_string(), batch.to_string());
-        let mut connection = self.pool.get().await?;
-        let replies: Vec<(u64, u64, usize, String)> = scripts::run_chunked(
+        let (channel, lifetime) = (
+            self.keys.wake_channel(),
+            super::ANNOUNCEMENT_LIFETIME_MS.to_string(),
+        );
+        let mut connection = self.connection().await?;
+        let replies: Vec<(u64, u64, u8, String, u8)> = scripts::run_chunked(
             &mut connection,
             &RELEASE,
-            partitions,
-            |pipeline, partition| {
-                let keys = self.keys.partition(partition.queue_id, partition.partition);
+            queues,
+            |pipeline, (queue_id, partition_count)| {
+                let queue_keys = self.keys.partition(*queue_id, 0);
+                let mut keys: Vec<String> = vec![
+                    queue_keys.ids,
+                    queue_keys.cancelled,
+                    queue_keys.expiring,
+                    queue_keys.unrecorded,
+                    queue_keys.announced,
+                ];
+                for partition in self.keys.partitions(*queue_id, (*partition_count).max(1)) {
+                    keys.extend([
+                        partition.delayed,
+                        partition.delayed_envelopes,
+                        partition.stream,
+                        partition.journal,
+                        partition.expiry,
+                    ]);
+                }
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let numbers = (0..(*partition_count).max(1))
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let queue = queue_id.to_string();
                 RELEASE.add_to(
                     pipeline,
-                    &[
-                        &keys.delayed,
-                        &keys.delayed_envelopes,
-                        &keys.stream,
-                        &keys.journal,
-                        &keys.expiry,
-                        &keys.ids,
-                        &keys.cancelled,
-                        &keys.expiring,
-                        &keys.unrecorded,
-                    ],
+                    &keys,
                     &[
                         now.as_bytes(),
                         limit.as_bytes(),
                         RECORDER_GROUP.as_bytes(),
-                        partition.partition.to_string().as_bytes(),
+                        numbers.as_bytes(),
+                        channel.as_bytes(),
+                        self.origin.as_bytes(),
+                        queue.as_bytes(),
+                        lifetime.as_bytes(),
                     ],
                 );
             },
         )
         .await?;
-        for ((released, expired, taken, next_due), partition) in replies.into_iter().zip(partitions)
-        {
-            if released > 0 && !sweep.released_to.contains(&partition.queue_id) {
-                sweep.released_to.push(partition.queue_id);
-            }
-            sweep.released += released;
-            sweep.expired += expired;
-            sweep.more_due |= taken >= batch;
-            if let Some(next) = next_due.parse::<f64>().ok().filter(|n| *n >= 0.0) {
-                let next = next as i64;
-                sweep.next_due_ms = Some(sweep.next_due_ms.map_or(next, |n| n.min(next)));
-            }
-        }
-        Ok(sweep)
+        Ok(replies
+            .into_iter()
+            .zip(queues)
+            .map(
+                |((released, expired, more, next_due, empty), (queue_id, _))| Release {
+                    queue_id: *queue_id,
+                    released,
+                    expired,
+                    more_due: more == 1,
+                    next_due_ms: next_due.parse().ok(),
+                    empty: empty == 1,
+                },
+            )
+            .collect())
     }
 
     /// Cancels a waiting message.
@@ -244,7 +291,7 @@ impl Broker {
                 ],
             );
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let outcomes: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&CANCEL]).await?;
         Ok(if outcomes.contains(&1) {
             Cancellation::Cancelled
@@ -271,7 +318,7 @@ impl Broker {
         if let Some(keys) = partitions.first() {
             pipeline.hget(&keys.cancelled, message_id);
         }
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.connection().await?;
         let mut found: Vec<Option<String>> = pipeline.query_async(&mut connection).await?;
         let cancelled = found.pop().flatten();
         let waiting = found

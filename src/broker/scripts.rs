@@ -1,7 +1,6 @@
 //! Lua scripts run by hash (EVALSHA), loaded on first use or after a Redis restart.
 
 use deadpool_redis::redis::{self, Pipeline};
-use deadpool_redis::Connection;
 
 /// Lua defining `prune_lapsed(ids, cancelled, expiring, now)`, which removes up to 100
 /// idempotency records and cancellation markers whose time has passed. Put before the body of
@@ -63,7 +62,7 @@ pub const PIPELINE_CHUNK: usize = 128;
 /// Runs `script` once per item (`add` adds one invocation to the pipeline), in pipelines of
 /// at most `PIPELINE_CHUNK`; the replies in item order.
 pub async fn run_chunked<T: redis::FromRedisValue, I>(
-    connection: &mut Connection,
+    connection: &mut impl redis::aio::ConnectionLike,
     script: &LuaScript,
     items: impl IntoIterator<Item = I>,
     mut add: impl FnMut(&mut Pipeline, I),
@@ -90,7 +89,7 @@ pub async fn run_chunked<T: redis::FromRedisValue, I>(
 /// them and runs it again. EVALSHA fails before executing anything, so a retry cannot apply
 /// an invocation twice.
 pub async fn run<T: redis::FromRedisValue>(
-    connection: &mut Connection,
+    connection: &mut impl redis::aio::ConnectionLike,
     pipeline: &Pipeline,
     scripts: &[&LuaScript],
 ) -> redis::RedisResult<T> {

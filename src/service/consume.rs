@@ -10,7 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
-use crate::broker::consume::{Delivery, Outcome, Settlement};
+use crate::broker::consume::{Delivery, Outcome, Settlement, Taken};
 use crate::crypto::{Binding, SealError, Sealer};
 use crate::domain::ack_token::AckToken;
 use crate::domain::filter::{Filter, MessageView};
@@ -24,8 +24,9 @@ use crate::state::AppState;
 
 /// The longest a pull may wait (API.md).
 pub const MAX_WAIT_MS: i64 = 20_000;
-/// How often a waiting pull looks again for messages stored by other instances.
-const REPOLL: Duration = Duration::from_millis(500);
+/// A waiting pull is woken when messages arrive (on any instance: `service::wake`) or one of
+/// its group's retries falls due; it also looks again this often, in case a wake-up was lost.
+const REPOLL: Duration = Duration::from_secs(5);
 const MAX_ACK_IDS: usize = 1000;
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,7 +129,8 @@ pub async fn pull(
         arrived.as_mut().enable();
         if queue.status != QueueStatus::Paused {
             let now = now_ms();
-            let deliveries = state
+            let deadline = now + subscription.session_timeout_ms as i64;
+            let taken = state
                 .broker
                 .take(
                     queue.id,
@@ -138,17 +140,18 @@ pub async fn pull(
                     &subscription.id.to_string(),
                     max_messages as usize,
                     now,
-                    now + subscription.session_timeout_ms as i64,
+                    deadline,
                     false,
                 )
                 .await
                 .map_err(ApiError::during_consume)?;
+            watch_times(state, queue.id, &taken, deadline);
             let messages = hand_out(
                 state,
                 &subscription,
                 &queue,
                 filter.as_ref(),
-                deliveries,
+                taken.deliveries,
                 now,
             )
             .await
@@ -166,6 +169,17 @@ pub async fn pull(
             () = arrived => {}
             () = tokio::time::sleep(REPOLL.min(give_up - now)) => {}
         }
+    }
+}
+
+/// Arms the timers a take calls for: the reclaimer's at the deadline of what was taken, and
+/// the consumers' at the group's next retry.
+pub fn watch_times(state: &AppState, queue_id: uuid::Uuid, taken: &Taken, deadline_ms: i64) {
+    if !taken.deliveries.is_empty() {
+        state.deadline_timers.arm(queue_id, deadline_ms);
+    }
+    if let Some(next_retry) = taken.next_retry_ms {
+        state.retry_timers.arm(queue_id, next_retry);
     }
 }
 
@@ -580,7 +594,14 @@ pub async fn settle(
                     latency_ms,
                 );
             }
-            Outcome::Failed { .. } | Outcome::DeadLetter => {
+            Outcome::Failed { retry_at_ms } => {
+                // Consumers here wake for it then (the script tells the other instances).
+                state.retry_timers.arm(queue.id, retry_at_ms);
+                state
+                    .stats
+                    .failed(queue.tenant_id, settlement.subscription_id);
+            }
+            Outcome::DeadLetter => {
                 state
                     .stats
                     .failed(queue.tenant_id, settlement.subscription_id);

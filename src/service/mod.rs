@@ -1,8 +1,10 @@
 //! Operations that combine the store (PostgreSQL) and the broker (Redis). Handlers call one
 //! function here after parsing and authorizing; these functions hold no HTTP types.
 
+pub mod activity;
 pub mod audit;
 pub mod consume;
+pub mod due;
 pub mod health;
 pub mod messages;
 pub mod monitoring;
@@ -15,4 +17,5 @@ pub mod signals;
 pub mod subscriptions;
 pub mod system_queues;
 pub mod upgrade;
+pub mod wake;
 pub mod webhook;

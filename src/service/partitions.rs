@@ -1,9 +1,12 @@
-//! Lists of every queue partition and every subscription, for the workers that sweep all of
-//! them (recorder, scheduler, reclaimer). Read from PostgreSQL at most every `REFRESH` (or
-//! sooner after a local change); while PostgreSQL is unreachable the last list is kept, so
-//! the workers go on serving what they know.
+//! Every queue and every subscription, for the workers (recorder, scheduler, reclaimer,
+//! retention, dispatcher). Read from PostgreSQL when a change is heard of (made here, or
+//! announced by another instance: `service::wake`) and at least every `SAFETY_REFRESH`;
+//! while PostgreSQL is unreachable the last list is kept, so the workers go on serving what
+//! they know.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,25 +17,30 @@ use crate::domain::subscription::Subscription;
 use crate::error::ApiResult;
 use crate::store::Store;
 
-/// A list loaded from PostgreSQL and reused until it is `refresh` old or expired.
+/// Changes are announced; this only bounds what a lost announcement can leave stale.
+const SAFETY_REFRESH: Duration = Duration::from_secs(30);
+/// A lookup of a queue the list lacks reloads it, at most this often.
+const MISSING_RELOAD: Duration = Duration::from_secs(1);
+
+/// A value loaded from PostgreSQL and reused until it is `refresh` old or expired.
 pub struct Snapshot<T> {
     refresh: Duration,
-    cached: Mutex<(Option<Instant>, Arc<Vec<T>>)>,
+    cached: Mutex<(Option<Instant>, Arc<T>)>,
 }
 
-impl<T> Snapshot<T> {
+impl<T: Default> Snapshot<T> {
     fn new(refresh: Duration) -> Self {
         Snapshot {
             refresh,
-            cached: Mutex::new((None, Arc::new(Vec::new()))),
+            cached: Mutex::new((None, Arc::new(T::default()))),
         }
     }
 
-    pub async fn current<F>(&self, load: F) -> Arc<Vec<T>>
+    pub async fn current<F>(&self, load: F) -> Arc<T>
     where
-        F: Future<Output = ApiResult<Vec<T>>>,
+        F: Future<Output = ApiResult<T>>,
     {
-        let (fresh, list) = {
+        let (fresh, value) = {
             let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
             (
                 cached.0.is_some_and(|at| at.elapsed() < self.refresh),
@@ -40,18 +48,18 @@ impl<T> Snapshot<T> {
             )
         };
         if fresh {
-            return list;
+            return value;
         }
         match load.await {
-            Ok(items) => {
-                let items = Arc::new(items);
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
                 *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (Some(Instant::now()), items.clone());
-                items
+                    (Some(Instant::now()), loaded.clone());
+                loaded
             }
             Err(error) => {
                 tracing::debug!(error = %error, "list not refreshed; keeping the last one");
-                list
+                value
             }
         }
     }
@@ -59,6 +67,12 @@ impl<T> Snapshot<T> {
     /// Makes the next `current` load again.
     pub fn expire(&self) {
         self.cached.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
+    }
+
+    /// How long ago the value was loaded.
+    fn age(&self) -> Option<Duration> {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached.0.map(|at| at.elapsed())
     }
 }
 
@@ -69,37 +83,80 @@ pub struct PartitionRef {
     pub partition: u16,
 }
 
-/// Every partition of every queue.
-pub struct PartitionDirectory {
-    snapshot: Snapshot<PartitionRef>,
+/// What the workers need of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRef {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub partition_count: u16,
+    pub retention_ms: u64,
 }
 
-impl Default for PartitionDirectory {
+impl QueueRef {
+    pub fn partitions(&self) -> impl Iterator<Item = PartitionRef> + '_ {
+        (0..self.partition_count).map(|partition| PartitionRef {
+            queue_id: self.id,
+            tenant_id: self.tenant_id,
+            partition,
+        })
+    }
+}
+
+/// Every queue, by id.
+pub struct QueueDirectory {
+    snapshot: Snapshot<HashMap<Uuid, QueueRef>>,
+}
+
+impl Default for QueueDirectory {
     fn default() -> Self {
-        PartitionDirectory {
-            snapshot: Snapshot::new(Duration::from_secs(2)),
+        QueueDirectory {
+            snapshot: Snapshot::new(SAFETY_REFRESH),
         }
     }
 }
 
-impl PartitionDirectory {
-    pub async fn current(&self, store: &Store) -> Arc<Vec<PartitionRef>> {
+impl QueueDirectory {
+    pub async fn all(&self, store: &Store) -> Arc<HashMap<Uuid, QueueRef>> {
         self.snapshot
             .current(async {
                 let queues = store.list_all_queue_partitions().await?;
                 Ok(queues
                     .into_iter()
-                    .flat_map(|queue| {
-                        let count = u16::try_from(queue.partition_count.max(1)).unwrap_or(1);
-                        (0..count).map(move |partition| PartitionRef {
-                            queue_id: queue.id,
+                    .map(|queue| {
+                        let reference = QueueRef {
+                            id: queue.id,
                             tenant_id: queue.tenant_id,
-                            partition,
-                        })
+                            partition_count: u16::try_from(queue.partition_count.max(1))
+                                .unwrap_or(1),
+                            retention_ms: queue.retention_ms.max(0) as u64,
+                        };
+                        (queue.id, reference)
                     })
                     .collect())
             })
             .await
+    }
+
+    /// The queues of `ids` that exist, and the ids of those that do not. A queue the list
+    /// lacks may be newer than the list: the list is read again first (at most every
+    /// `MISSING_RELOAD`).
+    pub async fn lookup(&self, store: &Store, ids: &[Uuid]) -> (Vec<QueueRef>, Vec<Uuid>) {
+        let mut all = self.all(store).await;
+        if ids.iter().any(|id| !all.contains_key(id))
+            && self.snapshot.age().is_none_or(|age| age >= MISSING_RELOAD)
+        {
+            self.snapshot.expire();
+            all = self.all(store).await;
+        }
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match all.get(id) {
+                Some(queue) => found.push(*queue),
+                None => missing.push(*id),
+            }
+        }
+        (found, missing)
     }
 
     pub fn expire(&self) {
@@ -107,17 +164,18 @@ impl PartitionDirectory {
     }
 }
 
-/// Every subscription of every tenant. Refreshed often: the dispatcher must start and stop
-/// serving a subscription changed on another instance within a second.
+/// Every subscription of every tenant.
 pub struct SubscriptionDirectory {
-    snapshot: Snapshot<Subscription>,
+    snapshot: Snapshot<Vec<Subscription>>,
+    changes: AtomicU64,
     changed: Notify,
 }
 
 impl Default for SubscriptionDirectory {
     fn default() -> Self {
         SubscriptionDirectory {
-            snapshot: Snapshot::new(Duration::from_millis(400)),
+            snapshot: Snapshot::new(SAFETY_REFRESH),
+            changes: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
@@ -128,14 +186,25 @@ impl SubscriptionDirectory {
         self.snapshot.current(store.list_all_subscriptions()).await
     }
 
-    /// A subscription changed on this instance: reload now and wake who waits.
+    /// A subscription changed (here or elsewhere): reload now and wake who waits.
     pub fn expire(&self) {
         self.snapshot.expire();
+        self.changes.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();
     }
 
-    /// Resolves at the next local change.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// Counts changes, for `changed_since`.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves at the first change after `changes` was read (at once if one happened).
+    pub async fn changed_since(&self, changes: u64) {
+        let changed = self.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if self.changes() == changes {
+            changed.await;
+        }
     }
 }

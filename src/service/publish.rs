@@ -156,11 +156,29 @@ async fn publish(
             return Err(ApiError::queue_not_found(&queue.name));
         }
     };
+    // Consumers and workers here act at once; the script announced it to the others.
+    state.activity.mark(queue.id);
     if messages.iter().any(|m| m.hold_until.is_none()) {
         state.signals.notify(queue.id);
     }
-    if let Some(earliest) = messages.iter().filter_map(|m| m.hold_until).min() {
-        state.scheduler.message_waiting(earliest);
+    // Short-lived messages are marked expired on time (see `broker::publish`).
+    let expiry_watched = messages
+        .iter()
+        .filter(|m| {
+            m.hold_until.is_none()
+                && m.envelope.expires_at
+                    < m.envelope
+                        .published_at
+                        .saturating_add(queue.retention_ms as i64)
+        })
+        .map(|m| m.envelope.expires_at);
+    if let Some(earliest) = messages
+        .iter()
+        .filter_map(|m| m.hold_until)
+        .chain(expiry_watched)
+        .min()
+    {
+        state.scheduler.timers.arm(queue.id, earliest);
     }
     let stored_new = stored.iter().filter(|s| !s.duplicate).count() as u64;
     state

@@ -126,8 +126,10 @@ pub async fn ensure_exists(
     let queue = Queue::create(tenant_id, request, defaults(state), Utc::now())?;
     // Created for the tenant by the service: counted, never refused by the quota.
     match state.store.insert_queue(&queue, None).await {
-        Ok(_) => {
-            state.partitions.expire();
+        Ok(created) => {
+            state
+                .queue_changed(created.id, created.tenant_id, &created.name)
+                .await;
             Ok(())
         }
         // Created concurrently by another request: just as good.
@@ -161,7 +163,9 @@ pub async fn create(
         .store
         .insert_queue(&queue, Some(state.config.tenant_max_queues))
         .await?;
-    state.partitions.expire();
+    state
+        .queue_changed(created.id, created.tenant_id, &created.name)
+        .await;
     audit::record(
         state,
         tenant,
@@ -230,7 +234,9 @@ pub async fn update(
         })
         .await?
         .ok_or_else(|| ApiError::queue_not_found(name))?;
-    state.queue_cache.invalidate(tenant.tenant_id, name);
+    state
+        .queue_changed(updated.id, updated.tenant_id, &updated.name)
+        .await;
     audit::record(
         state,
         tenant,
@@ -257,13 +263,18 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     let groups: Vec<&str> = groups.into_iter().collect();
     state.broker.delete_queue(&queue, &groups).await?;
     state.store.delete_queue(queue.id).await?;
-    state.queue_cache.invalidate(tenant.tenant_id, name);
-    state.partitions.expire();
-    state.subscription_changed();
+    state
+        .queue_changed(queue.id, queue.tenant_id, &queue.name)
+        .await;
+    state.subscription_changed().await;
     // What this process kept about the queue goes with it.
     state.metrics.forget_queue(queue.tenant_id, &queue.name);
     state.stats.forget_queue(queue.id);
     state.signals.forget(queue.id);
+    state.activity.forget(queue.id);
+    state.scheduler.timers.forget(queue.id);
+    state.retry_timers.forget(queue.id);
+    state.deadline_timers.forget(queue.id);
     for subscription in &subscriptions {
         state.stats.forget_subscription(subscription.id);
     }

@@ -1,6 +1,6 @@
-//! Wakes long-polling consumers of a queue when this instance stores messages in it, so a
-//! pull with `waitMs` returns as soon as something arrives instead of polling Redis. Messages
-//! stored by other instances are seen at the pull's next periodic look (every 500 ms).
+//! Wakes this instance's waiting consumers of a queue (long-polls and webhook serving tasks)
+//! when messages arrive in it: stored here, announced by another instance
+//! (`service::wake`), released by the scheduler, or a retry falling due.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,14 @@ impl QueueSignals {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Wakes every waiting consumer of every queue (after a lost wake-up connection).
+    pub fn notify_all(&self) {
+        let signals = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        for signal in signals.by_queue.values() {
+            signal.notify_waiters();
+        }
     }
 
     /// Wakes every consumer waiting on `queue_id`.

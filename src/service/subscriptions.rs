@@ -240,7 +240,7 @@ pub async fn create(
             .await;
         return Err(error);
     }
-    state.subscription_changed();
+    state.subscription_changed().await;
     audit::record(
         state,
         tenant,
@@ -368,7 +368,7 @@ async fn change(
         .update_subscription(tenant.tenant_id, current.id, next)
         .await?
         .ok_or_else(|| not_found(id))?;
-    state.subscription_changed();
+    state.subscription_changed().await;
     audit::record(
         state,
         tenant,
@@ -421,7 +421,7 @@ async fn remove(state: &AppState, subscription: &Subscription) -> ApiResult<()> 
     if !deleted {
         return Err(not_found(&subscription.id.to_string()));
     }
-    state.subscription_changed();
+    state.subscription_changed().await;
     state.stats.forget_subscription(subscription.id);
     Ok(())
 }

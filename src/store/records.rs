@@ -201,6 +201,7 @@ pub struct QueuePartitions {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub partition_count: i32,
+    pub retention_ms: i64,
 }
 
 impl Store {
@@ -307,9 +308,11 @@ impl Store {
 
     /// Every queue of every tenant, for the recorder's list of streams.
     pub async fn list_all_queue_partitions(&self) -> ApiResult<Vec<QueuePartitions>> {
-        let rows = sqlx::query_as("SELECT id, tenant_id, partition_count FROM message_topics")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query_as(
+            "SELECT id, tenant_id, partition_count, retention_ms FROM message_topics",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows)
     }
 }

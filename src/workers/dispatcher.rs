@@ -1,11 +1,13 @@
 //! Pushes messages to every active webhook subscription.
 //!
 //! The dispatcher keeps one serving task per active webhook subscription, reconciled with
-//! the subscription list at least twice a second and at once after a local change, so a
-//! subscription starts or stops being served within a second of its creation, pause, resume,
-//! update or deletion. Each serving task takes messages of its consumer group (due retries
-//! first) and pushes them with at most `handlerConfig.concurrency` requests in flight (a
-//! semaphore), so a slow or dead endpoint only ever holds its own subscription's permits.
+//! the subscription list whenever a subscription changes on any instance (`service::wake`),
+//! so a subscription starts or stops being served at once after its creation, pause,
+//! resume, update or deletion. Each serving task takes messages of its consumer group (due
+//! retries first) and pushes them with at most `handlerConfig.concurrency` requests in
+//! flight (a semaphore), so a slow or dead endpoint only ever holds its own subscription's
+//! permits. An idle serving task costs nothing: it sleeps until its queue gets messages
+//! (announced by whichever instance stored them) or one of its retries falls due.
 //! Failures go through the same retry policy and dead-lettering as pull subscriptions
 //! (`service::consume::record_failure`).
 //!
@@ -28,15 +30,19 @@ use crate::broker::consume::{Delivery, Outcome, Settlement};
 use crate::domain::message::Envelope;
 use crate::domain::queue::QueueStatus;
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
-use crate::service::consume::{record_failure, screen, settle, Failure};
+use crate::service::consume::{record_failure, screen, settle, watch_times, Failure};
 use crate::service::webhook::PushOutcome;
 use crate::service::{queues, subscriptions};
 use crate::state::AppState;
 
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
-/// How often an idle serving task looks for work it was not signalled about (other
-/// instances' publishes, retries falling due).
-const IDLE_LOOK: Duration = Duration::from_millis(250);
+/// Changes are announced: this only bounds what a lost announcement leaves unserved.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// An idle serving task is woken by announcements and timers; it also looks on its own this
+/// often (plus up to a tenth more, so that the looks of many tasks spread out), in case an
+/// announcement was lost.
+const SAFETY_LOOK: Duration = Duration::from_secs(300);
+/// How soon a serving task tries again when its queue cannot be read (PostgreSQL down).
+const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 /// The ack deadline of a push outlives its timeout by this much, so the reclaimer never
 /// takes a push that is still running.
 const DEADLINE_MARGIN_MS: i64 = 5000;
@@ -76,6 +82,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut served: HashMap<Uuid, Served> = HashMap::new();
     let mut tasks: JoinSet<Uuid> = JoinSet::new();
     loop {
+        let changes = state.subscriptions.changes();
         let subscriptions = state.subscriptions.current(&state.store).await;
         let wanted: HashMap<Uuid, &Subscription> = subscriptions
             .iter()
@@ -123,7 +130,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         tenant_permits.prune();
         tokio::select! {
             () = tokio::time::sleep(RECONCILE_EVERY) => {}
-            () = state.subscriptions.changed() => {}
+            () = state.subscriptions.changed_since(changes) => {}
             Some(ended) = tasks.join_next_with_id() => supervise(ended, &mut served),
             () = shutdown.cancelled() => break,
         }
@@ -187,6 +194,7 @@ async fn serve(
     let mut pushes = JoinSet::new();
     let mut first_partition = 0u16;
     let mut denied = false;
+    let safety_look = SAFETY_LOOK + SAFETY_LOOK.mul_f64(fastrand::f64() / 10.0);
     while !stop.is_cancelled() {
         if state.faults.serving_panics(subscription.id) {
             panic!(
@@ -198,13 +206,18 @@ async fn serve(
         let Ok(resolved) =
             queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
         else {
-            idle(&stop, None, &mut pushes).await;
+            idle(&stop, None, &mut pushes, RESOLVE_RETRY).await;
             continue;
         };
         let queue = resolved.queue;
+        // Listening before looking: whatever arrives after the look wakes this task.
+        let signal = state.signals.subscribe(queue.id);
+        let arrived = signal.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
         // The queue's consumer rules apply to pushes as to pulls: a queue made private, or a
-        // principal taken off `allowedConsumers`, stops the pushes (as fresh as the queue
-        // cache, so within its two seconds on every instance).
+        // principal taken off `allowedConsumers`, stops the pushes (the change is announced
+        // to every instance, which looks at the queue again).
         match subscriptions::subscription_may_consume(&queue, &subscription) {
             Ok(()) if denied => {
                 denied = false;
@@ -216,14 +229,10 @@ async fn serve(
                     denied = true;
                     tracing::warn!(subscription = %subscription.id, reason = error.message, "webhook delivery stopped: the queue no longer admits this subscriber");
                 }
-                idle(&stop, None, &mut pushes).await;
+                idle(&stop, Some(arrived), &mut pushes, safety_look).await;
                 continue;
             }
         }
-        let signal = state.signals.subscribe(queue.id);
-        let arrived = signal.notified();
-        tokio::pin!(arrived);
-        arrived.as_mut().enable();
         let available = permits
             .available_permits()
             .min(tenant_permits.available_permits())
@@ -250,13 +259,14 @@ async fn serve(
                 .await;
             first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
             let deliverable = match taken {
-                Ok(deliveries) => {
+                Ok(taken) => {
+                    watch_times(&state, queue.id, &taken, deadline);
                     screen(
                         &state,
                         &subscription,
                         &queue,
                         filter.as_ref(),
-                        deliveries,
+                        taken.deliveries,
                         now,
                     )
                     .await
@@ -290,7 +300,7 @@ async fn serve(
             }
         }
         if pushed == 0 {
-            idle(&stop, Some(arrived), &mut pushes).await;
+            idle(&stop, Some(arrived), &mut pushes, safety_look).await;
         }
     }
     // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
@@ -298,11 +308,12 @@ async fn serve(
     subscription.id
 }
 
-/// Waits for a reason to look again: a message arrived, a push finished, or time passed.
+/// Waits for a reason to look again: a message arrived, a push finished, or `at_most` passed.
 async fn idle(
     stop: &CancellationToken,
     arrived: Option<std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>>,
     pushes: &mut JoinSet<()>,
+    at_most: Duration,
 ) {
     let arrived = async {
         match arrived {
@@ -320,7 +331,7 @@ async fn idle(
     tokio::select! {
         () = arrived => {}
         () = finished => {}
-        () = tokio::time::sleep(IDLE_LOOK) => {}
+        () = tokio::time::sleep(at_most) => {}
         () = stop.cancelled() => {}
     }
 }

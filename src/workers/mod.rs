@@ -10,6 +10,7 @@ pub mod record_retention;
 pub mod recorder;
 pub mod retention;
 pub mod scheduler;
+pub mod waker;
 
 use std::collections::BTreeMap;
 use std::future::Future;

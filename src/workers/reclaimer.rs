@@ -3,81 +3,128 @@
 //! group, or dead-lettered once attempts are exhausted). A consumer that crashes after
 //! pulling therefore loses nothing: its messages come back to the group.
 //!
-//! Several instances may reclaim at once: settling checks that the delivery is still the one
-//! whose deadline passed, so each overdue delivery is handled once.
+//! It looks at a queue when a deadline of a delivery made by this instance passes
+//! (`deadline_timers`, armed by the takes; each look arms the queue's next deadline), and
+//! every `SAFETY_LOOK` at every active queue: deliveries made by an instance that died are
+//! reclaimed by the others then. Several instances may reclaim at once: settling checks that
+//! the delivery is still the one whose deadline passed, so each is handled once.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::domain::message::Envelope;
+use crate::domain::subscription::Subscription;
 use crate::service::consume::{record_failure, Failure};
 use crate::service::queues;
 use crate::state::AppState;
 
-const SWEEP_EVERY: Duration = Duration::from_millis(500);
+const SAFETY_LOOK: Duration = Duration::from_secs(30);
+const ERROR_BACKOFF_MS: i64 = 1000;
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
+    // At start: whatever an earlier run of this instance left in flight.
+    let mut safety_look: Option<Instant> = None;
     while !shutdown.is_cancelled() {
-        if let Err(error) = sweep(&state).await {
-            tracing::warn!(error = %error, "reclaim sweep failed");
+        let now = Utc::now().timestamp_millis();
+        let mut queues = state.deadline_timers.take_due(now);
+        if safety_look.is_none_or(|at| at.elapsed() >= SAFETY_LOOK) {
+            safety_look = Some(Instant::now());
+            queues.extend(state.activity.snapshot());
+            queues.sort_unstable();
+            queues.dedup();
         }
+        if !queues.is_empty() {
+            let subscriptions = state.subscriptions.current(&state.store).await;
+            let mut by_queue: HashMap<Uuid, Vec<&Subscription>> = HashMap::new();
+            for subscription in subscriptions.iter() {
+                if queues.binary_search(&subscription.queue_id).is_ok() {
+                    by_queue
+                        .entry(subscription.queue_id)
+                        .or_default()
+                        .push(subscription);
+                }
+            }
+            for (queue_id, subscriptions) in by_queue {
+                if let Err(error) = reclaim(&state, &subscriptions, now).await {
+                    tracing::warn!(error = %error, queue = %queue_id, "reclaiming overdue deliveries failed");
+                    state.deadline_timers.arm(queue_id, now + ERROR_BACKOFF_MS);
+                }
+            }
+        }
+        let until_safety_look =
+            SAFETY_LOOK.saturating_sub(safety_look.map_or(Duration::ZERO, |at| at.elapsed()));
         tokio::select! {
-            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            () = state.deadline_timers.wait(until_safety_look) => {}
             () = shutdown.cancelled() => {}
         }
     }
 }
 
-async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
-    let subscriptions = state.subscriptions.current(&state.store).await;
-    // A group is swept once, with the policy of its oldest subscription.
-    let mut seen = HashSet::new();
-    for subscription in subscriptions.iter() {
-        if !seen.insert((subscription.queue_id, subscription.delivery_group.as_str())) {
+/// Reclaims the overdue deliveries of every group of one queue (`subscriptions` all consume
+/// it); a group is handled with the policy of its oldest subscription.
+async fn reclaim(
+    state: &AppState,
+    subscriptions: &[&Subscription],
+    now: i64,
+) -> crate::error::ApiResult<()> {
+    let Some(first) = subscriptions.first() else {
+        return Ok(());
+    };
+    let queue = match queues::resolve(state, first.queue_tenant_id, &first.queue).await {
+        Ok(resolved) => resolved.queue,
+        Err(_) => return Ok(()),
+    };
+    let mut groups: Vec<(&str, &Subscription)> = Vec::new();
+    for subscription in subscriptions {
+        if !groups
+            .iter()
+            .any(|(group, _)| *group == subscription.delivery_group)
+        {
+            groups.push((&subscription.delivery_group, subscription));
+        }
+    }
+    let names: Vec<&str> = groups.iter().map(|(group, _)| *group).collect();
+    // Overdue deliveries read per group and partition per look.
+    let limit = state.config.message_batch_size;
+    let overdue = state
+        .broker
+        .overdue(queue.id, queue.partition_count, &names, now, limit)
+        .await?;
+    if let Some(next) = overdue.next_deadline_ms {
+        state.deadline_timers.arm(queue.id, next);
+    }
+    if overdue.deliveries.len() >= limit {
+        // Possibly more: look again at once.
+        state.deadline_timers.arm(queue.id, now);
+    }
+    for (group, delivery) in overdue.deliveries {
+        let Some((_, subscription)) = groups.get(group) else {
             continue;
-        }
-        let queue =
-            match queues::resolve(state, subscription.queue_tenant_id, &subscription.queue).await {
-                Ok(resolved) => resolved.queue,
-                Err(_) => continue,
-            };
-        let now = Utc::now().timestamp_millis();
-        let overdue = state
-            .broker
-            .overdue(
-                queue.id,
-                queue.partition_count,
-                &subscription.delivery_group,
-                now,
-                // Overdue deliveries read per group and partition per sweep.
-                state.config.message_batch_size,
-            )
-            .await?;
-        for delivery in overdue {
-            let envelope = delivery
-                .envelope
-                .as_deref()
-                .and_then(|text| serde_json::from_str::<Envelope>(text).ok());
-            let message_id = envelope
-                .as_ref()
-                .map(|e| e.message_id.clone())
-                .unwrap_or_default();
-            let failure = Failure {
-                partition: delivery.partition,
-                entry_id: &delivery.entry_id,
-                message_id: &message_id,
-                attempt: delivery.attempt,
-                expected_deadline: Some(&delivery.deadline),
-                expected_attempt: None,
-                error: "ack deadline passed",
-                delay_override_ms: None,
-                processing_ms: None,
-            };
-            record_failure(state, subscription, &queue, failure, envelope).await?;
-        }
+        };
+        let envelope = delivery
+            .envelope
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<Envelope>(text).ok());
+        let message_id = envelope
+            .as_ref()
+            .map(|e| e.message_id.clone())
+            .unwrap_or_default();
+        let failure = Failure {
+            partition: delivery.partition,
+            entry_id: &delivery.entry_id,
+            message_id: &message_id,
+            attempt: delivery.attempt,
+            expected_deadline: Some(&delivery.deadline),
+            expected_attempt: None,
+            error: "ack deadline passed",
+            delay_override_ms: None,
+            processing_ms: None,
+        };
+        record_failure(state, subscription, &queue, failure, envelope).await?;
     }
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! Removes stream entries past their queue's `retentionMs`, and entries every consumer group
-//! has acked, every `RETENTION_INTERVAL_MS`. A singleton: the instance holding the Redis
+//! has acked, every `RETENTION_INTERVAL_MS`, in the active queues. A singleton: the instance holding the Redis
 //! lease does it, another takes over when that one stops renewing it.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -36,17 +35,20 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     }
 }
 
+/// Trims the streams of the active queues (`service::activity`): an idle queue holds
+/// nothing to trim.
 async fn sweep(state: &AppState) -> crate::error::ApiResult<()> {
-    let queues = state.store.all_queues(None).await?;
-    let retention: HashMap<uuid::Uuid, u64> =
-        queues.iter().map(|q| (q.id, q.retention_ms)).collect();
-    let partitions = state.partitions.current(&state.store).await;
+    let active = state.activity.snapshot();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let (queues, _) = state.queue_directory.lookup(&state.store, &active).await;
     let now = Utc::now().timestamp_millis();
-    let work: Vec<_> = partitions
+    let work: Vec<_> = queues
         .iter()
-        .filter_map(|partition| {
-            let retention_ms = *retention.get(&partition.queue_id)?;
-            Some((*partition, now.saturating_sub(retention_ms as i64).max(0)))
+        .flat_map(|queue| {
+            let cutoff = now.saturating_sub(queue.retention_ms as i64).max(0);
+            queue.partitions().map(move |partition| (partition, cutoff))
         })
         .collect();
     let removed = state.broker.trim(&work).await?;

@@ -1,47 +1,42 @@
-//! Releases delayed and scheduled messages when they are due.
+//! Releases delayed and scheduled messages when they are due, marks expired the messages
+//! whose ttl ran out, and keeps the set of active queues (`service::activity`) true.
 //!
-//! Each sweep runs the release script on every partition (one pipelined round trip) and
-//! learns the earliest time anything still waits for. The worker then sleeps until exactly
-//! that time, at most `MAX_IDLE` (so messages published by other instances, whose own
-//! scheduler normally handles them, are picked up if that instance dies), and is woken early
-//! when this instance accepts a message due before its planned wake-up. It never polls Redis
-//! faster than messages fall due.
+//! It sleeps until the earliest time a queue waits for (`timers`: armed by this instance's
+//! publishes, by other instances' announcements and by each release, which returns the next
+//! time its queue waits for), so it never polls Redis faster than messages fall due. Every
+//! `SAFETY_LOOK` it looks at every active queue instead: that catches what a lost
+//! announcement left behind, and drops from the set the queues found empty. Every
+//! `FULL_LOOK`, every queue counts as active again for one look.
+//!
+//! Several instances may release one queue at once: a message is moved by one script, so
+//! exactly once.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::scheduler::Release;
+use crate::service::due::DueQueues;
 use crate::state::AppState;
 
-const MAX_IDLE_MS: i64 = 1000;
+const SAFETY_LOOK: Duration = Duration::from_secs(30);
+const FULL_LOOK: Duration = Duration::from_secs(600);
 /// Messages moved per partition per script call; a larger backlog loops at once.
 const RELEASE_BATCH: usize = 1000;
-const ERROR_BACKOFF: Duration = Duration::from_millis(500);
+const ERROR_BACKOFF_MS: i64 = 500;
 
+#[derive(Default)]
 pub struct SchedulerStatus {
     released: AtomicU64,
     expired: AtomicU64,
     last_sweep_ms: AtomicI64,
-    /// When the worker plans to sweep next (ms); publishers wake it when something is due
-    /// sooner.
-    planned_wake_ms: AtomicI64,
-    wake: Notify,
-}
-
-impl Default for SchedulerStatus {
-    fn default() -> Self {
-        SchedulerStatus {
-            released: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-            last_sweep_ms: AtomicI64::new(0),
-            planned_wake_ms: AtomicI64::new(0),
-            wake: Notify::new(),
-        }
-    }
+    /// When each queue next waits for something.
+    pub timers: DueQueues,
+    /// Look at every active queue at the next turn.
+    look_at_all: AtomicBool,
 }
 
 #[derive(Serialize)]
@@ -54,12 +49,10 @@ pub struct SchedulerReport {
 }
 
 impl SchedulerStatus {
-    /// Called when a message due at `due_ms` was accepted.
-    pub fn message_waiting(&self, due_ms: i64) {
-        if due_ms < self.planned_wake_ms.load(Ordering::Relaxed) {
-            self.planned_wake_ms.store(due_ms, Ordering::Relaxed);
-            self.wake.notify_one();
-        }
+    /// The next turn looks at every active queue (after a lost wake-up connection).
+    pub fn look_at_all(&self) {
+        self.look_at_all.store(true, Ordering::Relaxed);
+        self.timers.nudge();
     }
 
     pub fn report(&self) -> SchedulerReport {
@@ -72,49 +65,83 @@ impl SchedulerStatus {
             released: self.released.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             last_sweep_at: time(self.last_sweep_ms.load(Ordering::Relaxed)),
-            next_sweep_at: time(self.planned_wake_ms.load(Ordering::Relaxed)),
+            next_sweep_at: self.timers.next().and_then(time),
         }
     }
 }
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
-    let status = state.scheduler.clone();
+    let status = &state.scheduler;
+    let mut safety_look = Instant::now();
+    let mut full_look = Instant::now();
+    // Whatever waited while no instance ran: every queue, once.
+    status.look_at_all();
     while !shutdown.is_cancelled() {
-        let partitions = state.partitions.current(&state.store).await;
         let now = Utc::now().timestamp_millis();
-        let sweep = match state
-            .broker
-            .release_due(&partitions, now, RELEASE_BATCH)
-            .await
+        let mut queues = status.timers.take_due(now);
+        if full_look.elapsed() >= FULL_LOOK {
+            full_look = Instant::now();
+            let all = state.queue_directory.all(&state.store).await;
+            state.activity.mark_all(all.keys().copied());
+            status.look_at_all.store(true, Ordering::Relaxed);
+        }
+        if status.look_at_all.swap(false, Ordering::Relaxed) || safety_look.elapsed() >= SAFETY_LOOK
         {
-            Ok(sweep) => sweep,
-            Err(error) => {
-                tracing::warn!(error = %error, "scheduler sweep failed");
-                tokio::select! {
-                    () = tokio::time::sleep(ERROR_BACKOFF) => {}
-                    () = shutdown.cancelled() => {}
-                }
-                continue;
-            }
-        };
-        for queue_id in &sweep.released_to {
-            state.signals.notify(*queue_id);
+            safety_look = Instant::now();
+            queues.extend(state.activity.snapshot());
+            queues.sort_unstable();
+            queues.dedup();
         }
-        status.released.fetch_add(sweep.released, Ordering::Relaxed);
-        status.expired.fetch_add(sweep.expired, Ordering::Relaxed);
-        status.last_sweep_ms.store(now, Ordering::Relaxed);
-        if sweep.more_due {
-            continue;
+        if !queues.is_empty() {
+            release(&state, &queues, now).await;
         }
-        let wake_at = sweep
-            .next_due_ms
-            .map_or(now + MAX_IDLE_MS, |due| due.min(now + MAX_IDLE_MS));
-        status.planned_wake_ms.store(wake_at, Ordering::Relaxed);
-        let sleep_ms = (wake_at - Utc::now().timestamp_millis()).max(0) as u64;
+        let until_safety_look = SAFETY_LOOK.saturating_sub(safety_look.elapsed());
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
-            () = status.wake.notified() => {}
+            () = status.timers.wait(until_safety_look) => {}
             () = shutdown.cancelled() => {}
         }
+    }
+}
+
+async fn release(state: &AppState, queues: &[uuid::Uuid], now: i64) {
+    let status = &state.scheduler;
+    let (found, missing) = state.queue_directory.lookup(&state.store, queues).await;
+    for queue_id in missing {
+        // Deleted.
+        state.activity.forget(queue_id);
+    }
+    let work: Vec<_> = found.iter().map(|q| (q.id, q.partition_count)).collect();
+    match state.broker.release_due(&work, now, RELEASE_BATCH).await {
+        Ok(releases) => {
+            for release in releases {
+                settle(state, &release, now);
+            }
+            status.last_sweep_ms.store(now, Ordering::Relaxed);
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "releasing due messages failed; will retry");
+            for (queue_id, _) in work {
+                status.timers.arm(queue_id, now + ERROR_BACKOFF_MS);
+            }
+        }
+    }
+}
+
+fn settle(state: &AppState, release: &Release, now: i64) {
+    let status = &state.scheduler;
+    if release.released > 0 {
+        state.signals.notify(release.queue_id);
+    }
+    status
+        .released
+        .fetch_add(release.released, Ordering::Relaxed);
+    status.expired.fetch_add(release.expired, Ordering::Relaxed);
+    if release.more_due {
+        status.timers.arm(release.queue_id, now);
+    } else if let Some(next) = release.next_due_ms {
+        status.timers.arm(release.queue_id, next);
+    }
+    if release.empty {
+        state.activity.forget(release.queue_id);
     }
 }

@@ -15,7 +15,7 @@
 
 mod entries;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,8 @@ use crate::store::records::RecordWriteError;
 
 pub use entries::escape_control;
 
-const BLOCK_MS: u64 = 1000;
+/// A queue becoming active is read from at the next read: reads wait at most this long.
+const BLOCK_MS: u64 = 250;
 const STREAMS_REFRESH: Duration = Duration::from_secs(2);
 const CLAIM_EVERY: Duration = Duration::from_secs(10);
 const STALE_AFTER_MS: u64 = 30_000;
@@ -118,50 +119,48 @@ enum BatchError {
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
     let batch_size = state.config.message_batch_size;
-    let mut owners: Owners = Arc::default();
-    let mut streams: Vec<String> = Vec::new();
-    let mut refreshed: Option<Instant> = None;
+    let mut streams = Streams::default();
     let mut claimed: Instant = Instant::now() - CLAIM_EVERY;
     let mut waiting: Vec<StreamEntry> = Vec::new();
     let mut backoff = Duration::from_millis(250);
 
     while !shutdown.is_cancelled() {
-        if refreshed.is_none_or(|at| at.elapsed() >= STREAMS_REFRESH) {
-            match load_streams(&state).await {
-                Ok((new_owners, new_streams)) => {
-                    owners = Arc::new(new_owners);
-                    streams = new_streams;
-                    refreshed = Some(Instant::now());
-                }
-                // Redis down: keep the streams known so far.
-                Err(error) => tracing::debug!(error = %error, "recorder could not refresh streams"),
+        if streams.stale(&state) {
+            // Redis down: keep the streams known so far.
+            if let Err(error) = streams.refresh(&state).await {
+                tracing::debug!(error = %error, "recorder could not refresh streams");
             }
         }
 
         if waiting.is_empty() {
             let read = if claimed.elapsed() >= CLAIM_EVERY {
                 claimed = Instant::now();
-                claim_stale(&state, &consumer, &streams, batch_size)
+                claim_stale(&state, &consumer, &streams.read, batch_size)
                     .await
                     .map(RecorderRead::Entries)
-            } else if streams.is_empty() {
-                pause(&shutdown, Duration::from_millis(BLOCK_MS)).await;
+            } else if streams.read.is_empty() {
+                // Nothing active: wait for a queue to become active.
+                tokio::select! {
+                    () = state.activity.grown_since(streams.generation) => {}
+                    () = tokio::time::sleep(STREAMS_REFRESH) => {}
+                    () = shutdown.cancelled() => {}
+                }
                 continue;
             } else {
                 state
                     .broker
-                    .read_for_recorder(&consumer, &streams, batch_size, BLOCK_MS)
+                    .read_for_recorder(&consumer, &streams.read, batch_size, BLOCK_MS)
                     .await
             };
             match read {
                 Ok(RecorderRead::Entries(entries)) => waiting = entries,
                 Ok(RecorderRead::StreamsChanged) => {
-                    refreshed = None;
+                    streams.forget_all();
                     continue;
                 }
                 Err(error) => {
                     // A stream deleted since the last refresh fails the read: refresh now.
-                    refreshed = None;
+                    streams.forget_all();
                     tracing::debug!(error = %error, "recorder read failed");
                     pause(&shutdown, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -173,7 +172,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             continue;
         }
 
-        match record(&state, &owners, &waiting).await {
+        match record(&state, &streams.owners, &waiting).await {
             Ok(()) => {
                 state.recorder.succeeded(waiting.len());
                 waiting.clear();
@@ -196,21 +195,57 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-/// The message streams and journals of every partition that exist, and whose they are.
-async fn load_streams(state: &AppState) -> ApiResult<(HashMap<String, PartitionRef>, Vec<String>)> {
-    let partitions = state.partitions.current(&state.store).await;
-    let mut owners = HashMap::with_capacity(partitions.len() * 2);
-    for partition in partitions.iter() {
-        let keys = state
-            .broker
-            .keys()
-            .partition(partition.queue_id, partition.partition);
-        owners.insert(keys.stream, *partition);
-        owners.insert(keys.journal, *partition);
+/// The streams and journals the recorder reads: those of the active queues
+/// (`service::activity`), each created (empty, with the recorder group) when first seen, so
+/// that the recorder can block on it; they live as long as their queue.
+#[derive(Default)]
+struct Streams {
+    owners: Owners,
+    read: Vec<String>,
+    known: HashSet<String>,
+    refreshed: Option<Instant>,
+    generation: u64,
+}
+
+impl Streams {
+    fn stale(&self, state: &AppState) -> bool {
+        self.refreshed
+            .is_none_or(|at| at.elapsed() >= STREAMS_REFRESH)
+            || state.activity.generation() != self.generation
     }
-    let candidates: Vec<String> = owners.keys().cloned().collect();
-    let streams = state.broker.prepare_recorder(&candidates).await?;
-    Ok((owners, streams))
+
+    fn forget_all(&mut self) {
+        self.known.clear();
+        self.refreshed = None;
+    }
+
+    async fn refresh(&mut self, state: &AppState) -> ApiResult<()> {
+        let generation = state.activity.generation();
+        let active = state.activity.snapshot();
+        let (queues, _) = state.queue_directory.lookup(&state.store, &active).await;
+        let mut owners = HashMap::with_capacity(queues.len() * 8);
+        let mut unseen = Vec::new();
+        for partition in queues.iter().flat_map(|queue| queue.partitions()) {
+            let keys = state
+                .broker
+                .keys()
+                .partition(partition.queue_id, partition.partition);
+            for stream in [keys.stream, keys.journal] {
+                if !self.known.contains(&stream) {
+                    unseen.push((stream.clone(), keys.deleted.clone()));
+                }
+                owners.insert(stream, partition);
+            }
+        }
+        let existing = state.broker.prepare_recorder(&unseen).await?;
+        self.known.extend(existing);
+        self.known.retain(|stream| owners.contains_key(stream));
+        self.read = self.known.iter().cloned().collect();
+        self.owners = Arc::new(owners);
+        self.refreshed = Some(Instant::now());
+        self.generation = generation;
+        Ok(())
+    }
 }
 
 async fn claim_stale(

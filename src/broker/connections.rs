@@ -1,0 +1,141 @@
+//! Connections to Redis.
+//!
+//! Ordinary commands go over a few shared, multiplexed connections: concurrent requests
+//! pipeline on them, nothing is checked out or checked back (deadpool's check-out costs a
+//! PING round trip each time), so a publish costs one round trip. A connection that fails
+//! with an I/O error marks every shared connection stale (they share the server and the
+//! network, so they are most likely gone too), and the next caller of each slot reconnects;
+//! the wake listener does the same the moment its own connection drops, so the first request
+//! after Redis comes back already succeeds. Commands that hold a connection while they wait
+//! (the recorder's blocking reads) take one from the pool instead, so they never stall the
+//! shared ones.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+/// Enough to keep two cores busy; more only splits the pipelining.
+const SHARED: usize = 4;
+
+pub struct SharedConnections {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    /// Connections made before the last failure are stale.
+    epoch: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Slot {
+    current: RwLock<Option<SharedConnection>>,
+    /// Held while connecting, so a reconnect storm opens one connection per slot.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// A cheap handle on one shared connection; reports when the connection breaks.
+#[derive(Clone)]
+pub struct SharedConnection {
+    inner: MultiplexedConnection,
+    made_in: u64,
+    epoch: Arc<AtomicU64>,
+}
+
+impl SharedConnections {
+    pub fn new(client: redis::Client, connect_timeout: Duration) -> SharedConnections {
+        SharedConnections {
+            client,
+            config: AsyncConnectionConfig::new().set_connection_timeout(connect_timeout),
+            slots: (0..SHARED).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+            epoch: Arc::default(),
+        }
+    }
+
+    /// Makes every shared connection reconnect before its next use.
+    pub fn suspect_all(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One of the shared connections, connecting (again) when it is missing or broken.
+    pub async fn get(&self) -> redis::RedisResult<SharedConnection> {
+        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        if let Some(healthy) = slot.healthy() {
+            return Ok(healthy);
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(healthy) = slot.healthy() {
+            return Ok(healthy);
+        }
+        let made_in = self.epoch.load(Ordering::Relaxed);
+        let connection = SharedConnection {
+            inner: self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?,
+            made_in,
+            epoch: self.epoch.clone(),
+        };
+        *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+impl Slot {
+    fn healthy(&self) -> Option<SharedConnection> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        current
+            .as_ref()
+            .filter(|connection| connection.made_in == connection.epoch.load(Ordering::Relaxed))
+            .cloned()
+    }
+}
+
+impl SharedConnection {
+    fn note<T>(&self, result: &Result<T, RedisError>) {
+        if let Err(error) = result {
+            if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                // Only the first failure of an epoch starts a new one.
+                let _ = self.epoch.compare_exchange(
+                    self.made_in,
+                    self.made_in + 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+}
+
+impl ConnectionLike for SharedConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.note(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self
+                .inner
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            self.note(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}

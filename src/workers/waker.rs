@@ -1,0 +1,107 @@
+//! Hears the other instances' announcements (`service::wake`) and acts on them here, and
+//! wakes this instance's consumers of a queue when one of its retries falls due.
+//!
+//! The Pub/Sub connection is a long-lived Redis connection of its own. When it drops, whatever was announced meanwhile is lost, so on every (re)connection
+//! the instance behaves as if everything changed: subscriptions and queues are read again,
+//! every queue counts as active until the scheduler looks at it, and every waiting consumer
+//! looks again.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::wake::Announcement;
+use crate::state::AppState;
+
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// Retry timers are armed by announcements and takes; nothing is due without one.
+const IDLE_TIMERS: Duration = Duration::from_secs(60);
+
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut listener = match state.broker.listen_for_wakes().await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for wake-ups; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(RECONNECT_AFTER) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+        };
+        catch_up(&state).await;
+        loop {
+            tokio::select! {
+                message = listener.next() => match message {
+                    Some(text) => hear(&state, &text),
+                    None => {
+                        tracing::warn!("wake-up connection lost; reconnecting");
+                        break;
+                    }
+                },
+                () = state.retry_timers.wait(IDLE_TIMERS) => {
+                    for queue_id in state.retry_timers.take_due(Utc::now().timestamp_millis()) {
+                        state.signals.notify(queue_id);
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Anything may have changed while this instance was not listening.
+async fn catch_up(state: &AppState) {
+    state.subscriptions.expire();
+    state.queue_directory.expire();
+    let queues = state.queue_directory.all(&state.store).await;
+    state.activity.mark_all(queues.keys().copied());
+    state.scheduler.look_at_all();
+    state.signals.notify_all();
+}
+
+fn hear(state: &AppState, text: &str) {
+    let Some(heard) = Announcement::decode(text) else {
+        tracing::debug!(text, "unknown announcement ignored");
+        return;
+    };
+    // This instance acted on its own changes when it made them.
+    let own = heard.origin == state.instance_id;
+    match heard.announcement {
+        Announcement::Ready { queue_id } => {
+            state.activity.mark(queue_id);
+            if !own {
+                state.signals.notify(queue_id);
+            }
+        }
+        Announcement::Waiting { queue_id, due_ms } => {
+            state.activity.mark(queue_id);
+            if !own {
+                state.scheduler.timers.arm(queue_id, due_ms);
+            }
+        }
+        Announcement::Retry { queue_id, due_ms } => {
+            if !own {
+                state.retry_timers.arm(queue_id, due_ms);
+            }
+        }
+        Announcement::SubscriptionsChanged => {
+            if !own {
+                state.subscriptions.expire();
+            }
+        }
+        Announcement::QueueChanged {
+            queue_id,
+            tenant_id,
+            name,
+        } => {
+            if !own {
+                state.queue_cache.invalidate(tenant_id, &name);
+                state.queue_directory.expire();
+                state.signals.notify(queue_id);
+            }
+        }
+    }
+}
