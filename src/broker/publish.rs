@@ -70,6 +70,7 @@ prune_lapsed(ids, KEYS[3], expiring, now)
 local function arg(i, n) return ARGV[9 + 11 * (i - 1) + n] end
 local function key(slot, k) return KEYS[6 + 6 * (slot - 1) + k] end
 
+-- Asked again while storing: an earlier message of the same request may have stored the id.
 local function previous(i)
   if arg(i, 2) ~= '1' then return false end
   local lapses = tonumber(redis.call('ZSCORE', expiring, 'id:' .. arg(i, 7)))
@@ -85,11 +86,15 @@ end
 
 -- The un-consumed backlog of a partition: the slowest consumer group's pending plus
 -- undelivered entries (the whole stream while no group reads it), plus the messages still
--- waiting to be released.
-local function backlog(slot)
+-- waiting to be released. No group's backlog exceeds the stream's length, so while the
+-- stream and the new messages fit, that is all it asks (consumed entries are trimmed by
+-- retention, so this is the usual case); only near the bound does it read the groups.
+local function backlog(slot, new)
   local stream = key(slot, 1)
   local waiting = redis.call('ZCARD', key(slot, 2))
-  if redis.call('EXISTS', stream) == 0 then return waiting end
+  local length = redis.call('XLEN', stream)
+  if waiting + length + new <= limit then return waiting + length end
+  if length == 0 then return waiting end
   local worst, consumers = 0, 0
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local group = {}
@@ -104,7 +109,7 @@ local function backlog(slot)
       if lag + group['pending'] > worst then worst = lag + group['pending'] end
     end
   end
-  if consumers == 0 then return waiting + redis.call('XLEN', stream) end
+  if consumers == 0 then return waiting + length end
   return waiting + worst
 end
 
@@ -117,7 +122,7 @@ for i = 1, count do
   end
 end
 for slot, new in pairs(fresh) do
-  local current = backlog(slot)
+  local current = backlog(slot, new)
   if current + new > limit then return {'full', tostring(slot), tostring(current)} end
 end
 
