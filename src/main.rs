@@ -4,11 +4,22 @@ use std::time::Duration;
 use mq::config::Config;
 use mq::Application;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Start-up waits this long for PostgreSQL (e.g. a container still booting) before giving up.
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    mq::memory::configure_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(run())
+}
+
+async fn run() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         return healthcheck().await;
     }
