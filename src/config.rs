@@ -219,7 +219,7 @@ impl Config {
             database_url: env.url("DATABASE_URL", &["postgres", "postgresql"])?,
             database_max_connections: env.number("DATABASE_MAX_CONNECTIONS", 20, 1..=1000)?,
             redis_url: env.url("REDIS_URL", &["redis", "rediss"])?,
-            redis_pool_size: env.number("REDIS_POOL_SIZE", 64, 1..=10_000)?,
+            redis_pool_size: env.number("REDIS_POOL_SIZE", 10, 1..=10_000)?,
             redis_key_prefix: env.key_prefix("REDIS_KEY_PREFIX", "mq:")?,
             jwt_secret: env.strong_secret("JWT_SECRET", dev_mode)?,
             internal_service_token: env.strong_secret("INTERNAL_SERVICE_TOKEN", dev_mode)?,
