@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The side-by-side, in one run on this machine: the Redis ceiling (redis-benchmark XADD at
+# -c 50) and the service's own figures, each printed with its ratio to that ceiling.
+#
+# Starts the service itself (release build, rate limits off, a database and Redis key prefix
+# of its own) and removes all of it afterwards. Nothing else should use the Redis meanwhile:
+# the idle step counts every command the server processes.
+#
+# Settings (environment): BENCH_PORT (3011), BENCH_LOAD_SECONDS (15, each wrk run),
+# BENCH_IDLE_COUNTS (0,100,1000,10000), BENCH_SKIP (space-separated steps to leave out:
+# ceiling wrk publish webhook consume idle).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=${BENCH_PORT:-3011}
+load_seconds=${BENCH_LOAD_SECONDS:-15}
+idle_counts=${BENCH_IDLE_COUNTS:-0,100,1000,10000}
+skip=" ${BENCH_SKIP:-} "
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
+hostport=${redis_url#redis://}
+hostport=${hostport%%/*}
+redis_host=${hostport%%:*}
+redis_port=${hostport##*:}
+[ "$redis_port" = "$hostport" ] && redis_port=6379
+database_server=${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}
+database=mq_bench
+prefix=bench:
+work=$(mktemp -d)
+log=$work/service.log
+summary=$work/summary
+
+say() { printf '\n== %s\n' "$*"; }
+wanted() { [[ $skip != *" $1 "* ]]; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f %%", 100 * a / b; else print "n/a" }'; }
+record() { printf '%s\n' "$*" | tee -a "$summary"; }
+
+scripts/ensure-deps.sh
+if ! command -v wrk >/dev/null; then
+  say "installing wrk (the HTTP load generator)"
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }
+  else
+    echo "wrk is missing and cannot be installed here (needs apt-get as root); install it and run again" >&2
+    exit 1
+  fi
+fi
+
+say "building (release)"
+cargo build --release --locked --bin message-queue-service
+cargo bench --locked --no-run --bench publish --bench webhook --bench consume --bench idle 2>&1 | tail -1
+
+service_pid=
+cleanup() {
+  [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null || true
+  redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" 2>/dev/null |
+    xargs -r -n 500 redis-cli -h "$redis_host" -p "$redis_port" unlink >/dev/null 2>&1 || true
+  psql "$database_server/postgres" -qc "drop database if exists $database with (force)" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say "starting the service on port $port (database $database, key prefix $prefix)"
+psql "$database_server/postgres" -qc "drop database if exists $database with (force)" >/dev/null
+psql "$database_server/postgres" -qc "create database $database" >/dev/null
+redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" |
+  xargs -r -n 500 redis-cli -h "$redis_host" -p "$redis_port" unlink >/dev/null
+(
+  while IFS= read -r line || [ -n "$line" ]; do
+    [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] && export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
+  done < .env.example
+  export PORT=$port DATABASE_URL="$database_server/$database" REDIS_URL="$redis_url" \
+    REDIS_KEY_PREFIX=$prefix TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 \
+    TENANT_MAX_QUEUES=100000 RUST_LOG=warn
+  exec target/release/message-queue-service
+) >"$log" 2>&1 &
+service_pid=$!
+url=http://127.0.0.1:$port
+for _ in $(seq 100); do
+  curl -fs "$url/health" >/dev/null 2>&1 && break
+  kill -0 "$service_pid" 2>/dev/null || { cat "$log"; exit 1; }
+  sleep 0.2
+done
+export BENCH_URL=$url BENCH_SERVICE_PID=$service_pid REDIS_URL=$redis_url
+
+rss_mb() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$service_pid/status"; }
+# Samples the service's RSS every 200 ms into $1 until killed.
+sample_rss() { while :; do rss_mb >>"$1"; echo >>"$1"; sleep 0.2; done; }
+max_of() { sort -n "$1" | tail -1; }
+
+echo "$(date -u +%FT%TZ) on $(nproc) cores, $(redis-server --version | cut -d' ' -f3), service at $url" | tee "$summary"
+
+ceiling=0
+if wanted ceiling; then
+  say "ceiling: redis-benchmark XADD, 256 B, -c 50"
+  payload=$(head -c 256 /dev/zero | tr '\0' x)
+  line=$(redis-benchmark -h "$redis_host" -p "$redis_port" -c 50 -n 300000 -q \
+    XADD "${prefix}ceiling" MAXLEN '~' 100000 '*' payload "$payload" 2>/dev/null | tr '\r' '\n' | grep 'requests per second' | tail -1)
+  ceiling=$(sed -E 's/.*: ([0-9.]+) requests per second.*/\1/' <<<"$line")
+  record "redis-benchmark -c 50 XADD 256 B: $ceiling ops/s (the ceiling) [${line##*per second, }]"
+  redis-cli -h "$redis_host" -p "$redis_port" unlink "${prefix}ceiling" >/dev/null
+fi
+
+if wanted wrk; then
+  say "POST /publish, 256 B, 4 partitions, wrk -c 50 for ${load_seconds} s"
+  token=$(python3 - <<'EOF'
+import base64, hashlib, hmac, json, os, time, uuid
+secret = os.environ.get("JWT_SECRET", "dev-only-jwt-secret-change-me-0123456789abcdef").encode()
+b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"tenant_id": str(uuid.uuid4()), "sub": "bench", "exp": int(time.time()) + 3600}).encode())
+sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+EOF
+)
+  curl -fs -o /dev/null -X POST "$url/api/v1/mq/queues" -H "authorization: Bearer $token" \
+    -H 'content-type: application/json' -d '{"name":"wrk","partitionCount":4,"maxLength":100000000}'
+  data=$(head -c 245 /dev/zero | tr '\0' x)
+  cat >"$work/publish.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $token"
+wrk.body = '{"queue":"wrk","payload":{"data":"$data"}}'
+EOF
+  sample_rss "$work/rss-wrk" & sampler=$!
+  wrk -t2 -c50 -d"${load_seconds}s" --latency -s "$work/publish.lua" "$url/api/v1/mq/publish" >"$work/wrk.out"
+  kill $sampler
+  rps=$(awk '/Requests\/sec/ { print $2 }' "$work/wrk.out")
+  p99=$(awk '$1 == "99%" { print $2 }' "$work/wrk.out")
+  p50=$(awk '$1 == "50%" { print $2 }' "$work/wrk.out")
+  non2xx=$(awk '/Non-2xx/ { print $NF }' "$work/wrk.out")
+  record "POST /publish wrk -c 50: $rps req/s = $(ratio "$rps" "$ceiling") of XADD; p50 $p50 p99 $p99; non-2xx ${non2xx:-0}; RSS max $(max_of "$work/rss-wrk") MB"
+fi
+
+run_bench() {
+  local name=$1
+  shift
+  say "cargo bench --bench $name"
+  env "$@" cargo bench --locked --bench "$name" 2>/dev/null | tee "$work/$name.out"
+}
+
+if wanted publish; then
+  run_bench publish
+  for label in single "batch of"; do
+    line=$(grep "^$label" "$work/publish.out")
+    rate=$(sed -E 's/.* = ([0-9]+) msg\/s.*/\1/' <<<"$line")
+    record "bench publish $label: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD [${line#*; }]"
+  done
+fi
+
+if wanted webhook; then
+  sample_rss "$work/rss-webhook" & sampler=$!
+  run_bench webhook
+  kill $sampler
+  latency=$(grep '^publish -> webhook' "$work/webhook.out")
+  rate=$(grep '^sustained delivery' "$work/webhook.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
+  record "bench webhook at 1000 msg/s: ${latency#*; }"
+  record "bench webhook sustained: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-webhook") MB"
+fi
+
+if wanted consume; then
+  sample_rss "$work/rss-consume" & sampler=$!
+  run_bench consume
+  kill $sampler
+  latency=$(grep '^publish -> pull' "$work/consume.out")
+  rate=$(grep '^sustained publish' "$work/consume.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
+  record "bench consume at 1000 msg/s: ${latency#*; }"
+  record "bench consume sustained publish+pull+ack: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-consume") MB"
+fi
+
+if wanted idle; then
+  run_bench idle BENCH_IDLE_COUNTS="$idle_counts"
+  grep '^idle' "$work/idle.out" | while IFS= read -r line; do record "$line"; done
+fi
+
+say "summary"
+cat "$summary"
+if grep -qiE 'panicked|error' "$log"; then
+  echo "the service logged errors meanwhile:" >&2
+  grep -iE 'panicked|error' "$log" | tail -5 >&2
+fi
