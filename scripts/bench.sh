@@ -147,25 +147,20 @@ if wanted publish; then
   done
 fi
 
-if wanted webhook; then
-  sample_rss "$work/rss-webhook" & sampler=$!
-  run_bench webhook
+# A delivery benchmark: latency at a fixed rate, then sustained throughput, with RSS sampled.
+# Arguments: the benchmark, the start of its latency line, of its throughput line, a label.
+delivery_bench() {
+  local name=$1 latency_line=$2 sustained_line=$3 label=$4 sampler latency rate
+  sample_rss "$work/rss-$name" & sampler=$!
+  run_bench "$name"
   kill $sampler
-  latency=$(grep '^publish -> webhook' "$work/webhook.out")
-  rate=$(grep '^sustained delivery' "$work/webhook.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
-  record "bench webhook at 1000 msg/s: ${latency#*; }"
-  record "bench webhook sustained: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-webhook") MB"
-fi
-
-if wanted consume; then
-  sample_rss "$work/rss-consume" & sampler=$!
-  run_bench consume
-  kill $sampler
-  latency=$(grep '^publish -> pull' "$work/consume.out")
-  rate=$(grep '^sustained publish' "$work/consume.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
-  record "bench consume at 1000 msg/s: ${latency#*; }"
-  record "bench consume sustained publish+pull+ack: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-consume") MB"
-fi
+  latency=$(grep "^$latency_line" "$work/$name.out")
+  rate=$(grep "^$sustained_line" "$work/$name.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
+  record "bench $name at 1000 msg/s: ${latency#*; }"
+  record "bench $name $label: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-$name") MB"
+}
+wanted webhook && delivery_bench webhook 'publish -> webhook' 'sustained delivery' sustained
+wanted consume && delivery_bench consume 'publish -> pull' 'sustained publish' 'sustained publish+pull+ack'
 
 if wanted idle; then
   run_bench idle BENCH_IDLE_COUNTS="$idle_counts"
