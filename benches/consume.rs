@@ -9,7 +9,9 @@
 //!
 //! Settings (environment): `BENCH_URL` (http://127.0.0.1:3010), `JWT_SECRET` (the development
 //! secret of .env.example), `BENCH_RATE` (1000 msg/s), `BENCH_SECONDS` (10),
-//! `BENCH_CONSUMERS` (4), `BENCH_THROUGHPUT_MESSAGES` (100000).
+//! `BENCH_CONSUMERS` (4), `BENCH_THROUGHPUT_MESSAGES` (100000), `BENCH_CONSUMER_URL` (default
+//! `BENCH_URL`: another instance of the same deployment, to measure consumers woken by
+//! publishes on another instance).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,15 @@ impl Client {
             url: support::service_url(),
             token: support::tenant_token(),
         }
+    }
+
+    /// The same tenant, talking to the instance at `BENCH_CONSUMER_URL` when it is set.
+    fn for_consumers(&self) -> Client {
+        let mut client = self.clone();
+        if let Ok(url) = std::env::var("BENCH_CONSUMER_URL") {
+            client.url = url;
+        }
+        client
     }
 
     async fn post(&self, path: &str, body: &Value) -> Value {
@@ -122,7 +133,7 @@ async fn latency_at_fixed_rate(client: &Client, rate: u64, seconds: u64, consume
     for _ in 0..consumers {
         let latencies = latencies.clone();
         workers.push(tokio::spawn(consume(
-            client.clone(),
+            client.for_consumers(),
             subscription.clone(),
             stop.clone(),
             move |payload| {
@@ -156,7 +167,8 @@ async fn latency_at_fixed_rate(client: &Client, rate: u64, seconds: u64, consume
     let mut latencies = latencies.lock().unwrap().clone();
     latencies.sort_by(f64::total_cmp);
     println!(
-        "publish -> pull at {rate} msg/s for {seconds} s, {consumers} consumers: {} of {total} received; latency ms p50 {:.2} p99 {:.2} max {:.2}",
+        "publish -> pull at {rate} msg/s for {seconds} s, {consumers} consumers{}: {} of {total} received; latency ms p50 {:.2} p99 {:.2} max {:.2}",
+        if client.for_consumers().url == client.url { "" } else { " on another instance" },
         latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
@@ -178,7 +190,7 @@ async fn sustained_throughput(client: &Client, messages: u64, consumers: u64) {
     for _ in 0..consumers {
         let received = received.clone();
         workers.push(tokio::spawn(consume(
-            client.clone(),
+            client.for_consumers(),
             subscription.clone(),
             stop.clone(),
             move |_| {

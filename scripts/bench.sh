@@ -8,7 +8,7 @@
 #
 # Settings (environment): BENCH_PORT (3011), BENCH_LOAD_SECONDS (15, each wrk run),
 # BENCH_IDLE_COUNTS (0,100,1000,10000), BENCH_SKIP (space-separated steps to leave out:
-# ceiling wrk publish webhook consume idle).
+# ceiling wrk publish webhook consume cross idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,8 +50,11 @@ cargo build --release --locked --bin message-queue-service
 cargo bench --locked --no-run --bench publish --bench webhook --bench consume --bench idle 2>&1 | tail -1
 
 service_pid=
+sibling_pid=
 cleanup() {
-  [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null || true
+  for pid in $sibling_pid $service_pid; do
+    kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  done
   redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" 2>/dev/null |
     xargs -r -n 500 redis-cli -h "$redis_host" -p "$redis_port" unlink >/dev/null 2>&1 || true
   psql "$database_server/postgres" -qc "drop database if exists $database with (force)" >/dev/null 2>&1 || true
@@ -64,22 +67,28 @@ psql "$database_server/postgres" -qc "drop database if exists $database with (fo
 psql "$database_server/postgres" -qc "create database $database" >/dev/null
 redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" |
   xargs -r -n 500 redis-cli -h "$redis_host" -p "$redis_port" unlink >/dev/null
-(
-  while IFS= read -r line || [ -n "$line" ]; do
-    [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] && export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
-  done < .env.example
-  export PORT=$port DATABASE_URL="$database_server/$database" REDIS_URL="$redis_url" \
-    REDIS_KEY_PREFIX=$prefix TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 \
-    TENANT_MAX_QUEUES=100000 RUST_LOG=warn
-  exec target/release/message-queue-service
-) >"$log" 2>&1 &
-service_pid=$!
+# Starts an instance on port $1, logging to $2; sets $started_pid once it answers.
+start_instance() {
+  local instance_port=$1 instance_log=$2
+  (
+    while IFS= read -r line || [ -n "$line" ]; do
+      [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] && export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
+    done < .env.example
+    export PORT=$instance_port DATABASE_URL="$database_server/$database" REDIS_URL="$redis_url" \
+      REDIS_KEY_PREFIX=$prefix TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 \
+      TENANT_MAX_QUEUES=100000 RUST_LOG=warn
+    exec target/release/message-queue-service
+  ) >"$instance_log" 2>&1 &
+  started_pid=$!
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$instance_port/health" >/dev/null 2>&1 && return
+    kill -0 "$started_pid" 2>/dev/null || { cat "$instance_log"; exit 1; }
+    sleep 0.2
+  done
+}
+start_instance "$port" "$log"
+service_pid=$started_pid
 url=http://127.0.0.1:$port
-for _ in $(seq 100); do
-  curl -fs "$url/health" >/dev/null 2>&1 && break
-  kill -0 "$service_pid" 2>/dev/null || { cat "$log"; exit 1; }
-  sleep 0.2
-done
 export BENCH_URL=$url BENCH_SERVICE_PID=$service_pid REDIS_URL=$redis_url
 
 rss_mb() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$service_pid/status"; }
@@ -161,6 +170,19 @@ delivery_bench() {
 }
 wanted webhook && delivery_bench webhook 'publish -> webhook' 'sustained delivery' sustained
 wanted consume && delivery_bench consume 'publish -> pull' 'sustained publish' 'sustained publish+pull+ack'
+
+if wanted cross; then
+  say "a second instance on port $((port + 1)): publishes on the first, consumers on the second"
+  start_instance $((port + 1)) "$work/sibling.log"
+  sibling_pid=$started_pid
+  run_bench consume BENCH_CONSUMER_URL="http://127.0.0.1:$((port + 1))" BENCH_THROUGHPUT_MESSAGES=50000
+  latency=$(grep '^publish -> pull' "$work/consume.out")
+  rate=$(grep '^sustained publish' "$work/consume.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
+  record "bench consume across instances at 1000 msg/s: ${latency#*; }"
+  record "bench consume across instances, sustained publish+pull+ack: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD"
+  kill "$sibling_pid" && wait "$sibling_pid" 2>/dev/null || true
+  sibling_pid=
+fi
 
 if wanted idle; then
   run_bench idle BENCH_IDLE_COUNTS="$idle_counts"
