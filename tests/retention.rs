@@ -187,3 +187,51 @@ async fn records_past_their_queues_retention_are_removed() {
         ids("consumption_records").await
     );
 }
+
+/// A queue nobody reads is left alone until its oldest entry ages out; what would let
+/// entries go sooner (a group that acks them, a shorter retention) ends that wait at once.
+#[tokio::test]
+async fn an_unread_queue_left_to_age_is_trimmed_once_a_group_acks_or_retention_shrinks() {
+    let app = TestApp::spawn_with(fast_retention).await;
+    for queue in ["read-later", "shortened"] {
+        app.create_queue(json!({"name": queue, "retentionMs": 3_600_000}))
+            .await;
+        for n in 0..2 {
+            app.call(
+                Method::POST,
+                "/api/v1/mq/publish",
+                Some(json!({"queue": queue, "payload": n})),
+            )
+            .await;
+        }
+    }
+    // Several sweeps find nothing to remove and leave both queues waiting for an hour.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(stored(&app, "read-later").await, 2);
+    assert_eq!(stored(&app, "shortened").await, 2);
+
+    let subscription = app.subscribe_pull("read-later", "g").await;
+    let pulled = common::pull_until(&app, &subscription, 2, WAIT).await;
+    let ack_ids: Vec<&str> = pulled
+        .iter()
+        .map(|m| m["ackId"].as_str().unwrap())
+        .collect();
+    assert_eq!(app.ack(&subscription, &ack_ids).await, 2);
+    assert!(
+        eventually(WAIT, || async { stored(&app, "read-later").await == 0 }).await,
+        "acked entries go once a group reads the queue"
+    );
+
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/shortened",
+            Some(json!({"retentionMs": 1000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually(WAIT, || async { stored(&app, "shortened").await == 0 }).await,
+        "entries past the new retention go"
+    );
+}

@@ -20,9 +20,12 @@ static TRIM: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
 -- KEYS: stream, trimmed counts. ARGV: retention cutoff (ms), recorder group.
--- Returns the entries removed. Entries a consumer group had not read when they were removed
--- are added to its count in KEYS[2] (its subscriptions show them as expired).
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+-- Returns {entries removed, what is left}: -2 when a consumer group reads the stream (acks
+-- may free entries at any time), -1 when it is empty, else the time (ms) of its oldest
+-- entry, before whose retention ends nothing can go. Entries a consumer group had not read
+-- when they were removed are added to its count in KEYS[2] (its subscriptions show them as
+-- expired).
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, -1} end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -77,7 +80,13 @@ if removed > 0 and #lagging > 0 then
     if unread > 0 then redis.call('HINCRBY', KEYS[2], group[1], unread) end
   end
 end
-return removed
+local left = -2
+if consumers == 0 then
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  left = -1
+  if first then left = parse(first[1]) end
+end
+return {removed, left}
 "#,
     )
 });
@@ -109,13 +118,13 @@ impl Broker {
     }
 
     /// Trims each partition to its retention cutoff (ms) and past what every group acked;
-    /// returns the entries removed.
-    pub async fn trim(&self, partitions: &[(PartitionRef, i64)]) -> ApiResult<u64> {
+    /// returns, per partition, what was removed and what is left.
+    pub async fn trim(&self, partitions: &[(PartitionRef, i64)]) -> ApiResult<Vec<Trimmed>> {
         if partitions.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut connection = self.connection().await?;
-        let removed: Vec<u64> = scripts::run_chunked(
+        let trimmed: Vec<(u64, i64)> = scripts::run_chunked(
             &mut connection,
             &TRIM,
             partitions,
@@ -129,6 +138,34 @@ impl Broker {
             },
         )
         .await?;
-        Ok(removed.into_iter().sum())
+        Ok(trimmed
+            .into_iter()
+            .map(|(removed, left)| Trimmed {
+                removed,
+                left: match left {
+                    -2 => Left::ReadByGroups,
+                    -1 => Left::Nothing,
+                    oldest_ms => Left::Unread { oldest_ms },
+                },
+            })
+            .collect())
     }
+}
+
+/// What trimming a partition did.
+#[derive(Debug, Clone, Copy)]
+pub struct Trimmed {
+    pub removed: u64,
+    pub left: Left,
+}
+
+/// What a trimmed partition still holds, as far as the next trim is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// Consumer groups read it: their acks may free entries at any time.
+    ReadByGroups,
+    /// Nothing.
+    Nothing,
+    /// Entries no group reads, the oldest stored at `oldest_ms`: only its age frees them.
+    Unread { oldest_ms: i64 },
 }
