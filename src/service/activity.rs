@@ -11,17 +11,16 @@
 //! missed.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
 use uuid::Uuid;
+
+use super::changes::Changes;
 
 #[derive(Default)]
 pub struct ActiveQueues {
     queues: Mutex<HashSet<Uuid>>,
-    generation: AtomicU64,
-    grew: Notify,
+    grew: Changes,
 }
 
 impl ActiveQueues {
@@ -33,7 +32,7 @@ impl ActiveQueues {
             .unwrap_or_else(|p| p.into_inner())
             .insert(queue_id);
         if added {
-            self.grown();
+            self.grew.bump();
         }
     }
 
@@ -43,7 +42,7 @@ impl ActiveQueues {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(queues);
-        self.grown();
+        self.grew.bump();
     }
 
     /// The queue was found empty, or deleted.
@@ -76,22 +75,12 @@ impl ActiveQueues {
 
     /// Changes whenever a queue joins the set.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.grew.count()
     }
 
-    /// Resolves when a queue joins the set after this call.
+    /// Resolves when a queue joins the set after `generation` was read.
     pub async fn grown_since(&self, generation: u64) {
-        let grew = self.grew.notified();
-        tokio::pin!(grew);
-        grew.as_mut().enable();
-        if self.generation() == generation {
-            grew.await;
-        }
-    }
-
-    fn grown(&self) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        self.grew.notify_waiters();
+        self.grew.since(generation).await
     }
 }
 
@@ -126,7 +115,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken")
-            .unwrap();
+            .expect("the waiting task ends without panicking");
         // Growth before the call is not waited for.
         active.grown_since(generation).await;
     }

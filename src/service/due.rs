@@ -135,6 +135,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken by the earlier time")
-            .unwrap();
+            .expect("the waiting task ends without panicking");
     }
 }

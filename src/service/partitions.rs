@@ -6,13 +6,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::changes::Changes;
 use crate::domain::subscription::Subscription;
 use crate::error::ApiResult;
 use crate::store::Store;
@@ -167,16 +166,14 @@ impl QueueDirectory {
 /// Every subscription of every tenant.
 pub struct SubscriptionDirectory {
     snapshot: Snapshot<Vec<Subscription>>,
-    changes: AtomicU64,
-    changed: Notify,
+    changes: Changes,
 }
 
 impl Default for SubscriptionDirectory {
     fn default() -> Self {
         SubscriptionDirectory {
             snapshot: Snapshot::new(SAFETY_REFRESH),
-            changes: AtomicU64::new(0),
-            changed: Notify::new(),
+            changes: Changes::default(),
         }
     }
 }
@@ -189,22 +186,16 @@ impl SubscriptionDirectory {
     /// A subscription changed (here or elsewhere): reload now and wake who waits.
     pub fn expire(&self) {
         self.snapshot.expire();
-        self.changes.fetch_add(1, Ordering::Relaxed);
-        self.changed.notify_waiters();
+        self.changes.bump();
     }
 
     /// Counts changes, for `changed_since`.
     pub fn changes(&self) -> u64 {
-        self.changes.load(Ordering::Relaxed)
+        self.changes.count()
     }
 
     /// Resolves at the first change after `changes` was read (at once if one happened).
     pub async fn changed_since(&self, changes: u64) {
-        let changed = self.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if self.changes() == changes {
-            changed.await;
-        }
+        self.changes.since(changes).await
     }
 }

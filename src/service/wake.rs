@@ -128,7 +128,7 @@ mod tests {
                 name: "orders.v2".into(),
             },
         ] {
-            let heard = Announcement::decode(&announcement.encode("abc")).unwrap();
+            let heard = Announcement::decode(&announcement.encode("abc")).expect("decodes");
             assert_eq!(heard.origin, "abc");
             assert_eq!(heard.announcement, announcement);
         }
@@ -137,7 +137,8 @@ mod tests {
     #[test]
     fn scripts_send_due_times_as_lua_numbers() {
         // Lua may print a large score in exponent form.
-        let heard = Announcement::decode(&format!("t x {} 1.7e+12", Uuid::nil())).unwrap();
+        let heard = Announcement::decode(&format!("t x {} 1.7e+12", Uuid::nil()))
+            .expect("a time in Lua's float notation decodes");
         assert_eq!(
             heard.announcement,
             Announcement::Retry {
