@@ -92,6 +92,7 @@ impl Application {
             sealer,
             faults: Default::default(),
             audit_forwarder,
+            full_audit_queues: Default::default(),
             instance_id,
             started_at: Utc::now(),
             started: Instant::now(),

@@ -56,6 +56,8 @@ pub struct Shared {
     pub faults: crate::faults::Faults,
     /// Posts audit events to `AUDIT_SERVICE_URL`, when it is set.
     pub audit_forwarder: Option<Arc<crate::workers::audit_forwarder::AuditForwarder>>,
+    /// Tenants whose `audit-logs` queue refused events lately (`service::publish_audit`).
+    pub full_audit_queues: crate::service::publish_audit::FullAuditQueues,
     /// Distinguishes this process among several instances (consumer names in Redis, the
     /// origin of wake-ups).
     pub instance_id: String,

@@ -49,7 +49,19 @@
 //! same name never sees the old queue's data. Every key has a fixed name (per consumer group
 //! for delivery state), so deleting a queue removes all of them.
 
+use std::fmt::Write;
+
 use uuid::Uuid;
+
+/// The suffixes of a partition's message data keys (delivery state per group aside).
+const PARTITION_DATA: [&str; 6] = [
+    "stream",
+    "delayed",
+    "delayed-envelopes",
+    "journal",
+    "bytes",
+    "expiry",
+];
 
 #[derive(Debug, Clone)]
 pub struct KeyLayout {
@@ -158,6 +170,42 @@ impl KeyLayout {
         }
     }
 
+    /// The keys of the publish script in its order: the queue's `ids`, `unrecorded`,
+    /// `cancelled`, `expiring`, `deleted` and `announced`, then per partition its `stream`,
+    /// `delayed`, `delayed_envelopes`, `journal`, `bytes` and `expiry` (the same names
+    /// `partition` gives). Built in place: this runs on every publish, where building every
+    /// partition's full `PartitionKeys` cost more than the script's own argument parsing.
+    pub fn publish_keys(&self, queue_id: Uuid, partitions: &[u16]) -> Vec<String> {
+        const QUEUE_WIDE: [&str; 6] = [
+            "ids",
+            "unrecorded",
+            "cancelled",
+            "expiring",
+            "deleted",
+            "announced",
+        ];
+        let tag = self.tag(queue_id);
+        let key = |middle: &str, suffix: &str| {
+            let mut key = String::with_capacity(tag.len() + middle.len() + suffix.len() + 2);
+            key.push_str(&tag);
+            key.push_str(middle);
+            key.push(':');
+            key.push_str(suffix);
+            key
+        };
+        let mut keys =
+            Vec::with_capacity(QUEUE_WIDE.len() + PARTITION_DATA.len() * partitions.len());
+        keys.extend(QUEUE_WIDE.iter().map(|suffix| key("", suffix)));
+        let mut number = String::with_capacity(7);
+        for partition in partitions {
+            number.clear();
+            // Writing to a String cannot fail.
+            let _ = write!(number, ":{partition}");
+            keys.extend(PARTITION_DATA.iter().map(|suffix| key(&number, suffix)));
+        }
+        keys
+    }
+
     /// The delivery state of consumer group `group` on one partition.
     pub fn group(&self, queue_id: Uuid, partition: u16, group: &str) -> GroupKeys {
         let part = format!("{}:{partition}", self.tag(queue_id));
@@ -178,17 +226,7 @@ impl KeyLayout {
     ) -> Vec<(String, String)> {
         let old = format!("{}{{{}.{}}}", self.prefix, queue_id, partition);
         let new = format!("{}:{partition}", self.tag(queue_id));
-        let mut suffixes: Vec<String> = [
-            "stream",
-            "delayed",
-            "delayed-envelopes",
-            "journal",
-            "bytes",
-            "expiry",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+        let mut suffixes: Vec<String> = PARTITION_DATA.iter().map(|s| (*s).to_owned()).collect();
         for group in groups {
             for kind in ["inflight", "retry", "attempts"] {
                 suffixes.push(format!("{kind}:{group}"));
@@ -269,5 +307,33 @@ mod tests {
             tags[0]
         );
         assert_ne!(layout.partition(id, 4).stream, keys.stream);
+    }
+
+    #[test]
+    fn publish_keys_name_the_partition_keys() {
+        let layout = KeyLayout::new("mq:");
+        let id = Uuid::from_u128(0x0123_4567_89ab_cdef);
+        let keys = layout.publish_keys(id, &[3, 0, 12]);
+        let queue = layout.partition(id, 0);
+        let mut expected = vec![
+            queue.ids,
+            queue.unrecorded,
+            queue.cancelled,
+            queue.expiring,
+            queue.deleted,
+            queue.announced,
+        ];
+        for partition in [3, 0, 12] {
+            let p = layout.partition(id, partition);
+            expected.extend([
+                p.stream,
+                p.delayed,
+                p.delayed_envelopes,
+                p.journal,
+                p.bytes,
+                p.expiry,
+            ]);
+        }
+        assert_eq!(keys, expected);
     }
 }

@@ -65,10 +65,19 @@ local now = tonumber(ARGV[4])
 local count = (#ARGV - 9) / 11
 local partitions = {}
 for p in string.gmatch(ARGV[5], '[^,]+') do partitions[#partitions + 1] = p end
-prune_lapsed(ids, KEYS[3], expiring, now)
 
 local function arg(i, n) return ARGV[9 + 11 * (i - 1) + n] end
 local function key(slot, k) return KEYS[6 + 6 * (slot - 1) + k] end
+
+-- Lapsed records only matter to a request that checks or writes one (a producer id, or a
+-- delayed message a cancellation may name); `previous` ignores a lapsed record anyway, and
+-- the scheduler's scripts prune as well. A plain publish skips the sweep.
+for i = 1, count do
+  if arg(i, 2) == '1' or arg(i, 5) ~= '' then
+    prune_lapsed(ids, KEYS[3], expiring, now)
+    break
+  end
+end
 
 -- Asked again while storing: an earlier message of the same request may have stored the id.
 local function previous(i)
@@ -78,10 +87,15 @@ local function previous(i)
   return redis.call('HGET', ids, arg(i, 7))
 end
 
+-- Streams known to exist in this request: `backlog` saw entries in them, or they were
+-- created here. A stream with entries was created with the recorder's group.
+local existing = {}
 local function ensure_group(stream)
+  if existing[stream] then return end
   if redis.call('EXISTS', stream) == 0 then
     redis.call('XGROUP', 'CREATE', stream, ARGV[3], '0', 'MKSTREAM')
   end
+  existing[stream] = true
 end
 
 -- The un-consumed backlog of a partition: the slowest consumer group's pending plus
@@ -93,6 +107,7 @@ local function backlog(slot, new)
   local stream = key(slot, 1)
   local waiting = redis.call('ZCARD', key(slot, 2))
   local length = redis.call('XLEN', stream)
+  if length > 0 then existing[stream] = true end
   if waiting + length + new <= limit then return waiting + length end
   if length == 0 then return waiting end
   local worst, consumers = 0, 0
@@ -143,6 +158,12 @@ end
 
 local results = {'ok'}
 local ready = 0
+-- Written once per request (per partition for the byte counts) rather than per message.
+local index, originals, stored = {}, {}, {}
+local function flush_index()
+  if #index > 0 then redis.call('HSET', unrecorded, unpack(index)) end
+  index = {}
+end
 for i = 1, count do
   local slot = tonumber(arg(i, 1))
   local partition = partitions[slot]
@@ -155,7 +176,10 @@ for i = 1, count do
     if arg(i, 5) == '' then
       ensure_group(key(slot, 1))
       offset = redis.call('XADD', key(slot, 1), '*', 'e', envelope)
-      redis.call('HSET', unrecorded, arg(i, 7), partition .. '|' .. offset)
+      index[#index + 1] = arg(i, 7)
+      index[#index + 1] = partition .. '|' .. offset
+      -- Bounded, as `unpack` is by the Lua stack.
+      if #index >= 1000 then flush_index() end
       if arg(i, 11) == '1' then
         will_wait(slot, arg(i, 6))
         redis.call('ZADD', key(slot, 6), arg(i, 6), offset .. '|' .. arg(i, 7))
@@ -176,9 +200,14 @@ for i = 1, count do
         partition .. '|' .. offset .. '|' .. arg(i, 3) .. '|' .. arg(i, 4))
       redis.call('ZADD', expiring, now + tonumber(ARGV[2]), 'id:' .. arg(i, 7))
     end
-    redis.call('HINCRBY', key(slot, 5), 'original', arg(i, 9))
-    redis.call('HINCRBY', key(slot, 5), 'stored', arg(i, 10))
+    originals[slot] = (originals[slot] or 0) + tonumber(arg(i, 9))
+    stored[slot] = (stored[slot] or 0) + tonumber(arg(i, 10))
   end
+end
+flush_index()
+for slot, bytes in pairs(originals) do
+  redis.call('HINCRBY', key(slot, 5), 'original', string.format('%.0f', bytes))
+  redis.call('HINCRBY', key(slot, 5), 'stored', string.format('%.0f', stored[slot]))
 end
 if ready > 0 and redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[9]) then
   redis.call('PUBLISH', ARGV[6], 'r ' .. ARGV[7] .. ' ' .. ARGV[8])
@@ -275,31 +304,12 @@ impl Broker {
                 },
             )
             .collect();
-        let queue_keys = self.keys.partition(queue.id, 0);
-        let partition_keys: Vec<_> = partitions
-            .iter()
-            .map(|p| self.keys.partition(queue.id, *p))
-            .collect();
-        let mut keys: Vec<&str> =
-            Vec::with_capacity(QUEUE_KEYS + PARTITION_KEYS * partitions.len());
-        keys.extend([
-            queue_keys.ids.as_str(),
-            &queue_keys.unrecorded,
-            &queue_keys.cancelled,
-            &queue_keys.expiring,
-            &queue_keys.deleted,
-            &queue_keys.announced,
-        ]);
-        for partition in &partition_keys {
-            keys.extend([
-                partition.stream.as_str(),
-                &partition.delayed,
-                &partition.delayed_envelopes,
-                &partition.journal,
-                &partition.bytes,
-                &partition.expiry,
-            ]);
-        }
+        let owned_keys = self.keys.publish_keys(queue.id, &partitions);
+        debug_assert_eq!(
+            owned_keys.len(),
+            QUEUE_KEYS + PARTITION_KEYS * partitions.len()
+        );
+        let keys: Vec<&str> = owned_keys.iter().map(String::as_str).collect();
         let head = [
             partition_bound.to_string(),
             dedup_window_ms.to_string(),

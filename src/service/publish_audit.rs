@@ -7,8 +7,15 @@
 //! Best effort, like every audit event: a failure is logged and counted, never holds up the
 //! recorder or a publish. Each event's id is derived from its message, so a batch the
 //! recorder writes again stores its events once.
+//!
+//! A tenant whose `audit-logs` queue is full (nobody consumes it, the usual case) would have
+//! every recorded batch built, published and refused again: for one second after a refusal
+//! its events are dropped (and counted) without trying. That keeps an unread audit queue
+//! from costing each publish of the tenant a second, refused publish.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -33,10 +40,47 @@ pub struct Published {
     pub published_at: DateTime<Utc>,
 }
 
+/// How long a tenant's events are dropped after its `audit-logs` queue refused them as full.
+const FULL_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The tenants whose `audit-logs` queue was full lately, until when they are left alone. It
+/// holds at most one entry per tenant, removed once its time passed.
+#[derive(Default)]
+pub struct FullAuditQueues(Mutex<HashMap<Uuid, Instant>>);
+
+impl FullAuditQueues {
+    fn backing_off(&self, tenant_id: Uuid, now: Instant) -> bool {
+        let full = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        full.get(&tenant_id).is_some_and(|until| *until > now)
+    }
+
+    fn refused(&self, tenant_id: Uuid, now: Instant) {
+        let mut full = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        full.retain(|_, until| *until > now);
+        full.insert(tenant_id, now + FULL_BACKOFF);
+    }
+}
+
 /// Emits `message_published` for `messages` (never for the audit queues' own messages).
-pub async fn emit(state: &AppState, messages: Vec<Published>) {
+pub async fn emit(state: &AppState, mut messages: Vec<Published>) {
     if !state.config.audit_publishes || messages.is_empty() {
         return;
+    }
+    let now = Instant::now();
+    if state.audit_forwarder.is_none() {
+        let before = messages.len();
+        messages.retain(|m| !state.full_audit_queues.backing_off(m.tenant_id, now));
+        let dropped = before - messages.len();
+        state.metrics.audit_events_dropped.inc_by(dropped as u64);
+        if messages.is_empty() {
+            return;
+        }
     }
     let ids: Vec<Uuid> = messages.iter().map(|m| m.queue_id).collect();
     let names: HashMap<Uuid, String> = match state.store.queue_names(&ids).await {
@@ -87,6 +131,10 @@ pub async fn emit(state: &AppState, messages: Vec<Published>) {
             trace_id: None,
             producer_id: Some(SERVICE_PRODUCER.to_owned()),
         };
+        if state.full_audit_queues.backing_off(tenant_id, now) {
+            state.metrics.audit_events_dropped.inc_by(count as u64);
+            continue;
+        }
         let stored = async {
             crate::service::queues::ensure_exists(state, tenant_id, AUDIT_LOGS, None).await?;
             publish::publish_batch_as_service(state, tenant_id, AUDIT_LOGS, inputs, &context).await
@@ -96,6 +144,7 @@ pub async fn emit(state: &AppState, messages: Vec<Published>) {
             // A full audit queue (nobody consumes it) is expected: it is not worth a warning
             // per batch.
             if error.code == ErrorCode::QueueFull {
+                state.full_audit_queues.refused(tenant_id, Instant::now());
                 tracing::debug!(tenant = %tenant_id, "audit-logs full: message_published events dropped");
             } else {
                 tracing::warn!(error = %error, tenant = %tenant_id, "message_published events not recorded");
