@@ -113,6 +113,48 @@ impl AppState {
         .await;
     }
 
+    /// A subscription was deleted here: every instance reloads the subscriptions and drops
+    /// what it kept of this one.
+    pub async fn subscription_deleted(&self, subscription_id: Uuid) {
+        self.forget_subscription_here(subscription_id);
+        self.announce(&Announcement::SubscriptionDeleted { subscription_id })
+            .await;
+    }
+
+    /// What this process kept of a deleted subscription goes (here, or when heard of).
+    pub fn forget_subscription_here(&self, subscription_id: Uuid) {
+        self.subscriptions.expire();
+        self.stats.forget_subscription(subscription_id);
+    }
+
+    /// A queue was deleted here: every instance drops what it kept of it (cache, timers,
+    /// signals, statistics, metric series) and reloads the subscriptions that went with it.
+    pub async fn queue_deleted(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
+        self.forget_queue_here(queue_id, tenant_id, name);
+        self.announce(&Announcement::QueueDeleted {
+            queue_id,
+            tenant_id,
+            name: name.to_owned(),
+        })
+        .await;
+    }
+
+    /// What this process kept of a deleted queue goes (here, or when heard of). Its waiting
+    /// consumers are woken first, so they look again and find it gone.
+    pub fn forget_queue_here(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
+        self.queue_cache.invalidate(tenant_id, name);
+        self.queue_directory.expire();
+        self.subscriptions.expire();
+        self.signals.notify(queue_id);
+        self.signals.forget(queue_id);
+        self.metrics.forget_queue(tenant_id, name);
+        self.stats.forget_queue(queue_id);
+        self.activity.forget(queue_id);
+        self.scheduler.timers.forget(queue_id);
+        self.retry_timers.forget(queue_id);
+        self.deadline_timers.forget(queue_id);
+    }
+
     /// Tells the other instances; one that misses it catches up within its safety refresh.
     async fn announce(&self, announcement: &Announcement) {
         if let Err(error) = self.broker.announce(announcement).await {

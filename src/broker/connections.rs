@@ -19,6 +19,29 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Value
 
 /// Enough to keep two cores busy; more only splits the pipelining.
 const SHARED: usize = 4;
+/// No command on a shared connection takes this long on a live server (blocking reads use
+/// the pool): a reply this late means the connection is gone, and it is replaced.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive probes after this much silence, this often, this many times: a half-open
+/// connection (the peer vanished without a reset) is dropped within seconds, not hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Unacknowledged data on a connection for this long drops it (TCP_USER_TIMEOUT).
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(10);
+
+/// The TCP settings of every Redis connection the service makes itself.
+pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(UNACKNOWLEDGED_LIMIT)
+}
 
 pub struct SharedConnections {
     client: redis::Client,
@@ -48,7 +71,10 @@ impl SharedConnections {
     pub fn new(client: redis::Client, connect_timeout: Duration) -> SharedConnections {
         SharedConnections {
             client,
-            config: AsyncConnectionConfig::new().set_connection_timeout(connect_timeout),
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(connect_timeout)
+                .set_response_timeout(RESPONSE_TIMEOUT)
+                .set_tcp_settings(tcp_settings()),
             slots: (0..SHARED).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             epoch: Arc::default(),

@@ -64,8 +64,9 @@ static TAKE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- is in flight or waiting for its retry), 7 the partition number of each slot, comma
 -- separated.
 -- Returns {next retry time ('' if none or not needed), {partition, entry id, {field, value,
--- ...}, deliveries}, ...}: due retries of a partition before its new entries. Finding
--- nothing clears `announced`, so the next publish wakes this consumer.
+-- ...}, deliveries}, ...}: due retries of a partition before its new entries; or {'gone', ...}
+-- when the group does not exist. Finding nothing clears `announced`, so the next publish
+-- wakes this consumer.
 local want = tonumber(ARGV[3])
 local ordered = ARGV[6] == '1'
 local partitions = {}
@@ -105,9 +106,13 @@ for slot = 1, #partitions do
     if remaining > 0 and redis.call('EXISTS', stream) == 1 then
       local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
       if type(read) == 'table' and read.err then
-        -- The group is gone (Redis lost its data): recreate it over what the stream holds.
-        redis.call('XGROUP', 'CREATE', stream, ARGV[1], '0')
-        read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
+        -- Only creating a subscription makes a group: a missing one was deleted (or lost
+        -- with Redis's data), and the caller stops instead of bringing it back.
+        if string.find(read.err, 'NOGROUP', 1, true) then
+          out[1] = 'gone'
+          return out
+        end
+        return redis.error_reply(read.err)
       end
       if read then
         for _, entry in ipairs(read[1][2]) do
@@ -140,15 +145,27 @@ return out
 static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone.
+-- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone, `announced`.
 -- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
 -- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
 -- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer,
--- 14 wake channel, 15 this instance, 16 queue id.
--- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter' finish.
--- An ack also finishes an entry waiting for its retry (its late success still counts).
+-- 14 wake channel, 15 this instance, 16 queue id, 17 announcement lifetime (ms).
+-- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter',
+-- 'set_aside' finish. An ack also finishes an entry waiting for its retry (its late success
+-- still counts).
 -- A retry due sooner than any other of the group here is announced (`t`), so consumers
--- sleeping on other instances wake for it.
+-- sleeping on other instances wake for it. Finishing the last delivery in flight of the group
+-- here, with later entries in the stream, announces the queue ready (`r`) unless an
+-- announcement stands: an in-order consumer it held back, on any instance, takes the next.
+-- Returns 0 (not applied), 1 (applied) or 2 (applied, and the queue announced ready).
+local function id_before(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  if not ams or not bms then return false end
+  if #ams ~= #bms then return #ams < #bms end
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
 local stream, inflight, retry, attempts, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, outcome = ARGV[2], ARGV[3]
 -- The queue was deleted: nothing to settle, and no journal to bring back.
@@ -179,6 +196,14 @@ end
 redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[8], 'sub', ARGV[9],
   'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12], 'off', id, 'ra', ARGV[6],
   'ci', ARGV[13])
+if outcome ~= 'failed' and redis.call('ZCARD', inflight) == 0 then
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if last and id_before(id, last[1])
+      and redis.call('SET', KEYS[7], '1', 'NX', 'PX', ARGV[17]) then
+    redis.call('PUBLISH', ARGV[14], 'r ' .. ARGV[15] .. ' ' .. ARGV[16])
+    return 2
+  end
+end
 return 1
 "#,
     )
@@ -274,6 +299,8 @@ pub enum Outcome {
     Filtered,
     Expired,
     DeadLetter,
+    /// The dead-letter queue refused the message: set aside in the record quarantine.
+    SetAside,
     /// Retried at the given time (ms).
     Failed {
         retry_at_ms: i64,
@@ -288,6 +315,7 @@ impl Outcome {
             Outcome::Filtered => "filtered",
             Outcome::Expired => "expired",
             Outcome::DeadLetter => "dead_letter",
+            Outcome::SetAside => "set_aside",
             Outcome::Failed { .. } => "failed",
         }
     }
@@ -317,9 +345,22 @@ pub struct Settlement<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct Taken {
     pub deliveries: Vec<Delivery>,
+    /// The consumer group does not exist (its subscription was deleted): nothing was taken
+    /// that can be settled, and the taker should stop.
+    pub gone: bool,
     /// When the taker found fewer than it wanted: the earliest retry of its group still to
     /// come, to wake up for.
     pub next_retry_ms: Option<i64>,
+}
+
+/// What settling did.
+#[derive(Debug, Clone, Default)]
+pub struct Settled {
+    /// For each settlement, whether it took effect.
+    pub applied: Vec<bool>,
+    /// A settlement finished the last delivery in flight of its group with more entries
+    /// behind it, and announced the queue ready to the other instances.
+    pub announced_ready: bool,
 }
 
 /// Deliveries whose ack deadline passed, and when the next one passes.
@@ -464,8 +505,16 @@ impl Broker {
         );
         let mut connection = self.connection().await?;
         let (reply,): (redis::Value,) = scripts::run(&mut connection, &pipeline, &[&TAKE]).await?;
-        let (next_retry_ms, entries) = parse_take(reply)?;
+        let (next_retry, entries) = parse_take(reply)?;
+        if next_retry.as_deref() == Some("gone") {
+            return Ok(Taken {
+                gone: true,
+                ..Taken::default()
+            });
+        }
+        let next_retry_ms = next_retry.and_then(|text| text.parse().ok());
         Ok(Taken {
+            gone: false,
             deliveries: entries
                 .into_iter()
                 .map(|(partition, entry_id, fields, attempt)| Delivery {
@@ -486,12 +535,14 @@ impl Broker {
         queue_id: Uuid,
         consumer_instance: &str,
         settlements: &[Settlement<'_>],
-    ) -> ApiResult<Vec<bool>> {
+    ) -> ApiResult<Settled> {
         if settlements.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Settled::default());
         }
         let channel = self.keys.wake_channel();
         let queue = queue_id.to_string();
+        let announced = self.keys.partition(queue_id, 0).announced;
+        let lifetime = super::ANNOUNCEMENT_LIFETIME_MS.to_string();
         let mut pipeline = redis::pipe();
         for s in settlements {
             let keys = self.keys.partition(queue_id, s.partition);
@@ -518,7 +569,12 @@ impl Broker {
                 consumer_instance.to_owned(),
             ];
             let mut args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-            args.extend([channel.as_bytes(), self.origin.as_bytes(), queue.as_bytes()]);
+            args.extend([
+                channel.as_bytes(),
+                self.origin.as_bytes(),
+                queue.as_bytes(),
+                lifetime.as_bytes(),
+            ]);
             SETTLE.add_to(
                 &mut pipeline,
                 &[
@@ -528,13 +584,17 @@ impl Broker {
                     &group_keys.attempts,
                     &keys.journal,
                     &keys.deleted,
+                    &announced,
                 ],
                 &args,
             );
         }
         let mut connection = self.connection().await?;
-        let applied: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
-        Ok(applied.into_iter().map(|a| a == 1).collect())
+        let replies: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
+        Ok(Settled {
+            announced_ready: replies.contains(&2),
+            applied: replies.into_iter().map(|a| a >= 1).collect(),
+        })
     }
 
     /// Deliveries of each of `groups` whose ack deadline passed by `now_ms`, up to `limit`
@@ -698,8 +758,8 @@ fn unexpected(what: &str) -> ApiError {
 /// A taken entry: partition, id, fields, deliveries made.
 type TakenEntry = (u16, String, Vec<(String, String)>, u32);
 
-/// `{next retry or '', {partition, id, {field, value, ...}, deliveries}, ...}`
-fn parse_take(reply: redis::Value) -> ApiResult<(Option<i64>, Vec<TakenEntry>)> {
+/// `{next retry, '' or 'gone', {partition, id, {field, value, ...}, deliveries}, ...}`
+fn parse_take(reply: redis::Value) -> ApiResult<(Option<String>, Vec<TakenEntry>)> {
     let redis::Value::Array(items) = reply else {
         return Err(unexpected("take reply"));
     };
@@ -707,7 +767,7 @@ fn parse_take(reply: redis::Value) -> ApiResult<(Option<i64>, Vec<TakenEntry>)> 
     let next_retry = items
         .next()
         .and_then(|first| String::from_redis_value(&first).ok())
-        .and_then(|text| text.parse().ok());
+        .filter(|text| !text.is_empty());
     let entries = items
         .map(|item| {
             let redis::Value::Array(parts) = item else {

@@ -36,7 +36,7 @@ const DELETION_TOMBSTONE_MS: u64 = 24 * 3600 * 1000;
 
 /// How long a queue's `announced` key stands at most: however it was left, a publish after
 /// that announces the queue again (`service::wake`).
-const ANNOUNCEMENT_LIFETIME_MS: u64 = 60_000;
+pub(crate) const ANNOUNCEMENT_LIFETIME_MS: u64 = 60_000;
 
 /// How long a request waits for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -28,6 +28,12 @@ impl WakeListener {
         };
         message.get_payload::<String>().ok().or(Some(String::new()))
     }
+
+    /// The connection went silent (no heartbeat heard): it is dropped, and the shared
+    /// connections, which most likely went the same way, reconnect too.
+    pub fn abandon(self) {
+        self.shared.suspect_all();
+    }
 }
 
 impl Broker {

@@ -2,7 +2,7 @@
 //! (retry schedule, dead-lettering) that every kind of delivery shares.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,9 +24,12 @@ use crate::state::AppState;
 
 /// The longest a pull may wait (API.md).
 pub const MAX_WAIT_MS: i64 = 20_000;
-/// A waiting pull is woken when messages arrive (on any instance: `service::wake`) or one of
-/// its group's retries falls due; it also looks again this often, in case a wake-up was lost.
+/// A waiting pull is woken when messages arrive (on any instance: `service::wake`), one of
+/// its group's retries falls due, or its queue or a subscription changes; it also takes again
+/// this often, in case a wake-up was lost.
 const REPOLL: Duration = Duration::from_secs(5);
+/// A waiting pull looks at its queue (status, `isPublic`, ACLs) at least this often.
+const RECHECK: Duration = Duration::from_secs(1);
 const MAX_ACK_IDS: usize = 1000;
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,8 +100,8 @@ pub async fn pull(
     request: PullRequest,
 ) -> ApiResult<Vec<PulledMessage>> {
     let Consumer {
-        subscription,
-        queue,
+        mut subscription,
+        mut queue,
     } = consumer(state, tenant, id).await?;
     let max = i64::from(subscription.max_poll_records);
     let max_messages = request.max_messages.unwrap_or(10.min(max));
@@ -111,23 +114,22 @@ pub async fn pull(
         format!("must be between 0 and {MAX_WAIT_MS}")
     });
     problems.into_result(())?;
-    if subscription.status == SubscriptionStatus::Paused {
-        return Err(ApiError::new(
-            ErrorCode::SubscriptionPaused,
-            format!("subscription '{id}' is paused"),
-        ));
-    }
+    refuse_paused(&subscription, id)?;
 
     let give_up = tokio::time::Instant::now() + Duration::from_millis(wait_ms as u64);
     let signal = state.signals.subscribe(queue.id);
-    let filter = subscription.filter();
     // Rotating the first partition spreads consumers over partitions.
     let mut first_partition = fastrand::u16(..queue.partition_count.max(1));
+    let mut subscription_read = (state.subscriptions.changes(), Instant::now());
+    let mut take_now = true;
+    let mut last_take = Instant::now();
     loop {
         let arrived = signal.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        if queue.status != QueueStatus::Paused {
+        let changes = state.subscriptions.changes();
+        if take_now && queue.status != QueueStatus::Paused {
+            last_take = Instant::now();
             let now = now_ms();
             let deadline = now + subscription.session_timeout_ms as i64;
             let taken = state
@@ -145,7 +147,14 @@ pub async fn pull(
                 )
                 .await
                 .map_err(ApiError::during_consume)?;
+            if taken.gone {
+                if subscriptions::restore_lost_group(state, &subscription, &queue).await? {
+                    continue;
+                }
+                return Err(subscriptions::not_found(id));
+            }
             watch_times(state, queue.id, &taken, deadline);
+            let filter = subscription.filter();
             let messages = hand_out(
                 state,
                 &subscription,
@@ -159,17 +168,43 @@ pub async fn pull(
             if !messages.is_empty() {
                 return Ok(messages);
             }
+            first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
         }
-        first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
         let now = tokio::time::Instant::now();
         if now >= give_up {
             return Ok(Vec::new());
         }
-        tokio::select! {
-            () = arrived => {}
-            () = tokio::time::sleep(REPOLL.min(give_up - now)) => {}
+        let woken = tokio::select! {
+            () = arrived => true,
+            () = state.subscriptions.changed_since(changes) => true,
+            () = tokio::time::sleep(RECHECK.min(give_up - now)) => false,
+        };
+        // What the poll began with may have changed: the subscription (deleted, paused,
+        // filter), the queue (paused, resumed, private, ACLs). A change anywhere is announced
+        // (the queue's cache entry dropped, the subscription counter moved); looking again
+        // at least every `RECHECK` bounds what a lost announcement leaves.
+        let changes = state.subscriptions.changes();
+        if changes != subscription_read.0 || subscription_read.1.elapsed() >= REPOLL {
+            subscription = subscriptions::require(state, tenant.tenant_id, id).await?;
+            subscription_read = (changes, Instant::now());
+            refuse_paused(&subscription, id)?;
         }
+        queue = queues::resolve(state, subscription.queue_tenant_id, &subscription.queue)
+            .await?
+            .queue;
+        subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
+        take_now = woken || last_take.elapsed() >= REPOLL;
     }
+}
+
+fn refuse_paused(subscription: &Subscription, id: &str) -> ApiResult<()> {
+    if subscription.status == SubscriptionStatus::Paused {
+        return Err(ApiError::new(
+            ErrorCode::SubscriptionPaused,
+            format!("subscription '{id}' is paused"),
+        ));
+    }
+    Ok(())
 }
 
 /// Arms the timers a take calls for: the reclaimer's at the deadline of what was taken, and
@@ -518,23 +553,15 @@ pub async fn record_failure(
                 .and_then(|text| serde_json::from_str::<Envelope>(&text).ok()),
         };
         if let Some(envelope) = envelope {
-            if let Err(error) = dead_letter(
+            outcome = dead_letter_or_set_aside(
                 state,
                 subscription,
                 queue,
+                &failure,
                 envelope,
-                failure.attempt,
                 "max-retries-exceeded",
-                failure.error,
             )
-            .await
-            {
-                // The dead-letter queue cannot take it now (full, down): try again later.
-                tracing::warn!(error = %error, subscription = %subscription.id, "dead-lettering failed; retrying later");
-                outcome = Outcome::Failed {
-                    retry_at_ms: now + subscription.retry_delay_ms as i64,
-                };
-            }
+            .await;
         }
     }
     let settlement = Settlement {
@@ -555,6 +582,105 @@ pub async fn record_failure(
     Ok(applied.first().copied().unwrap_or(false))
 }
 
+/// A dead-letter queue that cannot take a message now (full, rate limited, unreachable) is
+/// tried again no sooner than this, whatever the subscription's retry delay.
+const DEAD_LETTER_RETRY_MS: i64 = 1000;
+
+/// Whether a dead-letter queue's refusal holds for this message whatever the retries: it
+/// fails the queue's schema or limits, or the subscriber may not write there.
+fn refused_for_good(error: &ApiError) -> bool {
+    matches!(
+        error.code,
+        ErrorCode::Validation
+            | ErrorCode::SchemaViolation
+            | ErrorCode::MessageTooLarge
+            | ErrorCode::Forbidden
+            | ErrorCode::QueueArchived
+            | ErrorCode::QuotaExceeded
+    )
+}
+
+/// Moves an exhausted message to the dead-letter queue; the outcome to settle it with. A
+/// message the dead-letter queue refuses for good is set aside once (the record quarantine,
+/// with the reason), so the subscription moves on instead of redelivering it forever; one it
+/// cannot take now is retried after `DEAD_LETTER_RETRY_MS` at the soonest.
+async fn dead_letter_or_set_aside(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    failure: &Failure<'_>,
+    envelope: Envelope,
+    reason: &str,
+) -> Outcome {
+    let retry_later = Outcome::Failed {
+        retry_at_ms: now_ms() + (subscription.retry_delay_ms as i64).max(DEAD_LETTER_RETRY_MS),
+    };
+    let error = match dead_letter(
+        state,
+        subscription,
+        queue,
+        envelope.clone(),
+        failure.attempt,
+        reason,
+        failure.error,
+    )
+    .await
+    {
+        Ok(()) => return Outcome::DeadLetter,
+        Err(error) => error,
+    };
+    if !refused_for_good(&error) {
+        tracing::warn!(error = %error, subscription = %subscription.id, "dead-lettering failed; retrying later");
+        return retry_later;
+    }
+    let why = format!(
+        "dead-letter queue '{}' refused the message: {}",
+        subscription.dead_letter_queue, error.message
+    );
+    match set_aside(state, subscription, queue, failure, envelope, &why).await {
+        Ok(()) => {
+            tracing::warn!(subscription = %subscription.id, message_id = failure.message_id, reason = why, "message set aside");
+            Outcome::SetAside
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, subscription = %subscription.id, "setting a refused message aside failed; retrying later");
+            retry_later
+        }
+    }
+}
+
+/// Writes the message to the record quarantine with the reason. A payload of an encrypted
+/// queue is kept sealed, never in plaintext.
+async fn set_aside(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+    failure: &Failure<'_>,
+    mut envelope: Envelope,
+    why: &str,
+) -> ApiResult<()> {
+    if queue.encrypted || envelope.sealed.is_some() {
+        envelope.payload = Value::Null;
+    }
+    let entry = crate::store::records::QuarantinedEntry {
+        tenant_id: queue.tenant_id,
+        topic_id: queue.id,
+        partition: i32::from(failure.partition),
+        source: "dead_letter",
+        entry_id: failure.entry_id.to_owned(),
+        message_id: Some(crate::workers::recorder::escape_control(failure.message_id)),
+        entry: serde_json::to_string(&envelope).unwrap_or_default(),
+        error: crate::workers::recorder::escape_control(&format!(
+            "{why} (subscription {})",
+            subscription.id
+        )),
+    };
+    state.store.quarantine(&entry).await.map_err(|error| {
+        tracing::warn!(error = %error, "writing to the record quarantine failed");
+        ApiError::unavailable("PostgreSQL")
+    })
+}
+
 /// Applies settlements and counts those that took effect in the metrics and statistics.
 /// Every settlement of a delivery goes through here.
 pub async fn settle(
@@ -566,10 +692,15 @@ pub async fn settle(
     // Recorded as the consumption's `consumer_instance`: which consumer, through which
     // instance of the service.
     let consumer = format!("{}@{}", subscription.consumer_name, state.instance_id);
-    let applied = state
+    let settled = state
         .broker
         .settle(queue.id, &consumer, settlements)
         .await?;
+    if settled.announced_ready {
+        // The other instances heard it; this one's waiting consumers take the next too.
+        state.signals.notify(queue.id);
+    }
+    let applied = settled.applied;
     for (settlement, _) in settlements
         .iter()
         .zip(&applied)
@@ -601,7 +732,7 @@ pub async fn settle(
                     .stats
                     .failed(queue.tenant_id, settlement.subscription_id);
             }
-            Outcome::DeadLetter => {
+            Outcome::DeadLetter | Outcome::SetAside => {
                 state
                     .stats
                     .failed(queue.tenant_id, settlement.subscription_id);

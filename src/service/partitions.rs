@@ -22,56 +22,89 @@ const SAFETY_REFRESH: Duration = Duration::from_secs(30);
 const MISSING_RELOAD: Duration = Duration::from_secs(1);
 
 /// A value loaded from PostgreSQL and reused until it is `refresh` old or expired.
+///
+/// Loads run one at a time (callers that find the value stale while another loads wait for
+/// that load), and a load that began before an `expire` never stores its value as fresh: it
+/// may have read the state from before the change.
 pub struct Snapshot<T> {
     refresh: Duration,
-    cached: Mutex<(Option<Instant>, Arc<T>)>,
+    cached: Mutex<Cached<T>>,
+    loading: tokio::sync::Mutex<()>,
+}
+
+struct Cached<T> {
+    loaded_at: Option<Instant>,
+    value: Arc<T>,
+    /// Moves on every `expire`.
+    generation: u64,
+}
+
+impl<T> Cached<T> {
+    fn fresh(&self, refresh: Duration) -> Option<Arc<T>> {
+        self.loaded_at
+            .is_some_and(|at| at.elapsed() < refresh)
+            .then(|| self.value.clone())
+    }
 }
 
 impl<T: Default> Snapshot<T> {
     fn new(refresh: Duration) -> Self {
         Snapshot {
             refresh,
-            cached: Mutex::new((None, Arc::new(T::default()))),
+            cached: Mutex::new(Cached {
+                loaded_at: None,
+                value: Arc::new(T::default()),
+                generation: 0,
+            }),
+            loading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cached<T>> {
+        self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn current<F>(&self, load: F) -> Arc<T>
     where
         F: Future<Output = ApiResult<T>>,
     {
-        let (fresh, value) = {
-            let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                cached.0.is_some_and(|at| at.elapsed() < self.refresh),
-                cached.1.clone(),
-            )
-        };
-        if fresh {
-            return value;
+        if let Some(fresh) = self.lock().fresh(self.refresh) {
+            return fresh;
         }
+        let _loading = self.loading.lock().await;
+        let generation = {
+            let cached = self.lock();
+            if let Some(fresh) = cached.fresh(self.refresh) {
+                return fresh;
+            }
+            cached.generation
+        };
         match load.await {
             Ok(loaded) => {
                 let loaded = Arc::new(loaded);
-                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (Some(Instant::now()), loaded.clone());
+                let mut cached = self.lock();
+                cached.value = loaded.clone();
+                // Expired while loading: serve it, but load again next time.
+                cached.loaded_at = (cached.generation == generation).then(Instant::now);
                 loaded
             }
             Err(error) => {
                 tracing::debug!(error = %error, "list not refreshed; keeping the last one");
-                value
+                self.lock().value.clone()
             }
         }
     }
 
     /// Makes the next `current` load again.
     pub fn expire(&self) {
-        self.cached.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
+        let mut cached = self.lock();
+        cached.loaded_at = None;
+        cached.generation += 1;
     }
 
     /// How long ago the value was loaded.
     fn age(&self) -> Option<Duration> {
-        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        cached.0.map(|at| at.elapsed())
+        self.lock().loaded_at.map(|at| at.elapsed())
     }
 }
 
@@ -197,5 +230,37 @@ impl SubscriptionDirectory {
     /// Resolves at the first change after `changes` was read (at once if one happened).
     pub async fn changed_since(&self, changes: u64) {
         self.changes.since(changes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_load_that_began_before_a_change_is_not_kept_as_fresh() {
+        let snapshot: Snapshot<u32> = Snapshot::new(Duration::from_secs(60));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let slow_load = async {
+            started_tx.send(()).unwrap();
+            finish_rx.await.unwrap();
+            Ok(1)
+        };
+        let change = async {
+            started_rx.await.unwrap();
+            // The change lands while the old state is being read.
+            snapshot.expire();
+            finish_tx.send(()).unwrap();
+        };
+        let (loaded, ()) = tokio::join!(snapshot.current(slow_load), change);
+        assert_eq!(*loaded, 1, "the load's value is served to its caller");
+        let reloaded = snapshot.current(async { Ok(2) }).await;
+        assert_eq!(
+            *reloaded, 2,
+            "the next caller loads again instead of trusting it"
+        );
+        let cached = snapshot.current(async { Ok(3) }).await;
+        assert_eq!(*cached, 2, "a load after the change is fresh");
     }
 }

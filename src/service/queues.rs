@@ -264,19 +264,10 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
     state.broker.delete_queue(&queue, &groups).await?;
     state.store.delete_queue(queue.id).await?;
     state
-        .queue_changed(queue.id, queue.tenant_id, &queue.name)
+        .queue_deleted(queue.id, queue.tenant_id, &queue.name)
         .await;
-    state.subscription_changed().await;
-    // What this process kept about the queue goes with it.
-    state.metrics.forget_queue(queue.tenant_id, &queue.name);
-    state.stats.forget_queue(queue.id);
-    state.signals.forget(queue.id);
-    state.activity.forget(queue.id);
-    state.scheduler.timers.forget(queue.id);
-    state.retry_timers.forget(queue.id);
-    state.deadline_timers.forget(queue.id);
     for subscription in &subscriptions {
-        state.stats.forget_subscription(subscription.id);
+        state.subscription_deleted(subscription.id).await;
     }
     audit::record(
         state,

@@ -30,6 +30,9 @@ pub struct SubscriptionStats {
     pub dead_lettered: i64,
     pub filtered: i64,
     pub expired: i64,
+    /// Exhausted messages the dead-letter queue refused (schema, limits, ACL), set aside in
+    /// the record quarantine instead of being retried forever.
+    pub set_aside: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +91,7 @@ impl SubscriptionListQuery {
     }
 }
 
-fn not_found(id: &str) -> ApiError {
+pub fn not_found(id: &str) -> ApiError {
     ApiError::new(
         ErrorCode::SubscriptionNotFound,
         format!("subscription '{id}' not found"),
@@ -294,6 +297,7 @@ pub async fn get_with_stats(
             delivered: counts.acked
                 + counts.failed
                 + counts.dead_lettered
+                + counts.set_aside
                 + group.consumer_pending as i64,
             acked: counts.acked,
             failed: counts.failed,
@@ -301,6 +305,7 @@ pub async fn get_with_stats(
             filtered: counts.filtered,
             // Expired before delivery, and removed by retention before the group read them.
             expired: counts.expired + group.trimmed as i64,
+            set_aside: counts.set_aside,
         },
         subscription,
     })
@@ -421,9 +426,35 @@ async fn remove(state: &AppState, subscription: &Subscription) -> ApiResult<()> 
     if !deleted {
         return Err(not_found(&subscription.id.to_string()));
     }
-    state.subscription_changed().await;
-    state.stats.forget_subscription(subscription.id);
+    state.subscription_deleted(subscription.id).await;
     Ok(())
+}
+
+/// A take found the subscription's consumer group missing. Deleting the subscription's last
+/// group member destroys it (under the row lock), so: if the row is gone, or goes while this
+/// waits for its lock, the subscription was deleted and the caller stops (false). If the row
+/// is still there once locked, Redis lost the group with its data: it is made again over
+/// what the stream holds now (true), the one place besides creation that makes a group.
+pub async fn restore_lost_group(
+    state: &AppState,
+    subscription: &Subscription,
+    queue: &Queue,
+) -> ApiResult<bool> {
+    state
+        .store
+        .while_subscription_exists(subscription.id, async || {
+            tracing::warn!(subscription = %subscription.id, group = subscription.delivery_group, "consumer group missing in Redis; making it again");
+            state
+                .broker
+                .ensure_consumer_group(
+                    queue.id,
+                    queue.partition_count,
+                    &subscription.delivery_group,
+                    true,
+                )
+                .await
+        })
+        .await
 }
 
 /// Where each subscription stands in its group (lag, its pending deliveries, what retention

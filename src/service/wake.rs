@@ -14,17 +14,32 @@
 //! - `t <origin> <queue id> <due ms>`: a failed delivery is retried then (the consumers'
 //!   timer), sooner than any other retry of its group on the partition.
 //! - `s <origin>`: a subscription was created, changed or deleted.
-//! - `c <origin> <queue id> <tenant id> <name>`: a queue was changed or deleted.
+//! - `x <origin> <subscription id>`: a subscription was deleted (its in-process state goes).
+//! - `c <origin> <queue id> <tenant id> <name>`: a queue was changed.
+//! - `d <origin> <queue id> <tenant id> <name>`: a queue was deleted (its timers, signals and
+//!   in-process state go).
+//!
+//! - `h <origin>`: a heartbeat, every `HEARTBEAT`: an instance that hears nothing (not even
+//!   its own) for `SILENCE_LIMIT` takes its connection for lost (a half-open TCP connection
+//!   delivers nothing and reports nothing), reconnects and catches up.
 //!
 //! `<origin>` is the announcing instance's id: an instance acts on its own changes directly
 //! and skips their echo. Pub/Sub delivers at most once; an instance whose connection drops
 //! treats every queue as changed when it is back (`workers::waker`), and each worker keeps a
 //! slow safety look for what a lost announcement could leave behind.
 
+use std::time::Duration;
+
 use uuid::Uuid;
+
+/// How often each instance sends a heartbeat on the wake channel.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Hearing nothing for this long means the wake channel connection is lost.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(7);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Announcement {
+    Heartbeat,
     Ready {
         queue_id: Uuid,
     },
@@ -37,7 +52,15 @@ pub enum Announcement {
         due_ms: i64,
     },
     SubscriptionsChanged,
+    SubscriptionDeleted {
+        subscription_id: Uuid,
+    },
     QueueChanged {
+        queue_id: Uuid,
+        tenant_id: Uuid,
+        name: String,
+    },
+    QueueDeleted {
         queue_id: Uuid,
         tenant_id: Uuid,
         name: String,
@@ -58,12 +81,21 @@ impl Announcement {
             Announcement::Ready { queue_id } => format!("r {origin} {queue_id}"),
             Announcement::Waiting { queue_id, due_ms } => format!("w {origin} {queue_id} {due_ms}"),
             Announcement::Retry { queue_id, due_ms } => format!("t {origin} {queue_id} {due_ms}"),
+            Announcement::Heartbeat => format!("h {origin}"),
             Announcement::SubscriptionsChanged => format!("s {origin}"),
+            Announcement::SubscriptionDeleted { subscription_id } => {
+                format!("x {origin} {subscription_id}")
+            }
             Announcement::QueueChanged {
                 queue_id,
                 tenant_id,
                 name,
             } => format!("c {origin} {queue_id} {tenant_id} {name}"),
+            Announcement::QueueDeleted {
+                queue_id,
+                tenant_id,
+                name,
+            } => format!("d {origin} {queue_id} {tenant_id} {name}"),
         }
     }
 
@@ -84,15 +116,27 @@ impl Announcement {
                     Announcement::Retry { queue_id, due_ms }
                 }
             }
+            "h" => Announcement::Heartbeat,
             "s" => Announcement::SubscriptionsChanged,
-            "c" => {
+            "x" => Announcement::SubscriptionDeleted {
+                subscription_id: queue()?,
+            },
+            "c" | "d" => {
                 let queue_id = queue()?;
                 let tenant_id = parts.next()?.parse().ok()?;
                 let name = parts.next()?.to_owned();
-                Announcement::QueueChanged {
-                    queue_id,
-                    tenant_id,
-                    name,
+                if kind == "c" {
+                    Announcement::QueueChanged {
+                        queue_id,
+                        tenant_id,
+                        name,
+                    }
+                } else {
+                    Announcement::QueueDeleted {
+                        queue_id,
+                        tenant_id,
+                        name,
+                    }
                 }
             }
             _ => return None,
@@ -112,6 +156,7 @@ mod tests {
     fn announcements_read_back_as_sent() {
         let queue_id = Uuid::from_u128(7);
         for announcement in [
+            Announcement::Heartbeat,
             Announcement::Ready { queue_id },
             Announcement::Waiting {
                 queue_id,
@@ -122,7 +167,15 @@ mod tests {
                 due_ms: 5,
             },
             Announcement::SubscriptionsChanged,
+            Announcement::SubscriptionDeleted {
+                subscription_id: Uuid::from_u128(8),
+            },
             Announcement::QueueChanged {
+                queue_id,
+                tenant_id: Uuid::from_u128(9),
+                name: "orders.v2".into(),
+            },
+            Announcement::QueueDeleted {
                 queue_id,
                 tenant_id: Uuid::from_u128(9),
                 name: "orders.v2".into(),

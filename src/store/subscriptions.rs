@@ -105,6 +105,8 @@ pub struct OutcomeCounts {
     pub dead_lettered: i64,
     pub filtered: i64,
     pub expired: i64,
+    /// Refused by the dead-letter queue and set aside in the record quarantine.
+    pub set_aside: i64,
 }
 
 /// How many subscriptions a tenant may have, in all and to one queue.
@@ -321,6 +323,27 @@ impl Store {
         Ok(true)
     }
 
+    /// Runs `locked` while holding the subscription's row lock, if the row exists (a
+    /// deletion in progress is waited for); whether it existed.
+    pub async fn while_subscription_exists(
+        &self,
+        id: Uuid,
+        locked: impl AsyncFnOnce() -> ApiResult<()>,
+    ) -> ApiResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM message_subscriptions WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        locked().await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Every subscription to a queue, of any tenant (the owner's and its guests').
     pub async fn subscriptions_to(&self, queue_id: Uuid) -> ApiResult<Vec<Subscription>> {
         let rows: Vec<SubscriptionRow> = sqlx::query_as(&format!(
@@ -364,6 +387,7 @@ impl Store {
                 "dead_letter" => counts.dead_lettered = count,
                 "filtered" => counts.filtered = count,
                 "expired" => counts.expired = count,
+                "set_aside" => counts.set_aside = count,
                 _ => {}
             }
         }

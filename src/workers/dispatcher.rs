@@ -206,7 +206,7 @@ async fn serve(
         let Ok(resolved) =
             queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
         else {
-            idle(&stop, None, &mut pushes, RESOLVE_RETRY).await;
+            idle(&stop, None, &mut pushes, None, RESOLVE_RETRY).await;
             continue;
         };
         let queue = resolved.queue;
@@ -229,7 +229,7 @@ async fn serve(
                     denied = true;
                     tracing::warn!(subscription = %subscription.id, reason = error.message, "webhook delivery stopped: the queue no longer admits this subscriber");
                 }
-                idle(&stop, Some(arrived), &mut pushes, safety_look).await;
+                idle(&stop, Some(arrived), &mut pushes, None, safety_look).await;
                 continue;
             }
         }
@@ -237,8 +237,15 @@ async fn serve(
             .available_permits()
             .min(tenant_permits.available_permits())
             .min(state.config.message_batch_size);
+        // What ends the wait below, besides an arrival, a finished push of this task and
+        // `stop`: a look at once when the take left work behind, a short retry after an
+        // error, a permit freed by another subscription of the tenant.
+        let mut again_in = safety_look;
+        let mut wants_tenant_permit = false;
         let mut pushed = 0;
-        if available > 0 && queue.status != QueueStatus::Paused {
+        if available == 0 {
+            wants_tenant_permit = permits.available_permits() > 0;
+        } else if queue.status != QueueStatus::Paused {
             let now = Utc::now().timestamp_millis();
             let deadline = now
                 + (subscription.session_timeout_ms as i64)
@@ -259,8 +266,24 @@ async fn serve(
                 .await;
             first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
             let deliverable = match taken {
+                Ok(taken) if taken.gone => {
+                    match subscriptions::restore_lost_group(&state, &subscription, &queue).await {
+                        Ok(true) => continue,
+                        // Deleted: nothing more to take; the dispatcher stops this task
+                        // once it hears of it.
+                        Ok(false) => {
+                            stop.cancelled().await;
+                            break;
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
                 Ok(taken) => {
                     watch_times(&state, queue.id, &taken, deadline);
+                    if !taken.deliveries.is_empty() {
+                        // Whatever screening leaves, the take may have left more behind.
+                        again_in = Duration::ZERO;
+                    }
                     screen(
                         &state,
                         &subscription,
@@ -295,12 +318,21 @@ async fn serve(
                     }
                 }
                 Err(error) => {
+                    again_in = RESOLVE_RETRY;
                     tracing::warn!(error = %error, subscription = %subscription.id, "taking messages failed")
                 }
             }
         }
-        if pushed == 0 {
-            idle(&stop, Some(arrived), &mut pushes, safety_look).await;
+        if pushed == 0 && !again_in.is_zero() {
+            let tenant_permit_freed = wants_tenant_permit.then_some(tenant_permits.as_ref());
+            idle(
+                &stop,
+                Some(arrived),
+                &mut pushes,
+                tenant_permit_freed,
+                again_in,
+            )
+            .await;
         }
     }
     // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
@@ -308,13 +340,22 @@ async fn serve(
     subscription.id
 }
 
-/// Waits for a reason to look again: a message arrived, a push finished, or `at_most` passed.
+/// Waits for a reason to look again: a message arrived, a push finished, a permit of the
+/// tenant was freed (when `tenant_permits` is given), or `at_most` passed.
 async fn idle(
     stop: &CancellationToken,
     arrived: Option<std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>>,
     pushes: &mut JoinSet<()>,
+    tenant_permits: Option<&Semaphore>,
     at_most: Duration,
 ) {
+    let permit_freed = async {
+        match tenant_permits {
+            // Handed back at once: the look that follows takes it for real.
+            Some(permits) => drop(permits.acquire().await),
+            None => std::future::pending().await,
+        }
+    };
     let arrived = async {
         match arrived {
             Some(arrived) => arrived.await,
@@ -331,6 +372,7 @@ async fn idle(
     tokio::select! {
         () = arrived => {}
         () = finished => {}
+        () = permit_freed => {}
         () = tokio::time::sleep(at_most) => {}
         () = stop.cancelled() => {}
     }

@@ -34,9 +34,10 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         if safety_look.is_none_or(|at| at.elapsed() >= SAFETY_LOOK) {
             safety_look = Some(Instant::now());
             queues.extend(state.activity.snapshot());
-            queues.sort_unstable();
-            queues.dedup();
         }
+        // Due timers come in time order: sorted by id for the lookups below.
+        queues.sort_unstable();
+        queues.dedup();
         if !queues.is_empty() {
             let subscriptions = state.subscriptions.current(&state.store).await;
             let mut by_queue: HashMap<Uuid, Vec<&Subscription>> = HashMap::new();

@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::scheduler::Release;
+use crate::service::activity::Stamp;
 use crate::service::due::DueQueues;
 use crate::state::AppState;
 
@@ -111,10 +112,16 @@ async fn release(state: &AppState, queues: &[uuid::Uuid], now: i64) {
         state.activity.forget(queue_id);
     }
     let work: Vec<_> = found.iter().map(|q| (q.id, q.partition_count)).collect();
+    // Read before the look: a queue marked while it runs is not forgotten.
+    let stamps: std::collections::HashMap<uuid::Uuid, Stamp> = work
+        .iter()
+        .map(|(queue_id, _)| (*queue_id, state.activity.stamp(*queue_id)))
+        .collect();
     match state.broker.release_due(&work, now, RELEASE_BATCH).await {
         Ok(releases) => {
             for release in releases {
-                settle(state, &release, now);
+                let stamp = stamps.get(&release.queue_id).copied().flatten();
+                settle(state, &release, stamp, now);
             }
             status.last_sweep_ms.store(now, Ordering::Relaxed);
         }
@@ -127,7 +134,7 @@ async fn release(state: &AppState, queues: &[uuid::Uuid], now: i64) {
     }
 }
 
-fn settle(state: &AppState, release: &Release, now: i64) {
+fn settle(state: &AppState, release: &Release, stamp: Stamp, now: i64) {
     let status = &state.scheduler;
     if release.released > 0 {
         state.signals.notify(release.queue_id);
@@ -142,6 +149,8 @@ fn settle(state: &AppState, release: &Release, now: i64) {
         status.timers.arm(release.queue_id, next);
     }
     if release.empty {
-        state.activity.forget(release.queue_id);
+        state
+            .activity
+            .forget_unless_marked_since(release.queue_id, stamp);
     }
 }

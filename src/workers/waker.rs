@@ -6,12 +6,12 @@
 //! every queue counts as active until the scheduler looks at it, and every waiting consumer
 //! looks again.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::wake::Announcement;
+use crate::service::wake::{Announcement, HEARTBEAT, SILENCE_LIMIT};
 use crate::state::AppState;
 
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -32,15 +32,34 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             }
         };
         catch_up(&state).await;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
         loop {
             tokio::select! {
                 message = listener.next() => match message {
-                    Some(text) => hear(&state, &text),
+                    Some(text) => {
+                        last_heard = Instant::now();
+                        hear(&state, &text);
+                    }
                     None => {
                         tracing::warn!("wake-up connection lost; reconnecting");
                         break;
                     }
                 },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > SILENCE_LIMIT {
+                        tracing::warn!("wake-up connection silent (no heartbeat heard); reconnecting");
+                        listener.abandon();
+                        break;
+                    }
+                    // Sent on a shared connection, off this loop: a slow send never delays
+                    // what is heard.
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let _ = state.broker.announce(&Announcement::Heartbeat).await;
+                    });
+                }
                 () = state.retry_timers.wait(IDLE_TIMERS) => {
                     for queue_id in state.retry_timers.take_due(Utc::now().timestamp_millis()) {
                         state.signals.notify(queue_id);
@@ -70,6 +89,7 @@ fn hear(state: &AppState, text: &str) {
     // This instance acted on its own changes when it made them.
     let own = heard.origin == state.instance_id;
     match heard.announcement {
+        Announcement::Heartbeat => {}
         Announcement::Ready { queue_id } => {
             state.activity.mark(queue_id);
             if !own {
@@ -92,6 +112,11 @@ fn hear(state: &AppState, text: &str) {
                 state.subscriptions.expire();
             }
         }
+        Announcement::SubscriptionDeleted { subscription_id } => {
+            if !own {
+                state.forget_subscription_here(subscription_id);
+            }
+        }
         Announcement::QueueChanged {
             queue_id,
             tenant_id,
@@ -101,6 +126,15 @@ fn hear(state: &AppState, text: &str) {
                 state.queue_cache.invalidate(tenant_id, &name);
                 state.queue_directory.expire();
                 state.signals.notify(queue_id);
+            }
+        }
+        Announcement::QueueDeleted {
+            queue_id,
+            tenant_id,
+            name,
+        } => {
+            if !own {
+                state.forget_queue_here(queue_id, tenant_id, &name);
             }
         }
     }

@@ -12,6 +12,7 @@ pub struct TcpProxy {
     pub address: SocketAddr,
     open: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
+    freezes: watch::Sender<u64>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -22,8 +23,10 @@ impl TcpProxy {
         let address = listener.local_addr().expect("proxy address");
         let open = Arc::new(AtomicBool::new(true));
         let (cuts, _) = watch::channel(0u64);
+        let (freezes, _) = watch::channel(0u64);
         let accept_open = open.clone();
         let accept_cuts = cuts.clone();
+        let accept_freezes = freezes.clone();
         let accept_loop = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !accept_open.load(Ordering::SeqCst) {
@@ -31,13 +34,19 @@ impl TcpProxy {
                     continue;
                 }
                 let mut cut = accept_cuts.subscribe();
+                let mut freeze = accept_freezes.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
+                    let frozen = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        _ = cut.changed() => false,
+                        _ = freeze.changed() => true,
+                    };
+                    if frozen {
+                        // Half-open: both sockets stay open and nothing crosses any more.
+                        let _ = cut.changed().await;
                     }
                 });
             }
@@ -46,8 +55,15 @@ impl TcpProxy {
             address,
             open,
             cuts,
+            freezes,
             accept_loop,
         }
+    }
+
+    /// Every open connection goes silent without being closed, as when the peer vanished
+    /// without a reset (a half-open connection); new connections are forwarded as before.
+    pub fn freeze(&self) {
+        self.freezes.send_modify(|generation| *generation += 1);
     }
 
     /// Drops every open connection and refuses new ones.

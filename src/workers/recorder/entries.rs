@@ -271,6 +271,7 @@ fn delivery_attempt(
         Some("filtered") => "filtered",
         Some("expired") => "expired",
         Some("dead_letter") => "dead_letter",
+        Some("set_aside") => "set_aside",
         other => return Err(format!("unknown delivery outcome {other:?}")),
     };
     let subscription_id = entry
