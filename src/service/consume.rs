@@ -99,6 +99,8 @@ pub async fn pull(
     id: &str,
     request: PullRequest,
 ) -> ApiResult<Vec<PulledMessage>> {
+    // Read before the subscription is: a change from here on is noticed.
+    let mut seen_changes = state.subscriptions.changes();
     let Consumer {
         mut subscription,
         mut queue,
@@ -120,14 +122,32 @@ pub async fn pull(
     let signal = state.signals.subscribe(queue.id);
     // Rotating the first partition spreads consumers over partitions.
     let mut first_partition = fastrand::u16(..queue.partition_count.max(1));
-    let mut subscription_read = (state.subscriptions.changes(), Instant::now());
+    let mut looked = false;
     let mut take_now = true;
     let mut last_take = Instant::now();
+    let mut restored = false;
     loop {
+        // Listening before looking: whatever arrives or changes from here on ends the wait.
         let arrived = signal.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
         let changes = state.subscriptions.changes();
+        if looked {
+            // What the poll began with may have changed: the subscription (deleted, paused,
+            // filter) after any change announced; the queue (paused, resumed, private, ACLs)
+            // at every look, from the cache every change empties.
+            if changes != seen_changes {
+                seen_changes = changes;
+                let current = reread_subscription(state, tenant.tenant_id, id).await?;
+                take_now |= current.updated_at != subscription.updated_at;
+                subscription = current;
+            }
+            queue = queues::resolve(state, subscription.queue_tenant_id, &subscription.queue)
+                .await?
+                .queue;
+            subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
+        }
+        looked = true;
         if take_now && queue.status != QueueStatus::Paused {
             last_take = Instant::now();
             let now = now_ms();
@@ -148,7 +168,12 @@ pub async fn pull(
                 .await
                 .map_err(ApiError::during_consume)?;
             if taken.gone {
-                if subscriptions::restore_lost_group(state, &subscription, &queue).await? {
+                // Made again at most once per pull: a group that cannot be made is not
+                // retried in a loop.
+                if !restored
+                    && subscriptions::restore_lost_group(state, &subscription, &queue).await?
+                {
+                    restored = true;
                     continue;
                 }
                 return Err(subscriptions::not_found(id));
@@ -174,27 +199,34 @@ pub async fn pull(
         if now >= give_up {
             return Ok(Vec::new());
         }
-        let woken = tokio::select! {
+        // Messages (or a change of the queue) call for a take; a subscription change only
+        // for a look at the subscription, which takes if it changed.
+        take_now = tokio::select! {
             () = arrived => true,
-            () = state.subscriptions.changed_since(changes) => true,
+            () = state.subscriptions.changed_since(changes) => false,
             () = tokio::time::sleep(RECHECK.min(give_up - now)) => false,
-        };
-        // What the poll began with may have changed: the subscription (deleted, paused,
-        // filter), the queue (paused, resumed, private, ACLs). A change anywhere is announced
-        // (the queue's cache entry dropped, the subscription counter moved); looking again
-        // at least every `RECHECK` bounds what a lost announcement leaves.
-        let changes = state.subscriptions.changes();
-        if changes != subscription_read.0 || subscription_read.1.elapsed() >= REPOLL {
-            subscription = subscriptions::require(state, tenant.tenant_id, id).await?;
-            subscription_read = (changes, Instant::now());
-            refuse_paused(&subscription, id)?;
-        }
-        queue = queues::resolve(state, subscription.queue_tenant_id, &subscription.queue)
-            .await?
-            .queue;
-        subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
-        take_now = woken || last_take.elapsed() >= REPOLL;
+        } || last_take.elapsed() >= REPOLL;
     }
+}
+
+/// The subscription as it is now, for a waiting pull: from the subscription list (loaded
+/// once per change), or from PostgreSQL when the list lacks it (newer than the list, or
+/// deleted: then 404).
+async fn reread_subscription(
+    state: &AppState,
+    tenant_id: uuid::Uuid,
+    id: &str,
+) -> ApiResult<Subscription> {
+    let listed = match uuid::Uuid::parse_str(id) {
+        Ok(uuid) => state.subscriptions.find(&state.store, uuid).await,
+        Err(_) => None,
+    };
+    let subscription = match listed.filter(|s| s.tenant_id == tenant_id) {
+        Some(subscription) => subscription,
+        None => subscriptions::require(state, tenant_id, id).await?,
+    };
+    refuse_paused(&subscription, id)?;
+    Ok(subscription)
 }
 
 fn refuse_paused(subscription: &Subscription, id: &str) -> ApiResult<()> {

@@ -196,9 +196,35 @@ impl QueueDirectory {
     }
 }
 
+/// Every subscription of every tenant, and where each is in the list.
+#[derive(Default)]
+pub struct Subscriptions {
+    list: Vec<Subscription>,
+    by_id: HashMap<Uuid, usize>,
+}
+
+impl Subscriptions {
+    fn new(list: Vec<Subscription>) -> Self {
+        let by_id = list.iter().enumerate().map(|(n, s)| (s.id, n)).collect();
+        Subscriptions { list, by_id }
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<&Subscription> {
+        self.by_id.get(&id).map(|&n| &self.list[n])
+    }
+}
+
+impl std::ops::Deref for Subscriptions {
+    type Target = [Subscription];
+
+    fn deref(&self) -> &[Subscription] {
+        &self.list
+    }
+}
+
 /// Every subscription of every tenant.
 pub struct SubscriptionDirectory {
-    snapshot: Snapshot<Vec<Subscription>>,
+    snapshot: Snapshot<Subscriptions>,
     changes: Changes,
 }
 
@@ -212,8 +238,17 @@ impl Default for SubscriptionDirectory {
 }
 
 impl SubscriptionDirectory {
-    pub async fn current(&self, store: &Store) -> Arc<Vec<Subscription>> {
-        self.snapshot.current(store.list_all_subscriptions()).await
+    pub async fn current(&self, store: &Store) -> Arc<Subscriptions> {
+        self.snapshot
+            .current(async { store.list_all_subscriptions().await.map(Subscriptions::new) })
+            .await
+    }
+
+    /// One subscription as the list has it (reloaded once per change, whoever asks): a long
+    /// poll woken by a change reads it here, not from PostgreSQL, so changes of any tenant
+    /// cost one load per instance, not one query per waiting poll.
+    pub async fn find(&self, store: &Store, id: Uuid) -> Option<Subscription> {
+        self.current(store).await.get(id).cloned()
     }
 
     /// A subscription changed (here or elsewhere): reload now and wake who waits.

@@ -7,6 +7,7 @@
 //! looked up.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ pub struct ResolvedQueue {
 #[derive(Default)]
 pub struct QueueCache {
     entries: RwLock<HashMap<(Uuid, String), (Instant, ResolvedQueue)>>,
+    /// Moves on every invalidation: a load that began before one may hold the state from
+    /// before the change, and is not cached.
+    invalidations: AtomicU64,
 }
 
 pub enum Lookup {
@@ -49,8 +53,18 @@ impl QueueCache {
         }
     }
 
-    pub fn put(&self, entry: ResolvedQueue) {
+    /// Read before loading a queue, for `put`.
+    pub fn generation(&self) -> u64 {
+        self.invalidations.load(Ordering::SeqCst)
+    }
+
+    /// Caches a queue loaded after `generation` was read, unless an invalidation came in
+    /// meanwhile.
+    pub fn put(&self, entry: ResolvedQueue, generation: u64) {
         if let Ok(mut entries) = self.entries.write() {
+            if self.generation() != generation {
+                return;
+            }
             if entries.len() >= SOFT_CAPACITY {
                 entries.retain(|_, (loaded, _)| loaded.elapsed() < EVICT_AFTER);
             }
@@ -68,6 +82,7 @@ impl QueueCache {
 
     pub fn invalidate(&self, tenant_id: Uuid, name: &str) {
         if let Ok(mut entries) = self.entries.write() {
+            self.invalidations.fetch_add(1, Ordering::SeqCst);
             entries.remove(&(tenant_id, name.to_owned()));
         }
     }

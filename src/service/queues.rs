@@ -78,6 +78,7 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
         Lookup::Stale(entry) => Some(entry),
         Lookup::Missing => None,
     };
+    let generation = state.queue_cache.generation();
     match state.store.find_queue(tenant_id, name).await {
         Ok(Some(queue)) => {
             // A schema stored before the current rules (e.g. with look-around) no longer
@@ -90,7 +91,7 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
                 queue: Arc::new(queue),
                 schema,
             };
-            state.queue_cache.put(entry.clone());
+            state.queue_cache.put(entry.clone(), generation);
             Ok(entry)
         }
         Ok(None) => {

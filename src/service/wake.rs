@@ -20,8 +20,10 @@
 //!   in-process state go).
 //!
 //! - `h <origin>`: a heartbeat, every `HEARTBEAT`: an instance that hears nothing (not even
-//!   its own) for `SILENCE_LIMIT` takes its connection for lost (a half-open TCP connection
-//!   delivers nothing and reports nothing), reconnects and catches up.
+//!   its own) for `SILENCE_LIMIT` after Redis accepted one of its heartbeats takes its
+//!   connection for lost (a half-open TCP connection delivers nothing and reports nothing),
+//!   reconnects and catches up. A stalled Redis accepts no heartbeat, so it is not mistaken
+//!   for a lost connection.
 //!
 //! `<origin>` is the announcing instance's id: an instance acts on its own changes directly
 //! and skips their echo. Pub/Sub delivers at most once; an instance whose connection drops
@@ -33,9 +35,10 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// How often each instance sends a heartbeat on the wake channel.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// Hearing nothing for this long means the wake channel connection is lost.
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(7);
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Hearing nothing for this long after Redis accepted a heartbeat means the wake channel
+/// connection is lost.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Announcement {

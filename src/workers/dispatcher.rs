@@ -41,8 +41,12 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// often (plus up to a tenth more, so that the looks of many tasks spread out), in case an
 /// announcement was lost.
 const SAFETY_LOOK: Duration = Duration::from_secs(300);
-/// How soon a serving task tries again when its queue cannot be read (PostgreSQL down).
+/// How soon a serving task tries again when its queue cannot be read (PostgreSQL down) or a
+/// take failed.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+/// A serving task held back by its queue (paused, private, ACLs) is woken by the change that
+/// lifts it; it also looks this often, in case the announcement was lost.
+const QUEUE_STATE_LOOK: Duration = Duration::from_secs(30);
 /// The ack deadline of a push outlives its timeout by this much, so the reclaimer never
 /// takes a push that is still running.
 const DEADLINE_MARGIN_MS: i64 = 5000;
@@ -194,7 +198,10 @@ async fn serve(
     let mut pushes = JoinSet::new();
     let mut first_partition = 0u16;
     let mut denied = false;
+    // A tenant permit this task waited for, kept for its next take.
+    let mut waited_for: Option<OwnedSemaphorePermit> = None;
     let safety_look = SAFETY_LOOK + SAFETY_LOOK.mul_f64(fastrand::f64() / 10.0);
+    let signal = state.signals.subscribe(subscription.queue_id);
     while !stop.is_cancelled() {
         if state.faults.serving_panics(subscription.id) {
             panic!(
@@ -203,18 +210,18 @@ async fn serve(
             );
         }
         while pushes.try_join_next().is_some() {}
-        let Ok(resolved) =
-            queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
-        else {
-            idle(&stop, None, &mut pushes, None, RESOLVE_RETRY).await;
-            continue;
-        };
-        let queue = resolved.queue;
-        // Listening before looking: whatever arrives after the look wakes this task.
-        let signal = state.signals.subscribe(queue.id);
+        // Listening before looking: whatever arrives, or changes the queue, after this wakes
+        // the wait below.
         let arrived = signal.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
+        let Ok(resolved) =
+            queues::resolve(&state, subscription.queue_tenant_id, &subscription.queue).await
+        else {
+            idle(&stop, Some(arrived), &mut pushes, None, RESOLVE_RETRY).await;
+            continue;
+        };
+        let queue = resolved.queue;
         // The queue's consumer rules apply to pushes as to pulls: a queue made private, or a
         // principal taken off `allowedConsumers`, stops the pushes (the change is announced
         // to every instance, which looks at the queue again).
@@ -229,110 +236,112 @@ async fn serve(
                     denied = true;
                     tracing::warn!(subscription = %subscription.id, reason = error.message, "webhook delivery stopped: the queue no longer admits this subscriber");
                 }
-                idle(&stop, Some(arrived), &mut pushes, None, safety_look).await;
+                idle(&stop, Some(arrived), &mut pushes, None, QUEUE_STATE_LOOK).await;
                 continue;
             }
         }
-        let available = permits
-            .available_permits()
-            .min(tenant_permits.available_permits())
-            .min(state.config.message_batch_size);
-        // What ends the wait below, besides an arrival, a finished push of this task and
-        // `stop`: a look at once when the take left work behind, a short retry after an
-        // error, a permit freed by another subscription of the tenant.
-        let mut again_in = safety_look;
-        let mut wants_tenant_permit = false;
-        let mut pushed = 0;
-        if available == 0 {
-            wants_tenant_permit = permits.available_permits() > 0;
-        } else if queue.status != QueueStatus::Paused {
-            let now = Utc::now().timestamp_millis();
-            let deadline = now
-                + (subscription.session_timeout_ms as i64)
-                    .max(timeout.as_millis() as i64 + DEADLINE_MARGIN_MS);
-            let taken = state
-                .broker
-                .take(
-                    queue.id,
-                    queue.partition_count,
-                    first_partition,
-                    &subscription.delivery_group,
-                    &consumer,
-                    available,
-                    now,
-                    deadline,
-                    concurrency == 1,
-                )
-                .await;
-            first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
-            let deliverable = match taken {
-                Ok(taken) if taken.gone => {
-                    match subscriptions::restore_lost_group(&state, &subscription, &queue).await {
-                        Ok(true) => continue,
-                        // Deleted: nothing more to take; the dispatcher stops this task
-                        // once it hears of it.
-                        Ok(false) => {
-                            stop.cancelled().await;
-                            break;
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
-                Ok(taken) => {
-                    watch_times(&state, queue.id, &taken, deadline);
-                    if !taken.deliveries.is_empty() {
-                        // Whatever screening leaves, the take may have left more behind.
-                        again_in = Duration::ZERO;
-                    }
-                    screen(
-                        &state,
-                        &subscription,
-                        &queue,
-                        filter.as_ref(),
-                        taken.deliveries,
-                        now,
-                    )
-                    .await
-                }
-                Err(error) => Err(error),
-            };
-            match deliverable {
-                Ok(deliverable) => {
-                    for (delivery, envelope) in deliverable {
-                        let Ok(permit) = permits.clone().acquire_owned().await else {
-                            break;
-                        };
-                        let Ok(tenant_permit) = tenant_permits.clone().acquire_owned().await else {
-                            break;
-                        };
-                        pushes.spawn(push(
-                            state.clone(),
-                            subscription.clone(),
-                            queue.clone(),
-                            delivery,
-                            envelope,
-                            timeout,
-                            (permit, tenant_permit),
-                        ));
-                        pushed += 1;
-                    }
-                }
-                Err(error) => {
-                    again_in = RESOLVE_RETRY;
-                    tracing::warn!(error = %error, subscription = %subscription.id, "taking messages failed")
-                }
-            }
+        if queue.status == QueueStatus::Paused {
+            idle(&stop, Some(arrived), &mut pushes, None, QUEUE_STATE_LOOK).await;
+            continue;
         }
-        if pushed == 0 && !again_in.is_zero() {
-            let tenant_permit_freed = wants_tenant_permit.then_some(tenant_permits.as_ref());
-            idle(
-                &stop,
-                Some(arrived),
-                &mut pushes,
-                tenant_permit_freed,
-                again_in,
+        // Permits are reserved before taking, so a taken message never waits for one.
+        let (mut reserved, tenant_short) = reserve(
+            &permits,
+            &tenant_permits,
+            waited_for.take(),
+            state.config.message_batch_size,
+        );
+        if reserved.is_empty() {
+            // Own permits all pushing: a finished push ends the wait. The tenant's all held by
+            // its other subscriptions: the next one freed goes to this task.
+            let tenant = tenant_short.then_some(&tenant_permits);
+            waited_for = idle(&stop, Some(arrived), &mut pushes, tenant, safety_look).await;
+            continue;
+        }
+        let now = Utc::now().timestamp_millis();
+        let deadline = now
+            + (subscription.session_timeout_ms as i64)
+                .max(timeout.as_millis() as i64 + DEADLINE_MARGIN_MS);
+        let taken = state
+            .broker
+            .take(
+                queue.id,
+                queue.partition_count,
+                first_partition,
+                &subscription.delivery_group,
+                &consumer,
+                reserved.len(),
+                now,
+                deadline,
+                concurrency == 1,
             )
             .await;
+        first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
+        let taken = match taken {
+            Ok(taken) if taken.gone => {
+                drop(reserved);
+                match subscriptions::restore_lost_group(&state, &subscription, &queue).await {
+                    // Made again: looked at after a pause, so a group that cannot be made
+                    // costs a look a second, not a busy loop.
+                    Ok(true) => {
+                        idle(&stop, Some(arrived), &mut pushes, None, RESOLVE_RETRY).await;
+                    }
+                    // Deleted: nothing more to take; the dispatcher stops this task once it
+                    // hears of it.
+                    Ok(false) => stop.cancelled().await,
+                    Err(error) => {
+                        tracing::warn!(error = %error, subscription = %subscription.id, "checking a missing consumer group failed");
+                        idle(&stop, Some(arrived), &mut pushes, None, RESOLVE_RETRY).await;
+                    }
+                }
+                continue;
+            }
+            Ok(taken) => taken,
+            Err(error) => {
+                tracing::warn!(error = %error, subscription = %subscription.id, "taking messages failed");
+                drop(reserved);
+                idle(&stop, Some(arrived), &mut pushes, None, RESOLVE_RETRY).await;
+                continue;
+            }
+        };
+        watch_times(&state, queue.id, &taken, deadline);
+        if taken.deliveries.is_empty() {
+            drop(reserved);
+            idle(&stop, Some(arrived), &mut pushes, None, safety_look).await;
+            continue;
+        }
+        // Whatever screening leaves, the take may have left more behind: no wait after it.
+        let screened = screen(
+            &state,
+            &subscription,
+            &queue,
+            filter.as_ref(),
+            taken.deliveries,
+            now,
+        )
+        .await;
+        match screened {
+            Ok(deliverable) => {
+                for ((delivery, envelope), permits) in
+                    deliverable.into_iter().zip(reserved.drain(..))
+                {
+                    pushes.spawn(push(
+                        state.clone(),
+                        subscription.clone(),
+                        queue.clone(),
+                        delivery,
+                        envelope,
+                        timeout,
+                        permits,
+                    ));
+                }
+            }
+            Err(error) => {
+                // Left in flight: the reclaimer settles them when their deadline passes.
+                tracing::warn!(error = %error, subscription = %subscription.id, "screening taken messages failed");
+                drop(reserved);
+                idle(&stop, Some(arrived), &mut pushes, None, RESOLVE_RETRY).await;
+            }
         }
     }
     // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
@@ -340,22 +349,44 @@ async fn serve(
     subscription.id
 }
 
-/// Waits for a reason to look again: a message arrived, a push finished, a permit of the
-/// tenant was freed (when `tenant_permits` is given), or `at_most` passed.
+/// Reserves up to `most` pairs of permits (this subscription's, its tenant's), starting with
+/// a tenant permit already held; and whether the tenant's permits ran out first.
+fn reserve(
+    permits: &Arc<Semaphore>,
+    tenant_permits: &Arc<Semaphore>,
+    mut held: Option<OwnedSemaphorePermit>,
+    most: usize,
+) -> (Vec<PushPermits>, bool) {
+    let mut reserved = Vec::new();
+    while reserved.len() < most.max(1) {
+        let Ok(own) = permits.clone().try_acquire_owned() else {
+            return (reserved, false);
+        };
+        let tenant = match held.take() {
+            Some(tenant) => tenant,
+            None => match tenant_permits.clone().try_acquire_owned() {
+                Ok(tenant) => tenant,
+                Err(_) => return (reserved, true),
+            },
+        };
+        reserved.push((own, tenant));
+    }
+    (reserved, false)
+}
+
+/// A push's permits: its subscription's and its tenant's, held until it is settled.
+type PushPermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Waits for a reason to look again: a message arrived or the queue changed, a push
+/// finished, a permit of the tenant was freed (when `tenant_permits` is given: the permit is
+/// returned, held for the next take), or `at_most` passed.
 async fn idle(
     stop: &CancellationToken,
     arrived: Option<std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>>,
     pushes: &mut JoinSet<()>,
-    tenant_permits: Option<&Semaphore>,
+    tenant_permits: Option<&Arc<Semaphore>>,
     at_most: Duration,
-) {
-    let permit_freed = async {
-        match tenant_permits {
-            // Handed back at once: the look that follows takes it for real.
-            Some(permits) => drop(permits.acquire().await),
-            None => std::future::pending().await,
-        }
-    };
+) -> Option<OwnedSemaphorePermit> {
     let arrived = async {
         match arrived {
             Some(arrived) => arrived.await,
@@ -369,12 +400,18 @@ async fn idle(
             let _ = pushes.join_next().await;
         }
     };
+    let permit_freed = async {
+        match tenant_permits {
+            Some(permits) => permits.clone().acquire_owned().await.ok(),
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        () = arrived => {}
-        () = finished => {}
-        () = permit_freed => {}
-        () = tokio::time::sleep(at_most) => {}
-        () = stop.cancelled() => {}
+        () = arrived => None,
+        () = finished => None,
+        permit = permit_freed => permit,
+        () = tokio::time::sleep(at_most) => None,
+        () = stop.cancelled() => None,
     }
 }
 
@@ -386,7 +423,7 @@ async fn push(
     delivery: Delivery,
     envelope: Envelope,
     timeout: Duration,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    _permits: PushPermits,
 ) {
     state
         .metrics

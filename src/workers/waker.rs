@@ -15,15 +15,47 @@ use crate::service::wake::{Announcement, HEARTBEAT, SILENCE_LIMIT};
 use crate::state::AppState;
 
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// Connecting and subscribing, and the catch-up after it, give up after this long (a
+/// half-open network would otherwise hold them for good).
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 /// Retry timers are armed by announcements and takes; nothing is due without one.
 const IDLE_TIMERS: Duration = Duration::from_secs(60);
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
+    // Retries fall due whatever the wake channel is doing.
+    tokio::join!(
+        listen(&state, &shutdown),
+        fire_retry_timers(&state, &shutdown)
+    );
+}
+
+async fn fire_retry_timers(state: &AppState, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {
-        let mut listener = match state.broker.listen_for_wakes().await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(error = %error, "cannot listen for wake-ups; retrying");
+        tokio::select! {
+            () = state.retry_timers.wait(IDLE_TIMERS) => {
+                for queue_id in state.retry_timers.take_due(Utc::now().timestamp_millis()) {
+                    state.signals.notify(queue_id);
+                }
+            }
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn listen(state: &AppState, shutdown: &CancellationToken) {
+    // When Redis accepted each heartbeat of this instance.
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    while !shutdown.is_cancelled() {
+        let connected = tokio::time::timeout(CONNECT_LIMIT, state.broker.listen_for_wakes()).await;
+        let mut listener = match connected {
+            Ok(Ok(listener)) => listener,
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::warn!(error, "cannot listen for wake-ups; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(RECONNECT_AFTER) => {}
                     () = shutdown.cancelled() => {}
@@ -31,39 +63,52 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 continue;
             }
         };
-        catch_up(&state).await;
+        if tokio::time::timeout(CATCH_UP_LIMIT, catch_up(state))
+            .await
+            .is_err()
+        {
+            tracing::warn!("catching up after reconnecting timed out; the safety looks finish it");
+        }
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        // The first heartbeat Redis accepted after the last thing heard: nothing heard for
+        // `SILENCE_LIMIT` after it means the connection is lost. A slow or stalled Redis
+        // accepts no heartbeat, so it is not taken for a lost connection.
+        let mut unheard_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 message = listener.next() => match message {
                     Some(text) => {
                         last_heard = Instant::now();
-                        hear(&state, &text);
+                        unheard_since = None;
+                        hear(state, &text);
                     }
                     None => {
                         tracing::warn!("wake-up connection lost; reconnecting");
                         break;
                     }
                 },
+                Some(sent_at) = accepted.recv() => {
+                    if sent_at > last_heard && unheard_since.is_none() {
+                        unheard_since = Some(sent_at);
+                    }
+                }
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > SILENCE_LIMIT {
-                        tracing::warn!("wake-up connection silent (no heartbeat heard); reconnecting");
+                    if unheard_since.is_some_and(|at| at.elapsed() > SILENCE_LIMIT) {
+                        tracing::warn!("wake-up connection silent (a heartbeat Redis accepted was not heard); reconnecting");
                         listener.abandon();
                         break;
                     }
                     // Sent on a shared connection, off this loop: a slow send never delays
                     // what is heard.
-                    let state = state.clone();
+                    let (state, accepted_tx) = (state.clone(), accepted_tx.clone());
                     tokio::spawn(async move {
-                        let _ = state.broker.announce(&Announcement::Heartbeat).await;
+                        let sent_at = Instant::now();
+                        if state.broker.announce(&Announcement::Heartbeat).await.is_ok() {
+                            let _ = accepted_tx.send(sent_at);
+                        }
                     });
-                }
-                () = state.retry_timers.wait(IDLE_TIMERS) => {
-                    for queue_id in state.retry_timers.take_due(Utc::now().timestamp_millis()) {
-                        state.signals.notify(queue_id);
-                    }
                 }
                 () = shutdown.cancelled() => return,
             }
