@@ -39,6 +39,8 @@ pub struct Config {
     /// How often records past their queue's retention are removed from PostgreSQL.
     pub record_retention_interval_ms: u64,
     pub max_message_size: usize,
+    /// Bytes of messages one pull (or one webhook take) hands out at most, beyond the first.
+    pub pull_max_bytes: usize,
     pub default_ttl_secs: u64,
     pub max_queue_length: u64,
     pub consumer_timeout_ms: u64,
@@ -250,6 +252,7 @@ impl Config {
                 100..=86_400_000,
             )?,
             max_message_size: env.number("MAX_MESSAGE_SIZE", 1_048_576, 1..=usize::MAX)?,
+            pull_max_bytes: env.number("PULL_MAX_BYTES", 16_777_216, 1..=usize::MAX)?,
             default_ttl_secs: env.number("DEFAULT_TTL", 604_800, 1..=u64::MAX)?,
             max_queue_length: env.number("MAX_QUEUE_LENGTH", 10_000, 1..=u64::MAX)?,
             consumer_timeout_ms: env.number("CONSUMER_TIMEOUT", 30_000, 1..=u64::MAX)?,

@@ -212,3 +212,123 @@ async fn system_queues_are_read_by_tenants_and_written_by_the_service_only() {
     );
     assert_eq!(queue["isPublic"], false);
 }
+
+#[tokio::test]
+async fn changing_a_subscription_needs_the_consumer_acl_and_updating_it_its_creator() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "payments", "allowedConsumers": ["alice", "bob"]}))
+        .await;
+    let (status, created) = subscribe_as(
+        &app,
+        "alice",
+        json!({"queue": "payments", "consumerGroup": "g", "consumerName": "c",
+               "subscriptionType": "webhook",
+               "handlerConfig": {"url": "http://127.0.0.1:9/alice", "secret": "alice-secret"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!(
+        "/api/v1/mq/subscriptions/{}",
+        created["id"].as_str().unwrap()
+    );
+    let redirect = json!({"handlerConfig": {"url": "http://127.0.0.1:9/mallory"}});
+    let as_principal =
+        |principal: &'static str, method: Method, path: String, body: Option<Value>| {
+            let app = &app;
+            async move {
+                app.call_as(app.tenant, principal, method, &path, body)
+                    .await
+            }
+        };
+
+    // Mallory is not a consumer of the queue: no update, pause or delete.
+    let (status, body) =
+        as_principal("mallory", Method::PUT, path.clone(), Some(redirect.clone())).await;
+    assert_error(status, &body, 403, "MQ_FORBIDDEN");
+    for action in ["pause", "resume"] {
+        let (status, body) =
+            as_principal("mallory", Method::POST, format!("{path}/{action}"), None).await;
+        assert_error(status, &body, 403, "MQ_FORBIDDEN");
+    }
+    let (status, body) = as_principal("mallory", Method::DELETE, path.clone(), None).await;
+    assert_error(status, &body, 403, "MQ_FORBIDDEN");
+
+    // Bob may consume, so he may pause it, but not point alice's pushes elsewhere.
+    let (status, body) =
+        as_principal("bob", Method::PUT, path.clone(), Some(redirect.clone())).await;
+    assert_error(status, &body, 403, "MQ_FORBIDDEN");
+    let (status, _) = as_principal("bob", Method::POST, format!("{path}/pause"), None).await;
+    assert_eq!(status, 200);
+
+    let (status, unchanged) = app.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        unchanged["handlerConfig"]["url"],
+        "http://127.0.0.1:9/alice"
+    );
+
+    // Alice may; once taken off the queue's consumers she may still clean up.
+    let (status, body) = as_principal(
+        "alice",
+        Method::PUT,
+        path.clone(),
+        Some(json!({"handlerConfig": {"url": "http://127.0.0.1:9/alice-2"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/payments",
+            Some(json!({"allowedConsumers": ["bob"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = as_principal("alice", Method::DELETE, path.clone(), None).await;
+    assert_eq!(status, 204, "{body}");
+}
+
+#[tokio::test]
+async fn reading_a_message_needs_the_consumer_acl_and_cancelling_it_the_producer_acl() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "payments", "allowedProducers": ["billing"],
+                            "allowedConsumers": ["ledger"]}))
+        .await;
+    let (status, published) = app
+        .call_as(
+            app.tenant,
+            "billing",
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": "payments", "payload": {"card": "secret"}, "delayMs": 600000})),
+        )
+        .await;
+    assert_eq!(status, 201, "{published}");
+    let path = format!(
+        "/api/v1/mq/messages/{}?queue=payments",
+        published["messageId"].as_str().unwrap()
+    );
+    let call = |principal: &'static str, method: Method| {
+        let (app, path) = (&app, path.clone());
+        async move {
+            app.call_as(app.tenant, principal, method, &path, None)
+                .await
+        }
+    };
+
+    for outsider in ["mallory", "billing"] {
+        let (status, body) = call(outsider, Method::GET).await;
+        assert_error(status, &body, 403, "MQ_FORBIDDEN");
+        assert!(body.get("payload").is_none(), "no payload leaks: {body}");
+    }
+    let (status, body) = call("ledger", Method::GET).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["payload"]["card"], "secret");
+
+    for outsider in ["mallory", "ledger"] {
+        let (status, body) = call(outsider, Method::DELETE).await;
+        assert_error(status, &body, 403, "MQ_FORBIDDEN");
+    }
+    let (status, body) = call("billing", Method::DELETE).await;
+    assert_eq!(status, 204, "{body}");
+}

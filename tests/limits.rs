@@ -272,3 +272,57 @@ async fn filters_handler_headers_and_schemas_are_bounded() {
     .await;
     assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
 }
+
+#[tokio::test]
+async fn a_pull_hands_out_at_most_pull_max_bytes_and_at_least_one_message() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("PULL_MAX_BYTES".into(), "100000".into());
+    })
+    .await;
+    app.create_queue(json!({"name": "big", "partitionCount": 1}))
+        .await;
+    let subscription = app.subscribe_pull("big", "g").await;
+    let chunk = "x".repeat(30_000);
+    for n in 0..10 {
+        let (status, body) = app
+            .publish(json!({"queue": "big", "payload": {"n": n, "data": chunk}}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // One message larger than the whole budget still comes, alone.
+    let (status, body) = app
+        .publish(json!({"queue": "big", "payload": {"n": 10, "data": "y".repeat(250_000)}}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let mut seen = Vec::new();
+    let mut pulls = 0;
+    while seen.len() < 11 {
+        pulls += 1;
+        assert!(pulls <= 20, "every message comes within a few pulls");
+        let pulled = app.pull(&subscription, 500, 2_000).await;
+        assert!(!pulled.is_empty(), "a pull returns at least one message");
+        // Everything but the last message fits the budget: the last may pass it.
+        let before_last: usize = pulled[..pulled.len() - 1]
+            .iter()
+            .map(|m| m["payload"].to_string().len())
+            .sum();
+        assert!(
+            before_last <= 100_000,
+            "{} messages, {before_last} bytes before the last: past the budget",
+            pulled.len()
+        );
+        let ack_ids: Vec<&str> = pulled
+            .iter()
+            .map(|m| m["ackId"].as_str().unwrap())
+            .collect();
+        assert_eq!(app.ack(&subscription, &ack_ids).await, pulled.len() as u64);
+        seen.extend(pulled.iter().map(|m| m["payload"]["n"].as_u64().unwrap()));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..11).collect::<Vec<u64>>(), "each message once");
+    assert!(
+        pulls >= 3,
+        "the budget split the 10 × 30 KB messages over pulls ({pulls})"
+    );
+}

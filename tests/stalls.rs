@@ -466,7 +466,11 @@ async fn an_ack_on_one_instance_wakes_an_in_order_webhook_held_back_on_another()
             0,
             &subscription.delivery_group,
             "held",
-            1,
+            mq::broker::consume::TakeLimit {
+                count: 1,
+                bytes: 1 << 20,
+                entry_most: 1 << 20,
+            },
             now,
             now + 60_000,
             true,

@@ -62,19 +62,28 @@ static TAKE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- ARGV: 1 group, 2 consumer, 3 how many, 4 now (ms), 5 ack deadline of these deliveries
 -- (ms), 6 '1' for in-order delivery (nothing new from a partition while one of its entries
 -- is in flight or waiting for its retry), 7 the partition number of each slot, comma
--- separated.
+-- separated, 8 the most entry bytes to take (the first entry is taken whatever its size;
+-- the last may pass the budget by less than its own size), 9 the most bytes one entry can
+-- have (reads ask for no more entries than the budget left can surely hold, at least one).
 -- Returns {next retry time ('' if none or not needed), {partition, entry id, {field, value,
 -- ...}, deliveries}, ...}: due retries of a partition before its new entries; or {'gone', ...}
 -- when the group does not exist. Finding nothing clears `announced`, so the next publish
 -- wakes this consumer.
 local want = tonumber(ARGV[3])
 local ordered = ARGV[6] == '1'
+local budget, entry_most = tonumber(ARGV[8]), tonumber(ARGV[9])
 local partitions = {}
 for p in string.gmatch(ARGV[7], '[^,]+') do partitions[#partitions + 1] = p end
 local out = {''}
 local taken = 0
+local bytes = 0
+local function size(fields)
+  local n = 0
+  for i = 2, #fields, 2 do n = n + #fields[i] end
+  return n
+end
 for slot = 1, #partitions do
-  if taken >= want then break end
+  if taken >= want or (taken > 0 and bytes >= budget) then break end
   local base = 1 + 4 * (slot - 1)
   local stream, inflight, retry, attempts = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
   local room = want - taken
@@ -86,13 +95,16 @@ for slot = 1, #partitions do
   if not blocked then
     local got = 0
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT', 0, room)) do
-      redis.call('ZREM', retry, id)
       local entry = redis.call('XRANGE', stream, id, id)
+      local over = #entry > 0 and taken + got > 0 and bytes + size(entry[1][2]) > budget
+      if over then break end
+      redis.call('ZREM', retry, id)
       if #entry == 0 then
         -- Purged or trimmed while it waited: nothing left to deliver.
         redis.call('XACK', stream, ARGV[1], id)
         redis.call('HDEL', attempts, id)
       else
+        bytes = bytes + size(entry[1][2])
         local deliveries = (tonumber(redis.call('HGET', attempts, id)) or 1) + 1
         redis.call('HSET', attempts, id, deliveries)
         redis.call('ZADD', inflight, ARGV[5], id)
@@ -104,22 +116,29 @@ for slot = 1, #partitions do
     local remaining = room - got
     if ordered and (got > 0 or redis.call('ZCARD', retry) > 0) then remaining = 0 end
     if remaining > 0 and redis.call('EXISTS', stream) == 1 then
-      local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining, 'STREAMS', stream, '>')
-      if type(read) == 'table' and read.err then
-        -- Only creating a subscription makes a group: a missing one was deleted (or lost
-        -- with Redis's data), and the caller stops instead of bringing it back.
-        if string.find(read.err, 'NOGROUP', 1, true) then
-          out[1] = 'gone'
-          return out
+      while remaining > 0 do
+        local left = budget - bytes
+        if taken + got > 0 and left <= 0 then break end
+        local count = math.min(remaining, math.max(1, math.floor(left / entry_most)))
+        local read = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, '>')
+        if type(read) == 'table' and read.err then
+          -- Only creating a subscription makes a group: a missing one was deleted (or lost
+          -- with Redis's data), and the caller stops instead of bringing it back.
+          if string.find(read.err, 'NOGROUP', 1, true) then
+            out[1] = 'gone'
+            return out
+          end
+          return redis.error_reply(read.err)
         end
-        return redis.error_reply(read.err)
-      end
-      if read then
-        for _, entry in ipairs(read[1][2]) do
+        local entries = (read and read[1][2]) or {}
+        for _, entry in ipairs(entries) do
           redis.call('ZADD', inflight, ARGV[5], entry[1])
           out[#out + 1] = {partitions[slot], entry[1], entry[2], 1}
+          bytes = bytes + size(entry[2])
           got = got + 1
         end
+        remaining = remaining - #entries
+        if #entries < count then break end
       end
     end
     taken = taken + got
@@ -341,6 +360,18 @@ pub struct Settlement<'a> {
     pub published_at_ms: Option<i64>,
 }
 
+/// How much one take may hand out.
+#[derive(Debug, Clone, Copy)]
+pub struct TakeLimit {
+    /// Deliveries at most.
+    pub count: usize,
+    /// Bytes of entries at most (`PULL_MAX_BYTES`): the first is taken whatever its size,
+    /// and the last may pass the budget by less than its own size.
+    pub bytes: usize,
+    /// The most bytes one entry can have, to size the reads.
+    pub entry_most: usize,
+}
+
 /// What a take found.
 #[derive(Debug, Clone, Default)]
 pub struct Taken {
@@ -448,9 +479,10 @@ impl Broker {
         Ok(())
     }
 
-    /// Takes up to `count` deliveries for `consumer` of `group`, visiting partitions from
-    /// `first_partition` on (callers rotate it for fairness), in one round trip. `in_order`
-    /// delivers one entry of a partition at a time, in stream order, across all instances.
+    /// Takes up to `limit.count` deliveries (and about `limit.bytes` of entries, at least
+    /// one) for `consumer` of `group`, visiting partitions from `first_partition` on
+    /// (callers rotate it for fairness), in one round trip. `in_order` delivers one entry
+    /// of a partition at a time, in stream order, across all instances.
     #[allow(clippy::too_many_arguments)]
     pub async fn take(
         &self,
@@ -459,7 +491,7 @@ impl Broker {
         first_partition: u16,
         group: &str,
         consumer: &str,
-        count: usize,
+        limit: TakeLimit,
         now_ms: i64,
         deadline_ms: i64,
         in_order: bool,
@@ -488,7 +520,9 @@ impl Broker {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let want = count.to_string();
+        let want = limit.count.to_string();
+        let budget = limit.bytes.to_string();
+        let entry_most = limit.entry_most.max(1).to_string();
         let mut pipeline = redis::pipe();
         TAKE.add_to(
             &mut pipeline,
@@ -501,6 +535,8 @@ impl Broker {
                 deadline.as_bytes(),
                 if in_order { b"1" } else { b"0" },
                 partitions.as_bytes(),
+                budget.as_bytes(),
+                entry_most.as_bytes(),
             ],
         );
         let mut connection = self.connection().await?;

@@ -10,7 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
-use crate::broker::consume::{Delivery, Outcome, Settlement, Taken};
+use crate::broker::consume::{Delivery, Outcome, Settlement, TakeLimit, Taken};
 use crate::crypto::{Binding, SealError, Sealer};
 use crate::domain::ack_token::AckToken;
 use crate::domain::filter::{Filter, MessageView};
@@ -160,7 +160,7 @@ pub async fn pull(
                     first_partition,
                     &subscription.delivery_group,
                     &subscription.id.to_string(),
-                    max_messages as usize,
+                    take_limit(state, max_messages as usize),
                     now,
                     deadline,
                     false,
@@ -237,6 +237,21 @@ fn refuse_paused(subscription: &Subscription, id: &str) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+/// What a stored entry may hold beyond its payload (envelope fields, headers), to size reads.
+const ENTRY_OVERHEAD_BYTES: usize = 128 * 1024;
+
+/// What one take may hand out: `count` deliveries, and about `PULL_MAX_BYTES` of them (at
+/// least one), so a pull of large messages answers fewer rather than a reply of hundreds of
+/// megabytes held in Redis and here.
+pub fn take_limit(state: &AppState, count: usize) -> TakeLimit {
+    TakeLimit {
+        count,
+        bytes: state.config.pull_max_bytes,
+        // A stored payload is at most about 4/3 of its size (base64 of binary or sealed).
+        entry_most: state.config.max_message_size.saturating_mul(4) / 3 + ENTRY_OVERHEAD_BYTES,
+    }
 }
 
 /// Arms the timers a take calls for: the reclaimer's at the deadline of what was taken, and

@@ -17,7 +17,7 @@ use crate::crypto::{Binding, SealedPayload, Sealer};
 use crate::domain::message::Envelope;
 use crate::domain::queue::Queue;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::service::queues;
+use crate::service::{publish, queues, subscriptions};
 use crate::state::AppState;
 use crate::store::records::{DeliveryRecord, MessageRecord, PayloadEncoding};
 
@@ -80,6 +80,8 @@ pub async fn get(
     message_id: &str,
 ) -> ApiResult<MessageView> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    // Reading a message (its payload included) is consuming it: the consumer ACL applies.
+    subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
     if !can_exist(message_id) {
         return Err(not_found(message_id));
     }
@@ -299,6 +301,8 @@ pub async fn cancel(
     message_id: &str,
 ) -> ApiResult<()> {
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    // Cancelling a message undoes its publish: the producer ACL applies.
+    publish::authorize_principal(&queue, &tenant.principal)?;
     if !can_exist(message_id) {
         return Err(not_found(message_id));
     }

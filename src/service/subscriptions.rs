@@ -332,7 +332,7 @@ pub async fn update(
             authorize_dead_letter_queue(state, tenant.tenant_id, &name, principal).await?;
         }
     }
-    change(state, tenant, id, "updated", |s| {
+    change(state, tenant, id, "updated", Access::Creator, |s| {
         s.updated(request, Utc::now())
     })
     .await
@@ -349,13 +349,53 @@ pub async fn set_status(
     } else {
         "resumed"
     };
-    change(state, tenant, id, action, |s| {
+    change(state, tenant, id, action, Access::CreatorOrConsumer, |s| {
         let mut next = s.clone();
         next.status = status;
         next.updated_at = Utc::now();
         Ok(next)
     })
     .await
+}
+
+/// Who may act on a subscription of their tenant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Its creator, or a principal the queue admits as a consumer (pause, resume, delete):
+    /// a creator taken off `allowedConsumers` can still clean up.
+    CreatorOrConsumer,
+    /// Its creator, while the queue admits it as a consumer (an update can change where
+    /// pushes go, signed with the subscription's secret).
+    Creator,
+}
+
+/// 403 unless the caller may act on the subscription as `access` says. Subscriptions made
+/// before principals were kept have no creator: any principal counts as it.
+async fn authorize_change(
+    state: &AppState,
+    tenant: &Tenant,
+    subscription: &Subscription,
+    access: Access,
+) -> ApiResult<()> {
+    let is_creator = subscription
+        .principal
+        .as_deref()
+        .is_none_or(|creator| creator == tenant.principal);
+    if access == Access::CreatorOrConsumer && is_creator {
+        return Ok(());
+    }
+    let queue = queues::require(state, subscription.queue_tenant_id, &subscription.queue).await?;
+    authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
+    if access == Access::Creator && !is_creator {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "subscription '{}' was created by another principal; only it may change it",
+                subscription.id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Applies `next` to the tenant's subscription under a row lock, then tells the workers and
@@ -365,9 +405,11 @@ async fn change(
     tenant: &Tenant,
     id: &str,
     action: &str,
+    access: Access,
     next: impl FnOnce(&Subscription) -> ApiResult<Subscription>,
 ) -> ApiResult<Subscription> {
     let current = require(state, tenant.tenant_id, id).await?;
+    authorize_change(state, tenant, &current, access).await?;
     let updated = state
         .store
         .update_subscription(tenant.tenant_id, current.id, next)
@@ -392,6 +434,7 @@ async fn change(
 /// orphaned group ever holds publishing back.
 pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()> {
     let subscription = require(state, tenant.tenant_id, id).await?;
+    authorize_change(state, tenant, &subscription, Access::CreatorOrConsumer).await?;
     remove(state, &subscription).await?;
     audit::record(
         state,

@@ -30,7 +30,7 @@ use crate::broker::consume::{Delivery, Outcome, Settlement};
 use crate::domain::message::Envelope;
 use crate::domain::queue::QueueStatus;
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
-use crate::service::consume::{record_failure, screen, settle, watch_times, Failure};
+use crate::service::consume::{record_failure, screen, settle, take_limit, watch_times, Failure};
 use crate::service::webhook::PushOutcome;
 use crate::service::{queues, subscriptions};
 use crate::state::AppState;
@@ -270,7 +270,7 @@ async fn serve(
                 first_partition,
                 &subscription.delivery_group,
                 &consumer,
-                reserved.len(),
+                take_limit(&state, reserved.len()),
                 now,
                 deadline,
                 concurrency == 1,
