@@ -243,6 +243,31 @@ async fn filters_handler_headers_and_schemas_are_bounded() {
         )
         .await;
     assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    // A thousand distinct patterns: refused, naming the schema.
+    let patterns: serde_json::Map<String, serde_json::Value> = (0..1000)
+        .map(|n| {
+            (
+                format!("p{n}"),
+                json!({"type": "string", "pattern": format!("^x{n}$")}),
+            )
+        })
+        .collect();
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/q",
+            Some(json!({"schemaDefinition": {"properties": patterns}})),
+        )
+        .await;
+    assert_error(status, &body, 400, "MQ_VALIDATION_ERROR");
+    assert_eq!(body["details"]["fields"], json!(["schemaDefinition"]));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 100 patterns"),
+        "{body}"
+    );
 
     let subscription = |extra: serde_json::Value| {
         let mut body = json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",

@@ -9,14 +9,54 @@ use serde_json::Value;
 
 /// Compiled patterns stay small; a larger one is refused with the schema.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Patterns (`pattern` values, `patternProperties` keys) one schema may hold.
+pub const MAX_PATTERNS: usize = 100;
+/// What all of a schema's compiled patterns may take together: each gets its share, so a
+/// schema costs at most this much to compile and to keep, however many patterns it has.
+const PATTERNS_TOTAL_SIZE_LIMIT: usize = 4 << 20;
+
+/// How many patterns `schema` holds, counting no further than `MAX_PATTERNS + 1`.
+fn count_patterns(schema: &Value) -> usize {
+    fn walk(value: &Value, count: &mut usize) {
+        if *count > MAX_PATTERNS {
+            return;
+        }
+        match value {
+            Value::Object(fields) => {
+                for (name, field) in fields {
+                    match (name.as_str(), field) {
+                        ("pattern", Value::String(_)) => *count += 1,
+                        ("patternProperties", Value::Object(patterns)) => {
+                            *count += patterns.len();
+                        }
+                        _ => {}
+                    }
+                    walk(field, count);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| walk(item, count)),
+            _ => {}
+        }
+    }
+    let mut count = 0;
+    walk(schema, &mut count);
+    count
+}
 
 /// Compiles `schema` (an object or a boolean) into a validator, or says why it cannot be one.
 pub fn compile(schema: &Value) -> Result<Validator, String> {
     if !(schema.is_object() || schema.is_boolean()) {
         return Err("a schema must be a JSON object or boolean".into());
     }
+    let patterns = count_patterns(schema);
+    if patterns > MAX_PATTERNS {
+        return Err(format!(
+            "a schema holds at most {MAX_PATTERNS} patterns (pattern, patternProperties)"
+        ));
+    }
+    let size_limit = PATTERN_SIZE_LIMIT.min(PATTERNS_TOTAL_SIZE_LIMIT / patterns.max(1));
     jsonschema::options()
-        .with_pattern_options(PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT))
+        .with_pattern_options(PatternOptions::regex().size_limit(size_limit))
         .build(schema)
         .map_err(|error| {
             // Valid for a backtracking engine, not for ours: a pattern needs backtracking.
@@ -40,6 +80,35 @@ pub fn check(schema: &Value) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_schema_holds_a_bounded_number_of_patterns() {
+        let properties: serde_json::Map<String, Value> = (0..MAX_PATTERNS)
+            .map(|n| {
+                (
+                    format!("p{n}"),
+                    json!({"type": "string", "pattern": format!("^a{{{n}}}$")}),
+                )
+            })
+            .collect();
+        assert!(compile(&json!({"properties": properties})).is_ok());
+        let mut too_many = properties.clone();
+        too_many.insert("extra".into(), json!({"patternProperties": {"^x": {}}}));
+        let error = compile(&json!({"properties": too_many})).unwrap_err();
+        assert!(error.contains("at most 100 patterns"), "{error}");
+    }
+
+    #[test]
+    fn many_patterns_share_one_compiled_size_budget() {
+        // Alone, a pattern of over 40 KiB compiled (a hundredth of the budget) is fine; a
+        // hundred of them are not.
+        let heavy = "\\w{500}";
+        assert!(compile(&json!({"pattern": heavy})).is_ok());
+        let properties: serde_json::Map<String, Value> = (0..MAX_PATTERNS)
+            .map(|n| (format!("p{n}"), json!({"pattern": heavy})))
+            .collect();
+        assert!(compile(&json!({"properties": properties})).is_err());
+    }
 
     #[test]
     fn type_object_rejects_a_string() {

@@ -81,12 +81,16 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
     let generation = state.queue_cache.generation();
     match state.store.find_queue(tenant_id, name).await {
         Ok(Some(queue)) => {
-            // A schema stored before the current rules (e.g. with look-around) no longer
-            // compiles: publishing says so; consuming is unaffected.
-            let schema = queue
-                .schema_definition
-                .as_ref()
-                .map(|definition| schema::compile(definition).map(Arc::new));
+            // Compiled once per version of the queue: a refresh that finds the version it
+            // had keeps its compiled schema.
+            let schema = match stale {
+                Some(stale)
+                    if stale.queue.id == queue.id && stale.queue.updated_at == queue.updated_at =>
+                {
+                    stale.schema
+                }
+                _ => compile_schema(&queue).await,
+            };
             let entry = ResolvedQueue {
                 queue: Arc::new(queue),
                 schema,
@@ -101,6 +105,18 @@ pub async fn resolve(state: &AppState, tenant_id: Uuid, name: &str) -> ApiResult
         Err(error) if error.code == ErrorCode::ServiceUnavailable => stale.ok_or(error),
         Err(error) => Err(error),
     }
+}
+
+/// The queue's compiled schema, compiled on the blocking pool (a schema of many patterns
+/// takes milliseconds the async threads owe every other request). A schema stored before
+/// the current rules (e.g. with look-around) no longer compiles: publishing says so;
+/// consuming is unaffected.
+async fn compile_schema(queue: &Queue) -> Option<Result<Arc<jsonschema::Validator>, String>> {
+    let definition = queue.schema_definition.clone()?;
+    let compiled = tokio::task::spawn_blocking(move || schema::compile(&definition).map(Arc::new))
+        .await
+        .unwrap_or_else(|error| Err(format!("compiling the schema failed: {error}")));
+    Some(compiled)
 }
 
 /// Makes sure the tenant has a queue of this name, creating it with the defaults if not
