@@ -5,12 +5,14 @@
 //! `MQ_VALIDATION_ERROR` and the exact path in `details.fields` (e.g. `messages[3].payload`).
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
 
 /// A JSON request body.
 pub struct ApiJson<T>(pub T);
@@ -21,26 +23,14 @@ const INLINE_DECODE_BYTES: usize = 64 * 1024;
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
     T: DeserializeOwned + Send + 'static,
+    AppState: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        ErrorCode::MessageTooLarge,
-                        "request body is larger than MAX_REQUEST_BYTES",
-                    )
-                } else {
-                    ApiError::validation(
-                        format!("could not read the request body: {rejection}"),
-                        vec![],
-                    )
-                }
-            })?;
+        let limit = AppState::from_ref(state).config.max_request_bytes;
+        let bytes = read_body(request, limit).await?;
         if bytes.len() <= INLINE_DECODE_BYTES {
             return decode_json(&bytes).map(ApiJson);
         }
@@ -51,6 +41,38 @@ where
     }
 }
 
+/// The request body, at most `limit` bytes (`MAX_REQUEST_BYTES`), read into one buffer sized
+/// by `Content-Length` up front: collecting chunks and joining them afterwards would hold
+/// the body twice.
+async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::MessageTooLarge,
+            "request body is larger than MAX_REQUEST_BYTES",
+        )
+    };
+    let announced = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if announced.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(announced.unwrap_or(0));
+    let mut chunks = request.into_body().into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|error| {
+            ApiError::validation(format!("could not read the request body: {error}"), vec![])
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
 /// Decodes a JSON document, naming the offending field path on failure.
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -59,6 +81,9 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             vec![],
         ));
     }
+    // Counted before anything is built: decoding a body of millions of tiny values would
+    // take gigabytes before its lists could be checked.
+    super::body_limits::check(bytes, &super::body_limits::DEFAULT)?;
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(decoding_error)?;
     deserializer

@@ -1,6 +1,7 @@
 //! HTTP routes. Handlers parse, authorize and call one service function; no Redis command or
 //! SQL appears below this module.
 
+mod body_limits;
 pub mod extract;
 mod internal;
 mod messages;
