@@ -845,11 +845,13 @@ async fn consumption_records_carry_the_seed_designs_columns() {
         Option<chrono::DateTime<chrono::Utc>>,
         Option<chrono::DateTime<chrono::Utc>>,
         i32,
+        Option<i32>,
+        Option<String>,
     );
     let mut db = app.database.connect().await;
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT status, attempt, consumer_instance, partition_id, offset_value, processed_at, \
-             next_retry_at, retry_count \
+        "SELECT status, attempt, consumer_instance, partition_id, offset_value, consumed_at, \
+             next_retry_at, retry_count, processing_time_ms, error_message \
          FROM consumption_records WHERE message_id = $1 ORDER BY attempt",
     )
     .bind(&id)
@@ -874,6 +876,12 @@ async fn consumption_records_carry_the_seed_designs_columns() {
         "a retry is planned after the failure"
     );
     assert_eq!(acked.6, None);
+    assert_eq!(failed.9.as_deref(), Some("nacked by the consumer"));
+    assert_eq!(acked.9, None);
+    assert!(
+        acked.8.is_some_and(|ms| ms >= 0),
+        "processing time kept: {acked:?}"
+    );
     let consumed: (Option<chrono::DateTime<chrono::Utc>>, String) =
         sqlx::query_as("SELECT consumed_at, status FROM message_records WHERE message_id = $1")
             .bind(&id)

@@ -306,7 +306,8 @@ impl Store {
         message_id: &str,
     ) -> ApiResult<Vec<DeliveryRecord>> {
         let deliveries = sqlx::query_as(
-            "SELECT subscription_id, attempt, status, processing_ms, error, created_at \
+            "SELECT subscription_id, attempt, status, processing_time_ms AS processing_ms, \
+                 error_message AS error, created_at \
              FROM consumption_records WHERE topic_id = $1 AND message_id = $2 \
              ORDER BY created_at, attempt, id",
         )
@@ -471,8 +472,9 @@ async fn insert_consumption_records(
     }
     sqlx::query(
         "INSERT INTO consumption_records (tenant_id, topic_id, partition_id, journal_id, \
-             subscription_id, message_id, attempt, status, processing_ms, error, created_at, \
-             consumer_instance, offset_value, processed_at, next_retry_at, retry_count) \
+             subscription_id, message_id, attempt, status, processing_time_ms, error_message, \
+             created_at, consumer_instance, offset_value, consumed_at, next_retry_at, \
+             retry_count) \
          SELECT r.tenant_id, r.topic_id, r.partition_id, r.journal_id, r.subscription_id, \
              r.message_id, r.attempt, r.status, r.processing_ms, r.error, r.created_at, \
              r.consumer_instance, r.offset_value, r.created_at, r.next_retry_at, \
