@@ -260,9 +260,16 @@ impl Metrics {
             .collect();
         let gone: Vec<(Uuid, String)> = {
             let mut series = self.queue_series.lock().unwrap_or_else(|p| p.into_inner());
+            // A guest's series (`<owner tenant>/<queue>`) lives as long as the owner's queue.
+            let alive = |tenant: Uuid, name: &str| match name.split_once('/') {
+                Some((owner, queue)) => owner
+                    .parse::<Uuid>()
+                    .is_ok_and(|owner| existing.contains(&(owner, queue))),
+                None => existing.contains(&(tenant, name)),
+            };
             let gone = series
                 .iter()
-                .filter(|(tenant, name)| !existing.contains(&(*tenant, name.as_str())))
+                .filter(|(tenant, name)| !alive(*tenant, name))
                 .cloned()
                 .collect::<Vec<_>>();
             for key in &gone {

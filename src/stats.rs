@@ -266,7 +266,7 @@ impl Stats {
     pub fn acked(
         &self,
         tenant_id: Uuid,
-        queue_id: Uuid,
+        queue_id: Option<Uuid>,
         subscription_id: Uuid,
         processing_ms: Option<i64>,
         latency_ms: Option<i64>,
@@ -278,7 +278,9 @@ impl Stats {
             if let Some(latency) = latency_ms {
                 tenant.latency.record(now, latency.max(0) as u64);
             }
-            w.queues.entry(queue_id).or_default().consumed.add(now, 1);
+            if let Some(queue_id) = queue_id {
+                w.queues.entry(queue_id).or_default().consumed.add(now, 1);
+            }
             let subscription = w.subscriptions.entry(subscription_id).or_default();
             subscription.acked.add(now, 1);
             if let Some(ms) = processing_ms {

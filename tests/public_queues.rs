@@ -374,3 +374,92 @@ async fn the_owner_sees_and_revokes_its_guests() {
         "the owner's group and the recorder's remain"
     );
 }
+
+#[tokio::test]
+async fn a_guests_outcomes_are_its_own_and_never_touch_the_owners_records_or_figures() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "shared", "isPublic": true}))
+        .await;
+    let own = app.subscribe_pull("shared", "owners").await;
+    let guest = guest(&app);
+    let (status, subscription) = guest
+        .subscribe("shared", json!({"offsetResetPolicy": "earliest"}))
+        .await;
+    assert_eq!(status, 201, "{subscription}");
+    let guest_subscription = subscription["id"].as_str().unwrap().to_owned();
+    let (status, published) = app.publish(json!({"queue": "shared", "payload": 1})).await;
+    assert_eq!(status, 201);
+    let message_id = published["messageId"].as_str().unwrap().to_owned();
+
+    // The guest fails the message once; the owner acks it.
+    let (status, pulled) = guest.pull(&guest_subscription, 1).await;
+    assert_eq!(status, 200, "{pulled}");
+    let (status, body) = guest
+        .call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{guest_subscription}/nack"),
+            Some(json!({"ackIds": [pulled["messages"][0]["ackId"]], "delayMs": 600000})),
+        )
+        .await;
+    assert_eq!((status, body["nacked"].clone()), (200, json!(1)), "{body}");
+    let mine = app.pull(&own, 1, 5_000).await;
+    assert_eq!(
+        app.ack(&own, &[mine[0]["ackId"].as_str().unwrap()]).await,
+        1
+    );
+
+    // The guest's subscription counts its failure.
+    let (_, guest_view) = guest
+        .call(
+            Method::GET,
+            &format!("/api/v1/mq/subscriptions/{guest_subscription}"),
+            None,
+        )
+        .await;
+    assert!(
+        eventually(WAIT, || async {
+            guest
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/mq/subscriptions/{guest_subscription}"),
+                    None,
+                )
+                .await
+                .1["stats"]["failed"]
+                == 1
+        })
+        .await,
+        "the guest sees its failure: {guest_view}"
+    );
+    // The owner's record shows its own delivery only: consumed, no retry, no guest.
+    assert!(
+        eventually(WAIT, || async {
+            app.lookup("shared", &message_id).await.1["status"] == "consumed"
+        })
+        .await
+    );
+    let (status, record) = app.lookup("shared", &message_id).await;
+    assert_eq!(status, 200);
+    assert_eq!(record["retryCount"], 0, "{record}");
+    let deliveries = record["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 1, "only the owner's delivery: {record}");
+    assert_eq!(deliveries[0]["subscriptionId"], own.as_str());
+    // Nor do the owner's figures count it.
+    let (_, metrics) = app.call(Method::GET, "/api/v1/mq/metrics", None).await;
+    assert_eq!(metrics["consumers"]["errorRate"], 0.0, "{metrics}");
+    let (_, text) = app.get_text("/metrics").await;
+    let owner_failed = text.lines().any(|line| {
+        line.starts_with("mq_messages_total")
+            && line.contains(&format!("tenant=\"{}\"", app.tenant))
+            && line.contains("queue=\"shared\"")
+            && line.contains("event=\"failed\"")
+    });
+    assert!(!owner_failed, "the owner's series count no guest failure");
+    let guest_failed = text.lines().any(|line| {
+        line.starts_with("mq_messages_total")
+            && line.contains(&format!("tenant=\"{}\"", guest.tenant))
+            && line.contains(&format!("queue=\"{}/shared\"", app.tenant))
+            && line.contains("event=\"failed\"")
+    });
+    assert!(guest_failed, "the guest's own series count it");
+}

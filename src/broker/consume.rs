@@ -168,7 +168,9 @@ static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
 -- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
 -- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer,
--- 14 wake channel, 15 this instance, 16 queue id, 17 announcement lifetime (ms).
+-- 14 wake channel, 15 this instance, 16 queue id, 17 announcement lifetime (ms), 18 the guest
+-- tenant whose subscription settles ('' for the queue owner's: `gt` in the journal keeps a
+-- guest's outcomes out of the owner's records).
 -- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter',
 -- 'set_aside' finish. An ack also finishes an entry waiting for its retry (its late success
 -- still counts).
@@ -214,7 +216,7 @@ if redis.call('EXISTS', journal) == 0 then
 end
 redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[8], 'sub', ARGV[9],
   'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12], 'off', id, 'ra', ARGV[6],
-  'ci', ARGV[13])
+  'ci', ARGV[13], 'gt', ARGV[18])
 if outcome ~= 'failed' and redis.call('ZCARD', inflight) == 0 then
   local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
   if last and id_before(id, last[1])
@@ -570,6 +572,7 @@ impl Broker {
         &self,
         queue_id: Uuid,
         consumer_instance: &str,
+        guest_tenant: Option<Uuid>,
         settlements: &[Settlement<'_>],
     ) -> ApiResult<Settled> {
         if settlements.is_empty() {
@@ -579,6 +582,7 @@ impl Broker {
         let queue = queue_id.to_string();
         let announced = self.keys.partition(queue_id, 0).announced;
         let lifetime = super::ANNOUNCEMENT_LIFETIME_MS.to_string();
+        let guest = guest_tenant.map(|t| t.to_string()).unwrap_or_default();
         let mut pipeline = redis::pipe();
         for s in settlements {
             let keys = self.keys.partition(queue_id, s.partition);
@@ -610,6 +614,7 @@ impl Broker {
                 self.origin.as_bytes(),
                 queue.as_bytes(),
                 lifetime.as_bytes(),
+                guest.as_bytes(),
             ]);
             SETTLE.add_to(
                 &mut pipeline,

@@ -275,9 +275,10 @@ async fn hand_out(
     now: i64,
 ) -> ApiResult<Vec<PulledMessage>> {
     let deliverable = screen(state, subscription, queue, filter, deliveries, now).await?;
+    let books = Books::of(subscription, queue);
     state.metrics.count_messages(
-        queue.tenant_id,
-        &queue.name,
+        books.tenant_id,
+        &books.metric_queue,
         "delivered",
         deliverable.len() as u64,
     );
@@ -728,6 +729,40 @@ async fn set_aside(
     })
 }
 
+/// Whose accounting a subscription's deliveries go to. A guest's (another tenant's
+/// subscription to a public queue) go to the guest: its tenant's rates, error rate and
+/// latency, its own metric series (queue label `<owner tenant>/<queue>`, which no queue name
+/// can be), its consumption records; the owner's figures, message records and lookups never
+/// see them.
+pub struct Books {
+    pub tenant_id: uuid::Uuid,
+    pub metric_queue: String,
+    /// The queue whose rates count the deliveries: none for a guest.
+    pub queue_id: Option<uuid::Uuid>,
+    /// The guest's tenant, journaled with each settlement.
+    pub guest_tenant: Option<uuid::Uuid>,
+}
+
+impl Books {
+    pub fn of(subscription: &Subscription, queue: &Queue) -> Books {
+        if subscription.tenant_id == queue.tenant_id {
+            Books {
+                tenant_id: queue.tenant_id,
+                metric_queue: queue.name.clone(),
+                queue_id: Some(queue.id),
+                guest_tenant: None,
+            }
+        } else {
+            Books {
+                tenant_id: subscription.tenant_id,
+                metric_queue: format!("{}/{}", queue.tenant_id, queue.name),
+                queue_id: None,
+                guest_tenant: Some(subscription.tenant_id),
+            }
+        }
+    }
+}
+
 /// Applies settlements and counts those that took effect in the metrics and statistics.
 /// Every settlement of a delivery goes through here.
 pub async fn settle(
@@ -739,9 +774,10 @@ pub async fn settle(
     // Recorded as the consumption's `consumer_instance`: which consumer, through which
     // instance of the service.
     let consumer = format!("{}@{}", subscription.consumer_name, state.instance_id);
+    let books = Books::of(subscription, queue);
     let settled = state
         .broker
-        .settle(queue.id, &consumer, settlements)
+        .settle(queue.id, &consumer, books.guest_tenant, settlements)
         .await?;
     if settled.announced_ready {
         // The other instances heard it; this one's waiting consumers take the next too.
@@ -753,9 +789,12 @@ pub async fn settle(
         .zip(&applied)
         .filter(|(_, applied)| **applied)
     {
-        state
-            .metrics
-            .count_messages(queue.tenant_id, &queue.name, settlement.outcome.as_str(), 1);
+        state.metrics.count_messages(
+            books.tenant_id,
+            &books.metric_queue,
+            settlement.outcome.as_str(),
+            1,
+        );
         match settlement.outcome {
             Outcome::Acked => {
                 let latency_ms = settlement.published_at_ms.map(|at| settlement.now_ms - at);
@@ -765,8 +804,8 @@ pub async fn settle(
                         .observe_delivery_latency(latency as f64 / 1000.0);
                 }
                 state.stats.acked(
-                    queue.tenant_id,
-                    queue.id,
+                    books.tenant_id,
+                    books.queue_id,
                     settlement.subscription_id,
                     settlement.processing_ms,
                     latency_ms,
@@ -777,12 +816,12 @@ pub async fn settle(
                 state.retry_timers.arm(queue.id, retry_at_ms);
                 state
                     .stats
-                    .failed(queue.tenant_id, settlement.subscription_id);
+                    .failed(books.tenant_id, settlement.subscription_id);
             }
             Outcome::DeadLetter | Outcome::SetAside => {
                 state
                     .stats
-                    .failed(queue.tenant_id, settlement.subscription_id);
+                    .failed(books.tenant_id, settlement.subscription_id);
             }
             Outcome::Filtered | Outcome::Expired => {}
         }

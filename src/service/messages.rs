@@ -130,7 +130,10 @@ async fn recorded(
     else {
         return Ok(None);
     };
-    let deliveries = state.store.list_deliveries(queue.id, message_id).await?;
+    let deliveries = state
+        .store
+        .list_deliveries(queue.tenant_id, queue.id, message_id)
+        .await?;
     let placeholder = record.payload.is_none();
     let stored = StoredPayload::of_record(&mut record);
     let mut view = from_record(&queue.name, record, deliveries);

@@ -300,8 +300,11 @@ impl Store {
         Ok(record)
     }
 
+    /// The delivery attempts of a message by subscriptions of `tenant_id` (the queue's
+    /// owner: its guests' attempts are theirs alone).
     pub async fn list_deliveries(
         &self,
+        tenant_id: Uuid,
         topic_id: Uuid,
         message_id: &str,
     ) -> ApiResult<Vec<DeliveryRecord>> {
@@ -309,10 +312,12 @@ impl Store {
             "SELECT subscription_id, attempt, status, processing_time_ms AS processing_ms, \
                  error_message AS error, created_at \
              FROM consumption_records WHERE topic_id = $1 AND message_id = $2 \
+                 AND tenant_id = $3 \
              ORDER BY created_at, attempt, id",
         )
         .bind(topic_id)
         .bind(message_id)
+        .bind(tenant_id)
         .fetch_all(&self.pool)
         .await?;
         Ok(deliveries)

@@ -30,7 +30,9 @@ use crate::broker::consume::{Delivery, Outcome, Settlement};
 use crate::domain::message::Envelope;
 use crate::domain::queue::QueueStatus;
 use crate::domain::subscription::{Subscription, SubscriptionStatus, SubscriptionType};
-use crate::service::consume::{record_failure, screen, settle, take_limit, watch_times, Failure};
+use crate::service::consume::{
+    record_failure, screen, settle, take_limit, watch_times, Books, Failure,
+};
 use crate::service::webhook::PushOutcome;
 use crate::service::{queues, subscriptions};
 use crate::state::AppState;
@@ -425,9 +427,10 @@ async fn push(
     timeout: Duration,
     _permits: PushPermits,
 ) {
+    let books = Books::of(&subscription, &queue);
     state
         .metrics
-        .count_messages(queue.tenant_id, &queue.name, "delivered", 1);
+        .count_messages(books.tenant_id, &books.metric_queue, "delivered", 1);
     let outcome = state
         .webhooks
         .push(&subscription, &queue.name, &delivery, &envelope, timeout)

@@ -67,6 +67,11 @@ pub fn read(owner: &PartitionRef, entry: &StreamEntry) -> Result<Contribution, S
         }
         Some("delivery") => {
             let attempt = delivery_attempt(owner, entry)?;
+            // A guest's outcome is the guest's: the owner's record of the message is
+            // untouched by it.
+            if attempt.tenant_id != owner.tenant_id {
+                return Ok(Contribution::Attempt(attempt, None));
+            }
             let retries = if attempt.status == "failed" {
                 attempt.attempt
             } else {
@@ -292,7 +297,11 @@ fn delivery_attempt(
             .field("ra")
             .and_then(|t| t.parse::<i64>().ok())
             .and_then(DateTime::from_timestamp_millis),
-        tenant_id: owner.tenant_id,
+        // The guest tenant whose subscription it was, or the queue's owner.
+        tenant_id: entry
+            .field("gt")
+            .and_then(|tenant| tenant.parse().ok())
+            .unwrap_or(owner.tenant_id),
         topic_id: owner.queue_id,
         partition: i32::from(owner.partition),
         journal_id: entry.id.clone(),
