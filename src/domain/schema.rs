@@ -43,17 +43,25 @@ fn count_patterns(schema: &Value) -> usize {
     count
 }
 
-/// Compiles `schema` (an object or a boolean) into a validator, or says why it cannot be one.
-pub fn compile(schema: &Value) -> Result<Validator, String> {
+/// What can be told of `schema` without compiling it (cheap, on any thread): its form and
+/// how many patterns it holds.
+pub fn precheck(schema: &Value) -> Result<(), String> {
     if !(schema.is_object() || schema.is_boolean()) {
         return Err("a schema must be a JSON object or boolean".into());
     }
-    let patterns = count_patterns(schema);
-    if patterns > MAX_PATTERNS {
+    if count_patterns(schema) > MAX_PATTERNS {
         return Err(format!(
             "a schema holds at most {MAX_PATTERNS} patterns (pattern, patternProperties)"
         ));
     }
+    Ok(())
+}
+
+/// Compiles `schema` (an object or a boolean) into a validator, or says why it cannot be one.
+/// Milliseconds for a large schema: callers run it on the blocking pool.
+pub fn compile(schema: &Value) -> Result<Validator, String> {
+    precheck(schema)?;
+    let patterns = count_patterns(schema);
     let size_limit = PATTERN_SIZE_LIMIT.min(PATTERNS_TOTAL_SIZE_LIMIT / patterns.max(1));
     jsonschema::options()
         .with_pattern_options(PatternOptions::regex().size_limit(size_limit))

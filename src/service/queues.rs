@@ -119,6 +119,23 @@ async fn compile_schema(queue: &Queue) -> Option<Result<Arc<jsonschema::Validato
     Some(compiled)
 }
 
+/// 400 naming `schemaDefinition` unless `schema` (when given) compiles; compiled on the
+/// blocking pool, as every compile of a schema is.
+async fn check_schema(schema: Option<serde_json::Value>) -> ApiResult<()> {
+    let Some(schema) = schema.filter(|schema| !schema.is_null()) else {
+        return Ok(());
+    };
+    let checked = tokio::task::spawn_blocking(move || schema::check(&schema))
+        .await
+        .unwrap_or_else(|error| Err(format!("compiling the schema failed: {error}")));
+    checked.map_err(|reason| {
+        ApiError::validation(
+            format!("schemaDefinition is not a valid JSON Schema: {reason}"),
+            vec!["schemaDefinition".into()],
+        )
+    })
+}
+
 /// Makes sure the tenant has a queue of this name, creating it with the defaults if not
 /// (dead-letter and system queues are created on first use). A queue created for `like`
 /// (a dead-letter queue) is encrypted and compressed like it.
@@ -176,6 +193,7 @@ pub async fn create(
         refuse_system_queue(name, "create")?;
     }
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
+    check_schema(queue.schema_definition.clone()).await?;
     let created = state
         .store
         .insert_queue(&queue, Some(state.config.tenant_max_queues))
@@ -244,6 +262,9 @@ pub async fn update(
     request: UpdateQueueRequest,
 ) -> ApiResult<Queue> {
     refuse_system_queue(name, "change")?;
+    if let Some(schema) = &request.schema_definition {
+        check_schema(schema.clone()).await?;
+    }
     let updated = state
         .store
         .update_queue(tenant.tenant_id, name, |current| {
