@@ -57,6 +57,8 @@ pub struct Config {
     pub webhook_proxy_url: Option<String>,
     pub metrics_enabled: bool,
     pub metrics_max_queue_series: usize,
+    /// One tenant's share of those series; its further queues count under its `_other`.
+    pub metrics_tenant_queue_series: usize,
     /// How long the per-queue gauges of a scrape are reused (0: read at every scrape).
     pub metrics_gauge_interval_ms: u64,
     pub health_check_interval_secs: u64,
@@ -269,6 +271,11 @@ impl Config {
             metrics_max_queue_series: env.number(
                 "METRICS_MAX_QUEUE_SERIES",
                 1000,
+                1..=1_000_000,
+            )?,
+            metrics_tenant_queue_series: env.number(
+                "METRICS_TENANT_QUEUE_SERIES",
+                100,
                 1..=1_000_000,
             )?,
             metrics_gauge_interval_ms: env.number(

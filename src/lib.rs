@@ -55,7 +55,10 @@ impl Application {
             &instance_id,
         )
         .context("cannot set up the Redis pool (REDIS_URL)")?;
-        let metrics = Arc::new(Metrics::new(config.metrics_max_queue_series));
+        let metrics = Arc::new(Metrics::new(
+            config.metrics_max_queue_series,
+            config.metrics_tenant_queue_series,
+        ));
         let sealer = Arc::new(crypto::Sealer::new(config.encryption.clone()));
         let ack_signer = domain::ack_token::AckSigner::new(&config.jwt_secret);
         let webhooks = service::webhook::WebhookClient::new(

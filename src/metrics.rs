@@ -5,7 +5,7 @@
 //! URLs or methods; per-queue series are capped (`METRICS_MAX_QUEUE_SERIES`) and freed when
 //! their queue is deleted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -39,10 +39,34 @@ pub struct Metrics {
     /// When the per-queue gauges were last refreshed; held while refreshing, so concurrent
     /// scrapes wait for one refresh instead of each doing one.
     pub gauges_refreshed_at: tokio::sync::Mutex<Option<Instant>>,
-    /// The (tenant, queue) pairs that have their own series; past `max_queue_series` the
-    /// rest share the labels `_other` (bounded cardinality).
-    queue_series: Mutex<HashSet<(Uuid, String)>>,
+    /// Which (tenant, queue) pairs have series of their own (bounded cardinality).
+    queue_series: Mutex<QueueSeries>,
     max_queue_series: usize,
+    /// A tenant's share: its queues past it count under (tenant, `_other`).
+    tenant_queue_series: usize,
+}
+
+#[derive(Default)]
+struct QueueSeries {
+    /// Every (tenant, queue) label pair in use, (tenant, `_other`) included.
+    labels: HashSet<(Uuid, String)>,
+    /// Named queues per tenant (its `_other` aside).
+    per_tenant: HashMap<Uuid, usize>,
+}
+
+impl QueueSeries {
+    fn remove(&mut self, key: &(Uuid, String)) -> bool {
+        let removed = self.labels.remove(key);
+        if removed && key.1 != OTHER {
+            if let Some(count) = self.per_tenant.get_mut(&key.0) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_tenant.remove(&key.0);
+                }
+            }
+        }
+        removed
+    }
 }
 
 /// One queue's state gauges: tenant, queue name, (state, value) pairs.
@@ -52,12 +76,13 @@ pub type QueueGauges = (Uuid, String, [(&'static str, u64); 4]);
 pub const OTHER: &str = "_other";
 
 /// Every `event` of `mq_messages_total`.
-const MESSAGE_EVENTS: [&str; 7] = [
+const MESSAGE_EVENTS: [&str; 8] = [
     "published",
     "delivered",
     "acked",
     "failed",
     "dead_letter",
+    "set_aside",
     "expired",
     "filtered",
 ];
@@ -71,7 +96,7 @@ fn known_method(method: &str) -> &str {
 }
 
 impl Metrics {
-    pub fn new(max_queue_series: usize) -> Metrics {
+    pub fn new(max_queue_series: usize, tenant_queue_series: usize) -> Metrics {
         let registry = Registry::new_custom(Some("mq".into()), None)
             .expect("a constant, valid metrics prefix");
         let http_requests = IntCounterVec::new(
@@ -197,21 +222,35 @@ impl Metrics {
             gauge_refreshes,
             audit_events_dropped,
             gauges_refreshed_at: tokio::sync::Mutex::new(None),
-            queue_series: Mutex::new(HashSet::new()),
+            queue_series: Mutex::new(QueueSeries::default()),
             max_queue_series,
+            tenant_queue_series,
         }
     }
 
-    /// The (tenant, queue) labels of a queue, or `_other` once the cap is reached.
+    /// The (tenant, queue) labels of a queue: its own while its tenant is within its share
+    /// (`tenant_queue_series`), then (tenant, `_other`); (`_other`, `_other`) once the
+    /// whole cap is reached. One tenant's many queues cannot take the series of the others.
     fn queue_labels(&self, tenant_id: Uuid, queue: &str) -> (String, String) {
         let mut series = self.queue_series.lock().unwrap_or_else(|p| p.into_inner());
         let key = (tenant_id, queue.to_owned());
-        if series.contains(&key) || series.len() < self.max_queue_series {
-            series.insert(key);
-            (tenant_id.to_string(), queue.to_owned())
-        } else {
-            (OTHER.to_owned(), OTHER.to_owned())
+        if series.labels.contains(&key) {
+            return (tenant_id.to_string(), queue.to_owned());
         }
+        let within_share =
+            series.per_tenant.get(&tenant_id).copied().unwrap_or(0) < self.tenant_queue_series;
+        let room = series.labels.len() < self.max_queue_series;
+        if within_share && room {
+            series.labels.insert(key);
+            *series.per_tenant.entry(tenant_id).or_default() += 1;
+            return (tenant_id.to_string(), queue.to_owned());
+        }
+        let tenant_other = (tenant_id, OTHER.to_owned());
+        if !within_share && (series.labels.contains(&tenant_other) || room) {
+            series.labels.insert(tenant_other);
+            return (tenant_id.to_string(), OTHER.to_owned());
+        }
+        (OTHER.to_owned(), OTHER.to_owned())
     }
 
     /// Counts `count` messages of `queue` reaching `event`.
@@ -258,16 +297,20 @@ impl Metrics {
             .iter()
             .map(|(tenant, name, _)| (*tenant, name.as_str()))
             .collect();
+        let tenants: HashSet<Uuid> = queues.iter().map(|(tenant, _, _)| *tenant).collect();
         let gone: Vec<(Uuid, String)> = {
             let mut series = self.queue_series.lock().unwrap_or_else(|p| p.into_inner());
             // A guest's series (`<owner tenant>/<queue>`) lives as long as the owner's queue.
+            // A tenant's `_other` lives while it has queues.
             let alive = |tenant: Uuid, name: &str| match name.split_once('/') {
                 Some((owner, queue)) => owner
                     .parse::<Uuid>()
                     .is_ok_and(|owner| existing.contains(&(owner, queue))),
+                None if name == OTHER => tenants.contains(&tenant),
                 None => existing.contains(&(tenant, name)),
             };
             let gone = series
+                .labels
                 .iter()
                 .filter(|(tenant, name)| !alive(*tenant, name))
                 .cloned()
@@ -312,7 +355,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new(1000)
+        Metrics::new(1000, 100)
     }
 }
 
@@ -336,4 +379,51 @@ pub async fn track_http(
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series_of(metrics: &Metrics, tenant: Uuid) -> Vec<String> {
+        let text = metrics.render();
+        let mut queues: Vec<String> = text
+            .lines()
+            .filter(|line| line.starts_with("mq_messages_total{"))
+            .filter(|line| line.contains(&format!("tenant=\"{tenant}\"")))
+            .filter_map(|line| {
+                let start = line.find("queue=\"")? + 7;
+                let end = start + line[start..].find('"')?;
+                Some(line[start..end].to_owned())
+            })
+            .collect();
+        queues.sort();
+        queues
+    }
+
+    #[test]
+    fn a_tenant_with_many_queues_keeps_to_its_share_of_series() {
+        let metrics = Metrics::new(6, 2);
+        let (wide, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for n in 0..50 {
+            metrics.count_messages(wide, &format!("q{n}"), "published", 1);
+        }
+        metrics.count_messages(other, "a", "published", 1);
+        metrics.count_messages(other, "b", "published", 1);
+        assert_eq!(series_of(&metrics, wide), ["_other", "q0", "q1"]);
+        assert_eq!(
+            series_of(&metrics, other),
+            ["a", "b"],
+            "the other tenant's share is intact"
+        );
+        // The wide tenant's queues past its share all count under its `_other`.
+        let text = metrics.render();
+        assert!(text.contains(&format!(
+            "mq_messages_total{{event=\"published\",queue=\"_other\",tenant=\"{wide}\"}} 48"
+        )));
+        // Deleting one of its named queues frees a place in its share.
+        metrics.forget_queue(wide, "q0");
+        metrics.count_messages(wide, "q-new", "published", 1);
+        assert_eq!(series_of(&metrics, wide), ["_other", "q-new", "q1"]);
+    }
 }

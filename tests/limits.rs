@@ -351,3 +351,59 @@ async fn a_pull_hands_out_at_most_pull_max_bytes_and_at_least_one_message() {
         "the budget split the 10 × 30 KB messages over pulls ({pulls})"
     );
 }
+
+#[tokio::test]
+async fn a_tenant_with_many_queues_takes_no_more_than_its_share_of_series() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("METRICS_MAX_QUEUE_SERIES".into(), "8".into());
+        env.insert("METRICS_TENANT_QUEUE_SERIES".into(), "3".into());
+    })
+    .await;
+    let wide = uuid::Uuid::new_v4();
+    for n in 0..10 {
+        let name = format!("q{n}");
+        let (status, body) = app
+            .call_as(
+                wide,
+                "w",
+                Method::POST,
+                "/api/v1/mq/queues",
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, _) = app
+            .call_as(
+                wide,
+                "w",
+                Method::POST,
+                "/api/v1/mq/publish",
+                Some(json!({"queue": name, "payload": n})),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    // A tenant that comes after still gets series of its own.
+    app.create_queue(json!({"name": "mine"})).await;
+    let (status, _) = app.publish(json!({"queue": "mine", "payload": 1})).await;
+    assert_eq!(status, 201);
+    let (_, text) = app.get_text("/metrics").await;
+    let queues_of = |tenant: uuid::Uuid| -> BTreeSet<String> {
+        samples(&text, "mq_messages_total")
+            .into_iter()
+            .filter(|line| label(line, "tenant") == Some(tenant.to_string().as_str()))
+            .filter_map(|line| label(line, "queue").map(str::to_owned))
+            .collect()
+    };
+    let wide_queues = queues_of(wide);
+    assert!(wide_queues.contains("_other"), "{wide_queues:?}");
+    assert!(
+        wide_queues.len() <= 4,
+        "three of its own and its _other: {wide_queues:?}"
+    );
+    assert!(
+        queues_of(app.tenant).contains("mine"),
+        "{:?}",
+        queues_of(app.tenant)
+    );
+}
