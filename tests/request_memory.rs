@@ -169,6 +169,11 @@ async fn a_sixteen_mebibyte_request_of_any_shape_raises_peak_memory_by_at_most_6
             repeated(r#"{"ackIds":["#, r#""a""#, "]}"),
         ),
         (
+            "a payload of one-key objects",
+            "/api/v1/mq/publish",
+            repeated(r#"{"queue":"q","payload":["#, r#"{"a":0}"#, "]}"),
+        ),
+        (
             "one 16 MiB string",
             "/api/v1/mq/publish",
             format!(
@@ -201,5 +206,24 @@ async fn a_sixteen_mebibyte_request_of_any_shape_raises_peak_memory_by_at_most_6
             rise / 1024
         );
     }
+    // Just within what decoding may take: accepted, and within the bound all the same.
+    let within = format!(
+        r#"{{"queue":"q","payload":[{}]}}"#,
+        vec![r#"{"a":0}"#; 36_000].join(",")
+    );
+    let (status, answer) = call("/api/v1/mq/publish", within).await;
+    // Its record is written behind the publish: the recorder's decoding counts too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rise = peak_kb(pid).saturating_sub(baseline);
+    eprintln!(
+        "36 000 one-key objects (accepted): {status}, peak rose by {} MB",
+        rise / 1024
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        rise <= MAX_RISE_KB,
+        "the service's peak memory rose by {} MB",
+        rise / 1024
+    );
     drop(service);
 }

@@ -19,6 +19,8 @@ pub struct ApiJson<T>(pub T);
 
 /// Bodies larger than this are decoded on the blocking pool, off the async threads.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
+/// A body's buffer starts at most this large, whatever its `Content-Length` says.
+const INITIAL_BODY_CAPACITY: usize = 1 << 20;
 
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
@@ -59,14 +61,22 @@ async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
     if announced.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
-    let mut body = Vec::with_capacity(announced.unwrap_or(0));
+    // Grown as bytes arrive (never past what was announced, or the limit), so a client
+    // that announces much and sends little holds little.
+    let most = announced.unwrap_or(limit);
+    let mut body: Vec<u8> = Vec::with_capacity(most.min(INITIAL_BODY_CAPACITY));
     let mut chunks = request.into_body().into_data_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|error| {
             ApiError::validation(format!("could not read the request body: {error}"), vec![])
         })?;
-        if body.len() + chunk.len() > limit {
+        let needed = body.len() + chunk.len();
+        if needed > limit {
             return Err(too_large());
+        }
+        if needed > body.capacity() {
+            let grown = (body.capacity() * 2).max(needed).min(most.max(needed));
+            body.reserve_exact(grown - body.len());
         }
         body.extend_from_slice(&chunk);
     }

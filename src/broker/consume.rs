@@ -97,7 +97,11 @@ for slot = 1, #partitions do
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[4], 'LIMIT', 0, room)) do
       local entry = redis.call('XRANGE', stream, id, id)
       local over = #entry > 0 and taken + got > 0 and bytes + size(entry[1][2]) > budget
-      if over then break end
+      if over then
+        -- Full: nothing newer may go ahead of this retry.
+        bytes = budget
+        break
+      end
       redis.call('ZREM', retry, id)
       if #entry == 0 then
         -- Purged or trimmed while it waited: nothing left to deliver.

@@ -62,13 +62,28 @@ pub fn precheck(schema: &Value) -> Result<(), String> {
 pub fn compile(schema: &Value) -> Result<Validator, String> {
     precheck(schema)?;
     let patterns = count_patterns(schema);
+    // Each pattern gets its share of the budget, for its program and for its lazy DFA's
+    // cache alike.
     let size_limit = PATTERN_SIZE_LIMIT.min(PATTERNS_TOTAL_SIZE_LIMIT / patterns.max(1));
     jsonschema::options()
-        .with_pattern_options(PatternOptions::regex().size_limit(size_limit))
+        .with_pattern_options(
+            PatternOptions::regex()
+                .size_limit(size_limit)
+                .dfa_size_limit(size_limit),
+        )
         .build(schema)
         .map_err(|error| {
-            // Valid for a backtracking engine, not for ours: a pattern needs backtracking.
-            if jsonschema::validator_for(schema).is_ok() {
+            // Valid for a backtracking engine (within the same limits), not for ours: a
+            // pattern needs backtracking.
+            let backtracking = jsonschema::options()
+                .with_pattern_options(
+                    PatternOptions::fancy_regex()
+                        .size_limit(size_limit)
+                        .dfa_size_limit(size_limit),
+                )
+                .build(schema)
+                .is_ok();
+            if backtracking {
                 format!(
                     "{error}: patterns run on a linear-time engine, so look-around and \
                      back-references are not supported"

@@ -710,12 +710,14 @@ async fn set_aside(
     if queue.encrypted || envelope.sealed.is_some() {
         envelope.payload = Value::Null;
     }
+    // The subscriber's row (a guest's never lands among the owner's), one per subscription
+    // that refused it.
     let entry = crate::store::records::QuarantinedEntry {
-        tenant_id: queue.tenant_id,
+        tenant_id: subscription.tenant_id,
         topic_id: queue.id,
         partition: i32::from(failure.partition),
         source: "dead_letter",
-        entry_id: failure.entry_id.to_owned(),
+        entry_id: format!("{}@{}", failure.entry_id, subscription.id),
         message_id: Some(crate::workers::recorder::escape_control(failure.message_id)),
         entry: serde_json::to_string(&envelope).unwrap_or_default(),
         error: crate::workers::recorder::escape_control(&format!(

@@ -584,6 +584,11 @@ pub async fn revoke(
         .into_iter()
         .find(|s| s.id == uuid)
         .ok_or_else(|| not_found(id))?;
+    // Revoking a guest is managing the queue (open to the tenant's principals); removing one
+    // of the tenant's own subscriptions this way is deleting it.
+    if subscription.tenant_id == tenant.tenant_id {
+        authorize_change(state, tenant, &subscription, Access::CreatorOrConsumer).await?;
+    }
     remove(state, &subscription).await?;
     audit::record(
         state,

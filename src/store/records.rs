@@ -110,7 +110,10 @@ impl From<sqlx::Error> for RecordWriteError {
                 let code = db.code().unwrap_or_default();
                 // Connection (08), transaction rollback (40: serialization, deadlock),
                 // resources (53), operator intervention (57P), system (58): passing troubles.
-                let passing = ["08", "40", "53", "57P", "58"]
+                // So is a column or table this release does not know (42703, 42P01): the
+                // schema moved on under an older instance during a rolling upgrade, and the
+                // batch waits for the instance's replacement instead of being set aside.
+                let passing = ["08", "40", "53", "57P", "58", "42703", "42P01"]
                     .iter()
                     .any(|class| code.starts_with(class));
                 if passing {
