@@ -27,6 +27,12 @@ pub struct Config {
     /// Per-tenant publish limits (0 = unlimited): requests and payload bytes per second.
     pub tenant_publish_rps: u64,
     pub tenant_publish_bytes_per_sec: u64,
+    /// Queue and subscription changes one tenant may make per second, on all instances
+    /// together (0: no limit).
+    pub tenant_change_rps: u64,
+    /// Monitoring views (`/metrics`, `/metrics/topics`, `/metrics/consumers`) one tenant may
+    /// read per second (0: no limit).
+    pub tenant_monitoring_rps: u64,
     /// Webhook pushes one tenant may have in flight at once, over all its subscriptions.
     pub webhook_tenant_concurrency: usize,
     /// Queues a tenant may create (those the service creates count, but are never refused).
@@ -235,6 +241,8 @@ impl Config {
                 100 * 1024 * 1024,
                 0..=u64::MAX,
             )?,
+            tenant_change_rps: env.number("TENANT_CHANGE_RPS", 50, 0..=u64::MAX)?,
+            tenant_monitoring_rps: env.number("TENANT_MONITORING_RPS", 20, 0..=u64::MAX)?,
             webhook_tenant_concurrency: env.number(
                 "WEBHOOK_TENANT_CONCURRENCY",
                 100,

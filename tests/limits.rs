@@ -407,3 +407,77 @@ async fn a_tenant_with_many_queues_takes_no_more_than_its_share_of_series() {
         queues_of(app.tenant)
     );
 }
+
+#[tokio::test]
+async fn a_tenant_over_its_change_and_monitoring_budgets_gets_429_and_the_others_do_not() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("TENANT_CHANGE_RPS".into(), "3".into());
+        env.insert("TENANT_MONITORING_RPS".into(), "3".into());
+    })
+    .await;
+    let hostile = uuid::Uuid::new_v4();
+    let (status, body) = app
+        .call_as(
+            hostile,
+            "h",
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "churn"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut refused = 0;
+    for n in 0..12 {
+        let response = app
+            .request_as(hostile, "h", Method::PUT, "/api/v1/mq/queues/churn")
+            .json(&json!({"description": format!("change {n}")}))
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == 429 {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+            let (status, body) = common::read(response).await;
+            assert_error(status, &body, 429, "MQ_RATE_LIMITED");
+            refused += 1;
+        } else {
+            assert_eq!(response.status().as_u16(), 200);
+        }
+    }
+    assert!(
+        refused > 0,
+        "a tenant changing its queue in a loop is held back"
+    );
+    let mut views_refused = 0;
+    for _ in 0..12 {
+        let (status, _) = app
+            .call_as(hostile, "h", Method::GET, "/api/v1/mq/metrics/topics", None)
+            .await;
+        if status == 429 {
+            views_refused += 1;
+        }
+    }
+    assert!(
+        views_refused > 0,
+        "and so is one reading the views in a loop"
+    );
+    // Another tenant meanwhile has its whole budget.
+    app.create_queue(json!({"name": "mine"})).await;
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/api/v1/mq/queues/mine",
+            Some(json!({"description": "ok"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = app
+        .call(Method::GET, "/api/v1/mq/metrics/topics", None)
+        .await;
+    assert_eq!(status, 200);
+}

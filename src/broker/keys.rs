@@ -262,6 +262,14 @@ impl KeyLayout {
         )
     }
 
+    /// A tenant's count of `budget` calls (changes, monitoring views) in one second.
+    pub fn budget_window(&self, tenant_id: Uuid, unix_second: i64, budget: &str) -> String {
+        format!(
+            "{}{{rate.{}}}:{unix_second}:{budget}",
+            self.prefix, tenant_id
+        )
+    }
+
     /// Whether `key` is a partition's journal (as opposed to its message stream).
     pub fn is_journal(key: &str) -> bool {
         key.ends_with(":journal")

@@ -1,5 +1,6 @@
-//! Per-tenant publish limits, counted in Redis so that every instance enforces the same
-//! budget: requests and payload bytes per one-second window.
+//! Per-tenant limits, counted in Redis so that every instance enforces the same budget:
+//! publish requests and payload bytes, configuration changes and monitoring views, per
+//! one-second window.
 
 use std::sync::LazyLock;
 
@@ -30,7 +31,37 @@ return 1
     )
 });
 
+static ADMIT_ONE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+-- KEYS: the call count of this window. ARGV: the limit. Returns 1 when admitted.
+local calls = redis.call('INCR', KEYS[1])
+if calls == 1 then redis.call('PEXPIRE', KEYS[1], 2000) end
+if calls > tonumber(ARGV[1]) then return 0 end
+return 1
+"#,
+    )
+});
+
 impl Broker {
+    /// Counts one call of `budget` against the tenant's window of the current second; false
+    /// when it is over `limit`.
+    pub async fn admit_call(
+        &self,
+        tenant_id: Uuid,
+        unix_second: i64,
+        budget: &str,
+        limit: u64,
+    ) -> ApiResult<bool> {
+        let key = self.keys.budget_window(tenant_id, unix_second, budget);
+        let limit = limit.to_string();
+        let mut pipeline = redis::pipe();
+        ADMIT_ONE.add_to(&mut pipeline, &[&key], &[limit.as_bytes()]);
+        let mut connection = self.connection().await?;
+        let (admitted,): (i64,) = scripts::run(&mut connection, &pipeline, &[&ADMIT_ONE]).await?;
+        Ok(admitted == 1)
+    }
+
     /// Counts one publish request of `bytes` payload bytes against the tenant's window of
     /// the current second; false when it is over a limit.
     pub async fn admit_publish(

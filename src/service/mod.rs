@@ -17,6 +17,7 @@ pub mod queues;
 pub mod signals;
 pub mod subscriptions;
 pub mod system_queues;
+pub mod tenant_limits;
 pub mod upgrade;
 pub mod wake;
 pub mod webhook;

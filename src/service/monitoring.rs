@@ -15,6 +15,7 @@ use crate::domain::subscription::SubscriptionStatus;
 use crate::error::ApiResult;
 use crate::metrics::QueueGauges;
 use crate::service::subscriptions;
+use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize)]
@@ -88,6 +89,9 @@ fn rounded(value: f64) -> f64 {
 
 /// `GET /metrics` of one tenant, or of all tenants (`None`, internal API).
 pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
+    if let Some(tenant_id) = tenant_id {
+        tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
+    }
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(tenant_id),
         state.store.subscriptions_of(tenant_id),
@@ -124,6 +128,7 @@ pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<Me
 }
 
 pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
+    tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(Some(tenant_id)),
         state.store.subscriptions_of(Some(tenant_id)),
@@ -155,6 +160,7 @@ pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMet
 }
 
 pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
+    tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(Some(tenant_id)),
         state.store.subscriptions_of(Some(tenant_id)),

@@ -15,6 +15,7 @@ use crate::domain::validation::is_valid_name;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
 use crate::service::queue_cache::{Lookup, ResolvedQueue};
+use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 
 #[derive(Debug, Default, Serialize)]
@@ -192,6 +193,7 @@ pub async fn create(
     if let Some(name) = &request.name {
         refuse_system_queue(name, "create")?;
     }
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue = Queue::create(tenant.tenant_id, request, defaults(state), Utc::now())?;
     check_schema(queue.schema_definition.clone()).await?;
     let created = state
@@ -262,6 +264,7 @@ pub async fn update(
     request: UpdateQueueRequest,
 ) -> ApiResult<Queue> {
     refuse_system_queue(name, "change")?;
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     if let Some(schema) = &request.schema_definition {
         check_schema(schema.clone()).await?;
     }
@@ -291,6 +294,7 @@ pub async fn update(
 /// records: if Redis is down nothing is deleted, and a retry finishes the job.
 pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<()> {
     refuse_system_queue(name, "delete")?;
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue = require(state, tenant.tenant_id, name).await?;
     // The owner's groups and every guest's.
     let subscriptions = state.store.subscriptions_to(queue.id).await?;
@@ -321,6 +325,7 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
 
 pub async fn purge(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<u64> {
     refuse_system_queue(name, "purge")?;
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue = require(state, tenant.tenant_id, name).await?;
     let purged = state.broker.purge_queue(&queue).await?;
     audit::record(

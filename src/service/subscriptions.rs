@@ -16,6 +16,7 @@ use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::audit::{self, Resource};
 use crate::service::publish;
 use crate::service::queues::{self, Page};
+use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 use crate::store::subscriptions::{SubscriptionListFilter, SubscriptionQuotas};
 
@@ -179,6 +180,7 @@ pub async fn create(
     tenant: &Tenant,
     request: CreateSubscriptionRequest,
 ) -> ApiResult<Subscription> {
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue_name = request.queue.clone().unwrap_or_default();
     if queue_name.is_empty() {
         return Err(ApiError::validation(
@@ -408,6 +410,7 @@ async fn change(
     access: Access,
     next: impl FnOnce(&Subscription) -> ApiResult<Subscription>,
 ) -> ApiResult<Subscription> {
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let current = require(state, tenant.tenant_id, id).await?;
     authorize_change(state, tenant, &current, access).await?;
     let updated = state
@@ -433,6 +436,7 @@ async fn change(
 /// the answer is 503 and the subscription stays, so the delete can be retried and no
 /// orphaned group ever holds publishing back.
 pub async fn delete(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<()> {
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let subscription = require(state, tenant.tenant_id, id).await?;
     authorize_change(state, tenant, &subscription, Access::CreatorOrConsumer).await?;
     remove(state, &subscription).await?;

@@ -228,6 +228,10 @@ pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, Strin
         // Tests that count stream entries must not see them trimmed mid-test; the retention
         // tests turn it on.
         ("RETENTION_INTERVAL_MS", "3600000".to_owned()),
+        // Tests make changes and read the views in quick loops; the rate-limit tests set
+        // their own.
+        ("TENANT_CHANGE_RPS", "100000".to_owned()),
+        ("TENANT_MONITORING_RPS", "100000".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
