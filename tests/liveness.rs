@@ -117,14 +117,7 @@ impl<'a> Driver<'a> {
             2 => {
                 let messages: Vec<Value> =
                     (0..self.rng.usize(2..6)).map(|_| self.message()).collect();
-                let answer = self
-                    .call(
-                        Method::POST,
-                        "/api/v1/mq/publish/batch",
-                        Some(json!({"queue": "q", "messages": messages})),
-                    )
-                    .await;
-                self.expect("publish batch", answer, 201).await;
+                self.publish_batch(messages, "publish batch").await;
             }
             3 => {
                 let mut message = self.message();
@@ -229,6 +222,17 @@ impl<'a> Driver<'a> {
                 "delete under a long poll: poll {polled} {body}, delete {deleted}, publish {published}"
             ));
         }
+    }
+
+    async fn publish_batch(&mut self, messages: Vec<Value>, what: &str) {
+        let answer = self
+            .call(
+                Method::POST,
+                "/api/v1/mq/publish/batch",
+                Some(json!({"queue": "q", "messages": messages})),
+            )
+            .await;
+        self.expect(what, answer, 201).await;
     }
 
     fn pick_subscription(&mut self) -> Option<usize> {
@@ -348,14 +352,7 @@ impl<'a> Driver<'a> {
         }
         let webhook_tag = format!("probe-{}-hook", self.step);
         messages.push(json!({"payload": {"probe": webhook_tag}, "headers": {"k": "y"}}));
-        let answer = self
-            .call(
-                Method::POST,
-                "/api/v1/mq/publish/batch",
-                Some(json!({"queue": "q", "messages": messages})),
-            )
-            .await;
-        self.expect("publish probes", answer, 201).await;
+        self.publish_batch(messages, "publish probes").await;
         let published_at = Instant::now();
 
         for (n, tag) in probes {
