@@ -804,3 +804,58 @@ async fn publish_auditing_can_be_turned_off() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_stale_claim_sweep_takes_what_a_dead_recorder_left_and_passes_quiet_streams() {
+    let app = TestApp::spawn().await;
+    // This instance's recorder stays out of it: the test plays both recorders.
+    app.state.workers.abort_all();
+    let queue = app
+        .create_queue(json!({"name": "q", "partitionCount": 2}))
+        .await;
+    for n in 0..3 {
+        let (status, _) = app
+            .publish(json!({"queue": "q", "payload": n, "key": "same-key"}))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let layout = mq::broker::keys::KeyLayout::new(&app.redis.prefix);
+    let streams: Vec<String> = (0..2)
+        .map(|p| layout.partition(common::queue_id(&queue), p).stream)
+        .collect();
+    // A recorder of an instance that died read everything and acked nothing.
+    let mut redis = app.redis.connection().await;
+    for stream in &streams {
+        // The partition the key does not route to has no stream at all.
+        let _: deadpool_redis::redis::RedisResult<deadpool_redis::redis::Value> =
+            deadpool_redis::redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(mq::broker::RECORDER_GROUP)
+                .arg("dead")
+                .arg("COUNT")
+                .arg(100)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">")
+                .query_async(&mut redis)
+                .await;
+    }
+    let mut swept = streams.clone();
+    swept.push(format!("{}no-such-stream", app.redis.prefix));
+    let claimed = app
+        .state
+        .broker
+        .claim_stale_for_recorder("alive", &swept, 0, 100)
+        .await
+        .expect("a sweep over streams with, without and with nothing pending");
+    assert_eq!(claimed.len(), 3, "every entry the dead recorder left");
+    assert!(claimed.iter().all(|entry| streams.contains(&entry.stream)));
+    // Claimed by the living recorder now; a second sweep of fresh claims finds nothing idle.
+    let again = app
+        .state
+        .broker
+        .claim_stale_for_recorder("alive", &swept, 60_000, 100)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{} claimed again", again.len());
+}

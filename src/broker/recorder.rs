@@ -85,6 +85,22 @@ pub enum RecorderRead {
     StreamsChanged,
 }
 
+/// Claims for `ARGV[2]` what the recorder group left pending on a stream past `ARGV[3]` ms
+/// of idleness, at most `ARGV[4]` entries. A stream with nothing pending (nearly all: a
+/// recorder acks what it read) costs one `XPENDING` summary, inside the pipeline; a stream
+/// or group that is gone (queue deleted) answers nothing.
+static CLAIM_STALE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if type(pending) ~= 'table' or pending.err or tonumber(pending[1]) == 0 then
+  return {'0-0', {}, {}}
+end
+return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0', 'COUNT', ARGV[4])
+"#,
+    )
+});
+
 impl Broker {
     /// Creates each of `streams` (with the deletion tombstone of its queue) that is missing,
     /// with the recorder group; returns those whose queue still exists.
@@ -168,27 +184,37 @@ impl Broker {
     pub async fn claim_stale_for_recorder(
         &self,
         consumer: &str,
-        stream: &str,
+        streams: &[String],
         min_idle_ms: u64,
         count: usize,
     ) -> ApiResult<Vec<StreamEntry>> {
+        let (min_idle, count_text) = (min_idle_ms.to_string(), count.to_string());
         let mut connection = self.connection().await?;
-        let reply: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(RECORDER_GROUP)
-            .arg(consumer)
-            .arg(min_idle_ms)
-            .arg("0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut connection)
-            .await;
-        match reply {
-            Ok(reply) => parse_autoclaim(stream, reply),
-            // The stream's queue was deleted meanwhile: nothing left to record.
-            Err(error) if error.code() == Some("NOGROUP") => Ok(Vec::new()),
-            Err(error) => Err(error.into()),
+        let mut entries = Vec::new();
+        for chunk in streams.chunks(scripts::PIPELINE_CHUNK) {
+            let mut pipeline = redis::pipe();
+            for stream in chunk {
+                CLAIM_STALE.add_to(
+                    &mut pipeline,
+                    &[stream],
+                    &[
+                        RECORDER_GROUP.as_bytes(),
+                        consumer.as_bytes(),
+                        min_idle.as_bytes(),
+                        count_text.as_bytes(),
+                    ],
+                );
+            }
+            let replies: Vec<redis::Value> =
+                scripts::run(&mut connection, &pipeline, &[&CLAIM_STALE]).await?;
+            for (stream, reply) in chunk.iter().zip(replies) {
+                entries.extend(parse_autoclaim(stream, reply)?);
+            }
+            if entries.len() >= count {
+                break;
+            }
         }
+        Ok(entries)
     }
 
     /// Acknowledges recorded entries; journal entries are deleted too (nothing else reads

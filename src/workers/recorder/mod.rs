@@ -254,19 +254,12 @@ async fn claim_stale(
     streams: &[String],
     batch_size: usize,
 ) -> ApiResult<Vec<StreamEntry>> {
-    let mut entries = Vec::new();
-    for stream in streams {
-        entries.extend(
-            state
-                .broker
-                .claim_stale_for_recorder(consumer, stream, STALE_AFTER_MS, batch_size)
-                .await?,
-        );
-        if entries.len() >= batch_size {
-            break;
-        }
-    }
-    Ok(entries)
+    // Pipelined, and claiming only where something is pending: a sweep costs one round trip
+    // per 128 streams, not one per stream.
+    state
+        .broker
+        .claim_stale_for_recorder(consumer, streams, STALE_AFTER_MS, batch_size)
+        .await
 }
 
 /// Which partition each stream and journal belongs to.
