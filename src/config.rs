@@ -33,6 +33,8 @@ pub struct Config {
     /// Monitoring views (`/metrics`, `/metrics/topics`, `/metrics/consumers`) one tenant may
     /// read per second (0: no limit).
     pub tenant_monitoring_rps: u64,
+    /// How long a tenant's monitoring view is reused (0: read at every call).
+    pub monitoring_cache_ms: u64,
     /// Webhook pushes one tenant may have in flight at once, over all its subscriptions.
     pub webhook_tenant_concurrency: usize,
     /// Queues a tenant may create (those the service creates count, but are never refused).
@@ -243,6 +245,7 @@ impl Config {
             )?,
             tenant_change_rps: env.number("TENANT_CHANGE_RPS", 50, 0..=u64::MAX)?,
             tenant_monitoring_rps: env.number("TENANT_MONITORING_RPS", 20, 0..=u64::MAX)?,
+            monitoring_cache_ms: env.number("MONITORING_CACHE_MS", 2000, 0..=600_000)?,
             webhook_tenant_concurrency: env.number(
                 "WEBHOOK_TENANT_CONCURRENCY",
                 100,

@@ -96,6 +96,7 @@ impl Application {
             faults: Default::default(),
             audit_forwarder,
             full_audit_queues: Default::default(),
+            monitoring_views: Default::default(),
             instance_id,
             started_at: Utc::now(),
             started: Instant::now(),

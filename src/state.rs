@@ -52,6 +52,8 @@ pub struct Shared {
     pub ack_signer: AckSigner,
     pub webhooks: crate::service::webhook::WebhookClient,
     pub stats: crate::stats::Stats,
+    /// Each tenant's monitoring views, reused for `MONITORING_CACHE_MS`.
+    pub monitoring_views: crate::service::monitoring::MonitoringViews,
     pub sealer: Arc<crate::crypto::Sealer>,
     pub faults: crate::faults::Faults,
     /// Posts audit events to `AUDIT_SERVICE_URL`, when it is set.

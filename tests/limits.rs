@@ -481,3 +481,43 @@ async fn a_tenant_over_its_change_and_monitoring_budgets_gets_429_and_the_others
         .await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_tenants_monitoring_views_are_read_once_per_interval_and_apart_from_others() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("MONITORING_CACHE_MS".into(), "60000".into());
+    })
+    .await;
+    app.create_queue(json!({"name": "q"})).await;
+    let loads = || {
+        app.state
+            .monitoring_views
+            .loads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = loads();
+    for _ in 0..5 {
+        let (status, body) = app
+            .call(Method::GET, "/api/v1/mq/metrics/topics", None)
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body["topics"].as_array().unwrap().len(),
+            2,
+            "q and audit-logs: {body}"
+        );
+    }
+    assert_eq!(loads() - before, 1, "five reads, one load");
+    // Another tenant's view is its own.
+    let other = uuid::Uuid::new_v4();
+    let (status, body) = app
+        .call_as(other, "o", Method::GET, "/api/v1/mq/metrics/topics", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["topics"],
+        json!([]),
+        "nothing of the first tenant: {body}"
+    );
+    assert_eq!(loads() - before, 2);
+}

@@ -809,7 +809,7 @@ async fn publish_auditing_can_be_turned_off() {
 async fn a_stale_claim_sweep_takes_what_a_dead_recorder_left_and_passes_quiet_streams() {
     let app = TestApp::spawn().await;
     // This instance's recorder stays out of it: the test plays both recorders.
-    app.state.workers.abort_all();
+    app.stop_workers().await;
     let queue = app
         .create_queue(json!({"name": "q", "partitionCount": 2}))
         .await;

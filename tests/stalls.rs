@@ -429,7 +429,7 @@ async fn an_ack_on_one_instance_wakes_an_in_order_webhook_held_back_on_another()
     let acker = TestApp::spawn().await;
     let server = acker.spawn_sibling().await;
     // Only the sibling pushes.
-    acker.state.workers.abort_all();
+    acker.stop_workers().await;
     let receiver = Receiver::start(Reply::Status(200)).await;
     let queue = acker
         .create_queue(json!({"name": "q", "partitionCount": 1, "status": "paused"}))

@@ -6,6 +6,9 @@
 //! view for the list of queues and subscriptions, never scanned for records.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,7 +21,7 @@ use crate::service::subscriptions;
 use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsView {
     pub redis_streams: StreamTotals,
@@ -26,7 +29,7 @@ pub struct MetricsView {
     pub performance: PerformanceView,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamTotals {
     pub total_streams: u64,
@@ -35,7 +38,7 @@ pub struct StreamTotals {
     pub pending_messages: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerTotals {
     pub active_consumers: u64,
@@ -44,7 +47,7 @@ pub struct ConsumerTotals {
     pub error_rate: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PerformanceView {
     pub average_latency: f64,
@@ -53,7 +56,7 @@ pub struct PerformanceView {
     pub throughput: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicMetrics {
     pub name: String,
@@ -66,7 +69,7 @@ pub struct TopicMetrics {
     pub subscription_count: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerMetrics {
     pub subscription_id: Uuid,
@@ -87,11 +90,86 @@ fn rounded(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
+/// Each tenant's monitoring views, reused for `MONITORING_CACHE_MS`: a view reads every
+/// queue and subscription of the tenant from both stores, so a dashboard refreshing it (or a
+/// tenant calling it in a loop, within its budget) costs one read per interval.
+#[derive(Default)]
+pub struct MonitoringViews {
+    overview: ViewCache<MetricsView>,
+    topics: ViewCache<Vec<TopicMetrics>>,
+    consumers: ViewCache<Vec<ConsumerMetrics>>,
+    /// Views read from the stores (not reused), for the tests of the reuse.
+    pub loads: AtomicU64,
+}
+
+/// Past this many tenants' entries, the stale ones go.
+const VIEWS_PRUNE_FROM: usize = 1024;
+
+struct ViewCache<T> {
+    entries: Mutex<HashMap<Uuid, (Instant, T)>>,
+}
+
+impl<T> Default for ViewCache<T> {
+    fn default() -> Self {
+        ViewCache {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> ViewCache<T> {
+    /// The tenant's view from the last `fresh_for`, else one loaded now (and kept).
+    async fn get(
+        &self,
+        views: &MonitoringViews,
+        tenant_id: Uuid,
+        fresh_for: Duration,
+        load: impl std::future::Future<Output = ApiResult<T>>,
+    ) -> ApiResult<T> {
+        if !fresh_for.is_zero() {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, view)) = entries.get(&tenant_id) {
+                if at.elapsed() < fresh_for {
+                    return Ok(view.clone());
+                }
+            }
+        }
+        views.loads.fetch_add(1, Ordering::Relaxed);
+        let view = load.await?;
+        if !fresh_for.is_zero() {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= VIEWS_PRUNE_FROM {
+                entries.retain(|_, (at, _)| at.elapsed() < fresh_for);
+            }
+            entries.insert(tenant_id, (Instant::now(), view.clone()));
+        }
+        Ok(view)
+    }
+}
+
+fn views_fresh_for(state: &AppState) -> Duration {
+    Duration::from_millis(state.config.monitoring_cache_ms)
+}
+
 /// `GET /metrics` of one tenant, or of all tenants (`None`, internal API).
 pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
-    if let Some(tenant_id) = tenant_id {
-        tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
-    }
+    let Some(tenant) = tenant_id else {
+        return load_overview(state, None).await;
+    };
+    tenant_limits::admit(state, tenant, Budget::Monitoring).await?;
+    let views = &state.monitoring_views;
+    views
+        .overview
+        .get(
+            views,
+            tenant,
+            views_fresh_for(state),
+            load_overview(state, Some(tenant)),
+        )
+        .await
+}
+
+async fn load_overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(tenant_id),
         state.store.subscriptions_of(tenant_id),
@@ -129,6 +207,19 @@ pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<Me
 
 pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
     tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
+    let views = &state.monitoring_views;
+    views
+        .topics
+        .get(
+            views,
+            tenant_id,
+            views_fresh_for(state),
+            load_topics(state, tenant_id),
+        )
+        .await
+}
+
+async fn load_topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(Some(tenant_id)),
         state.store.subscriptions_of(Some(tenant_id)),
@@ -161,6 +252,19 @@ pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMet
 
 pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
     tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
+    let views = &state.monitoring_views;
+    views
+        .consumers
+        .get(
+            views,
+            tenant_id,
+            views_fresh_for(state),
+            load_consumers(state, tenant_id),
+        )
+        .await
+}
+
+async fn load_consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
     let (queues, subscriptions) = tokio::try_join!(
         state.store.all_queues(Some(tenant_id)),
         state.store.subscriptions_of(Some(tenant_id)),

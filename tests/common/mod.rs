@@ -232,6 +232,8 @@ pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, Strin
         // their own.
         ("TENANT_CHANGE_RPS", "100000".to_owned()),
         ("TENANT_MONITORING_RPS", "100000".to_owned()),
+        // Tests read a view right after what should change it; the reuse has its own test.
+        ("MONITORING_CACHE_MS", "0".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -504,6 +506,17 @@ impl TestApp {
         let (status, body) = read(response).await;
         assert_eq!(status, 201, "create queue: {body}");
         body
+    }
+
+    /// Stops this instance's background workers (its HTTP routes go on), once they have
+    /// started: they start with the server, a moment after `spawn` returns.
+    pub async fn stop_workers(&self) {
+        let started = eventually(std::time::Duration::from_secs(10), || async {
+            self.state.workers.states().contains_key("recorder")
+        })
+        .await;
+        assert!(started, "the workers started");
+        self.state.workers.abort_all();
     }
 
     /// Stops the service abruptly, workers mid-step included, as a crashed process would.
