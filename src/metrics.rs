@@ -309,10 +309,20 @@ impl Metrics {
                 None if name == OTHER => tenants.contains(&tenant),
                 None => existing.contains(&(tenant, name)),
             };
+            // A tenant's `_other` also lives while any of its named series does (a guest
+            // may own no queue at all).
+            let named: HashSet<Uuid> = series
+                .labels
+                .iter()
+                .filter(|(tenant, name)| name != OTHER && alive(*tenant, name))
+                .map(|(tenant, _)| *tenant)
+                .collect();
             let gone = series
                 .labels
                 .iter()
-                .filter(|(tenant, name)| !alive(*tenant, name))
+                .filter(|(tenant, name)| {
+                    !(alive(*tenant, name) || (name == OTHER && named.contains(tenant)))
+                })
                 .cloned()
                 .collect::<Vec<_>>();
             for key in &gone {
@@ -425,5 +435,28 @@ mod tests {
         metrics.forget_queue(wide, "q0");
         metrics.count_messages(wide, "q-new", "published", 1);
         assert_eq!(series_of(&metrics, wide), ["_other", "q-new", "q1"]);
+    }
+
+    #[test]
+    fn a_guests_series_outlive_a_scrape_while_the_owners_queues_do() {
+        let metrics = Metrics::new(10, 1);
+        let (owner, guest) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for queue in ["a", "b"] {
+            metrics.count_messages(guest, &format!("{owner}/{queue}"), "acked", 1);
+        }
+        assert_eq!(
+            series_of(&metrics, guest),
+            [format!("{owner}/a"), "_other".into()]
+        );
+        // The guest owns no queue; the owner's queues still exist.
+        let gauges = |name: &str| (owner, name.to_owned(), [("stored", 0); 4]);
+        metrics.set_queue_gauges(&[gauges("a"), gauges("b")]);
+        assert_eq!(
+            series_of(&metrics, guest),
+            [format!("{owner}/a"), "_other".into()]
+        );
+        // The owner's queues gone, so are the guest's series.
+        metrics.set_queue_gauges(&[]);
+        assert!(series_of(&metrics, guest).is_empty());
     }
 }

@@ -102,17 +102,22 @@ pub struct MonitoringViews {
     pub loads: AtomicU64,
 }
 
-/// Past this many tenants' entries, the stale ones go.
-const VIEWS_PRUNE_FROM: usize = 1024;
-
 struct ViewCache<T> {
-    entries: Mutex<HashMap<Uuid, (Instant, T)>>,
+    entries: Mutex<Entries<T>>,
+}
+
+struct Entries<T> {
+    by_tenant: HashMap<Uuid, (Instant, T)>,
+    pruned_at: Instant,
 }
 
 impl<T> Default for ViewCache<T> {
     fn default() -> Self {
         ViewCache {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries {
+                by_tenant: HashMap::new(),
+                pruned_at: Instant::now(),
+            }),
         }
     }
 }
@@ -128,7 +133,7 @@ impl<T: Clone> ViewCache<T> {
     ) -> ApiResult<T> {
         if !fresh_for.is_zero() {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, view)) = entries.get(&tenant_id) {
+            if let Some((at, view)) = entries.by_tenant.get(&tenant_id) {
                 if at.elapsed() < fresh_for {
                     return Ok(view.clone());
                 }
@@ -138,10 +143,17 @@ impl<T: Clone> ViewCache<T> {
         let view = load.await?;
         if !fresh_for.is_zero() {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if entries.len() >= VIEWS_PRUNE_FROM {
-                entries.retain(|_, (at, _)| at.elapsed() < fresh_for);
+            // Views past their time go, once per interval: the map holds the tenants that
+            // looked lately, not every tenant that ever looked.
+            if entries.pruned_at.elapsed() >= fresh_for {
+                entries.pruned_at = Instant::now();
+                entries
+                    .by_tenant
+                    .retain(|_, (at, _)| at.elapsed() < fresh_for);
             }
-            entries.insert(tenant_id, (Instant::now(), view.clone()));
+            entries
+                .by_tenant
+                .insert(tenant_id, (Instant::now(), view.clone()));
         }
         Ok(view)
     }

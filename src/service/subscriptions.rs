@@ -579,6 +579,7 @@ pub async fn revoke(
     queue_name: &str,
     id: &str,
 ) -> ApiResult<()> {
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
     let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
     let subscription = state

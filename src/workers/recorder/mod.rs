@@ -254,11 +254,17 @@ async fn claim_stale(
     streams: &[String],
     batch_size: usize,
 ) -> ApiResult<Vec<StreamEntry>> {
-    // Pipelined, and claiming only where something is pending: a sweep costs one round trip
-    // per 128 streams, not one per stream.
+    // Claiming only where something is pending, at most a batch, starting somewhere new each
+    // sweep so that no stream waits behind others that keep having stale entries.
+    let start = fastrand::usize(..streams.len().max(1));
+    let rotated: Vec<String> = streams[start..]
+        .iter()
+        .chain(&streams[..start])
+        .cloned()
+        .collect();
     state
         .broker
-        .claim_stale_for_recorder(consumer, streams, STALE_AFTER_MS, batch_size)
+        .claim_stale_for_recorder(consumer, &rotated, STALE_AFTER_MS, batch_size)
         .await
 }
 
