@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::subscription::SubscriptionStatus;
+use crate::domain::queue::Queue;
+use crate::domain::subscription::{Subscription, SubscriptionStatus};
 use crate::error::ApiResult;
 use crate::metrics::QueueGauges;
 use crate::service::subscriptions;
@@ -165,27 +166,42 @@ fn views_fresh_for(state: &AppState) -> Duration {
 
 /// `GET /metrics` of one tenant, or of all tenants (`None`, internal API).
 pub async fn overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
-    let Some(tenant) = tenant_id else {
-        return load_overview(state, None).await;
-    };
-    tenant_limits::admit(state, tenant, Budget::Monitoring).await?;
+    match tenant_id {
+        Some(tenant) => {
+            let cache = &state.monitoring_views.overview;
+            tenant_view(state, cache, tenant, load_overview(state, Some(tenant))).await
+        }
+        None => load_overview(state, None).await,
+    }
+}
+
+/// A tenant's view: counted against its monitoring budget, then reused or loaded.
+async fn tenant_view<T: Clone>(
+    state: &AppState,
+    cache: &ViewCache<T>,
+    tenant_id: Uuid,
+    load: impl std::future::Future<Output = ApiResult<T>>,
+) -> ApiResult<T> {
+    tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
     let views = &state.monitoring_views;
-    views
-        .overview
-        .get(
-            views,
-            tenant,
-            views_fresh_for(state),
-            load_overview(state, Some(tenant)),
-        )
+    cache
+        .get(views, tenant_id, views_fresh_for(state), load)
         .await
 }
 
-async fn load_overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
-    let (queues, subscriptions) = tokio::try_join!(
+/// The queues and subscriptions of one tenant, or of all (`None`).
+async fn setup_of(
+    state: &AppState,
+    tenant_id: Option<Uuid>,
+) -> ApiResult<(Vec<Queue>, Vec<Subscription>)> {
+    tokio::try_join!(
         state.store.all_queues(tenant_id),
         state.store.subscriptions_of(tenant_id),
-    )?;
+    )
+}
+
+async fn load_overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<MetricsView> {
+    let (queues, subscriptions) = setup_of(state, tenant_id).await?;
     let streams = state.broker.queues_stats(&queues).await?;
     let groups: HashSet<(Uuid, &str)> = subscriptions
         .iter()
@@ -218,24 +234,17 @@ async fn load_overview(state: &AppState, tenant_id: Option<Uuid>) -> ApiResult<M
 }
 
 pub async fn topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
-    tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
-    let views = &state.monitoring_views;
-    views
-        .topics
-        .get(
-            views,
-            tenant_id,
-            views_fresh_for(state),
-            load_topics(state, tenant_id),
-        )
-        .await
+    tenant_view(
+        state,
+        &state.monitoring_views.topics,
+        tenant_id,
+        load_topics(state, tenant_id),
+    )
+    .await
 }
 
 async fn load_topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMetrics>> {
-    let (queues, subscriptions) = tokio::try_join!(
-        state.store.all_queues(Some(tenant_id)),
-        state.store.subscriptions_of(Some(tenant_id)),
-    )?;
+    let (queues, subscriptions) = setup_of(state, Some(tenant_id)).await?;
     let streams = state.broker.queues_stats(&queues).await?;
     let mut subscription_counts: HashMap<Uuid, u64> = HashMap::new();
     for subscription in &subscriptions {
@@ -263,24 +272,17 @@ async fn load_topics(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<TopicMe
 }
 
 pub async fn consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
-    tenant_limits::admit(state, tenant_id, Budget::Monitoring).await?;
-    let views = &state.monitoring_views;
-    views
-        .consumers
-        .get(
-            views,
-            tenant_id,
-            views_fresh_for(state),
-            load_consumers(state, tenant_id),
-        )
-        .await
+    tenant_view(
+        state,
+        &state.monitoring_views.consumers,
+        tenant_id,
+        load_consumers(state, tenant_id),
+    )
+    .await
 }
 
 async fn load_consumers(state: &AppState, tenant_id: Uuid) -> ApiResult<Vec<ConsumerMetrics>> {
-    let (queues, subscriptions) = tokio::try_join!(
-        state.store.all_queues(Some(tenant_id)),
-        state.store.subscriptions_of(Some(tenant_id)),
-    )?;
+    let (queues, subscriptions) = setup_of(state, Some(tenant_id)).await?;
     let partitions: HashMap<Uuid, u16> = queues.iter().map(|q| (q.id, q.partition_count)).collect();
     let groups = subscriptions::positions(state, &subscriptions, |s| {
         partitions.get(&s.queue_id).copied().unwrap_or(1)

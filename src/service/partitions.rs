@@ -278,15 +278,15 @@ mod tests {
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
         let slow_load = async {
-            started_tx.send(()).unwrap();
-            finish_rx.await.unwrap();
+            started_tx.send(()).expect("the change side waits for this");
+            finish_rx.await.expect("the change side finishes the load");
             Ok(1)
         };
         let change = async {
-            started_rx.await.unwrap();
+            started_rx.await.expect("the load side starts");
             // The change lands while the old state is being read.
             snapshot.expire();
-            finish_tx.send(()).unwrap();
+            finish_tx.send(()).expect("the load side waits for this");
         };
         let (loaded, ()) = tokio::join!(snapshot.current(slow_load), change);
         assert_eq!(*loaded, 1, "the load's value is served to its caller");
