@@ -87,6 +87,7 @@ impl Application {
             subscriptions: Default::default(),
             signals: Default::default(),
             activity: Default::default(),
+            unrecorded: Default::default(),
             retry_timers: Default::default(),
             deadline_timers: Default::default(),
             ack_signer,

@@ -45,6 +45,8 @@ pub struct Shared {
     pub signals: QueueSignals,
     /// The queues that may hold anything, for the sweeping workers.
     pub activity: ActiveQueues,
+    /// The partitions written here that the recorder has not read since.
+    pub unrecorded: crate::service::unrecorded::UnrecordedWrites,
     /// When a retry falls due in a queue: its consumers here are woken then.
     pub retry_timers: DueQueues,
     /// When an ack deadline of a delivery made here passes: the reclaimer looks then.

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_error, eventually, read, TestApp, SERVICE_TOKEN};
+use mq::broker::recorder::RecorderVisit;
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -806,7 +807,7 @@ async fn publish_auditing_can_be_turned_off() {
 }
 
 #[tokio::test]
-async fn a_stale_claim_sweep_takes_what_a_dead_recorder_left_and_passes_quiet_streams() {
+async fn a_sweep_claims_what_a_dead_recorder_left_and_a_deleted_queue_reads_as_gone() {
     let app = TestApp::spawn().await;
     // This instance's recorder stays out of it: the test plays both recorders.
     app.stop_workers().await;
@@ -840,22 +841,49 @@ async fn a_stale_claim_sweep_takes_what_a_dead_recorder_left_and_passes_quiet_st
                 .query_async(&mut redis)
                 .await;
     }
-    let mut swept = streams.clone();
-    swept.push(format!("{}no-such-stream", app.redis.prefix));
-    let claimed = app
-        .state
-        .broker
-        .claim_stale_for_recorder("alive", &swept, 0, 100)
+    let keys: Vec<_> = (0..2)
+        .map(|p| layout.partition(common::queue_id(&queue), p))
+        .collect();
+    let read = |claim_idle_ms: Option<u64>| {
+        let keys = &keys;
+        let broker = &app.state.broker;
+        async move {
+            let visits: Vec<RecorderVisit> = keys
+                .iter()
+                .map(|keys| RecorderVisit {
+                    keys,
+                    claim_idle_ms,
+                })
+                .collect();
+            broker
+                .read_for_recorder("alive", &visits, 100)
+                .await
+                .expect("a read of partitions with and without a stream")
+        }
+    };
+    let fresh = read(None).await;
+    assert!(
+        fresh
+            .iter()
+            .all(|read| read.entries.is_empty() && !read.gone),
+        "entries another recorder holds are not read as new"
+    );
+    let claimed: Vec<_> = read(Some(0))
         .await
-        .expect("a sweep over streams with, without and with nothing pending");
+        .into_iter()
+        .flat_map(|read| read.entries)
+        .collect();
     assert_eq!(claimed.len(), 3, "every entry the dead recorder left");
     assert!(claimed.iter().all(|entry| streams.contains(&entry.stream)));
     // Claimed by the living recorder now; a second sweep of fresh claims finds nothing idle.
-    let again = app
-        .state
-        .broker
-        .claim_stale_for_recorder("alive", &swept, 60_000, 100)
+    let again: usize = read(Some(60_000))
         .await
-        .unwrap();
-    assert!(again.is_empty(), "{} claimed again", again.len());
+        .iter()
+        .map(|read| read.entries.len())
+        .sum();
+    assert_eq!(again, 0, "{again} claimed again");
+    // A deleted queue's partitions answer that nothing more will come.
+    let (status, _) = app.call(Method::DELETE, "/api/v1/mq/queues/q", None).await;
+    assert_eq!(status, 204);
+    assert!(read(Some(0)).await.iter().all(|read| read.gone));
 }

@@ -5,24 +5,54 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use deadpool_redis::redis::{self, streams::StreamReadReply, FromRedisValue};
+use deadpool_redis::redis::{self, FromRedisValue};
 
 use uuid::Uuid;
 
-use super::keys::KeyLayout;
+use super::keys::{KeyLayout, PartitionKeys};
 use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::{ApiError, ApiResult};
 
-/// Makes sure the stream (or journal) exists with the recorder group on it, so the recorder
-/// can read it from now on; 0 when its queue was deleted.
-static PREPARE: LazyLock<LuaScript> = LazyLock::new(|| {
+/// Reads one partition for the recorder: what the recorder group has not read yet from its
+/// stream and journal and, on a sweep, what another recorder read and left unrecorded for
+/// longer than the given idle time. One slot, one round trip per pipeline of partitions.
+static READ: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, deletion tombstone. ARGV: recorder group.
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-return 1
+-- KEYS: stream, journal, deletion tombstone. ARGV: recorder group, consumer, most entries per
+-- key, claim idle time in ms ('' = claim nothing).
+-- Returns {1 if the queue was deleted, 1 if a key had more, stream entries, journal entries};
+-- each entry is {id, {field, value, ...}}.
+if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0, {}, {}} end
+local most = tonumber(ARGV[3])
+local more = 0
+local function read(key)
+  if redis.call('EXISTS', key) == 0 then return {} end
+  local entries = {}
+  if ARGV[4] ~= '' then
+    local claimed = redis.pcall('XAUTOCLAIM', key, ARGV[1], ARGV[2], ARGV[4], '0', 'COUNT', most)
+    if type(claimed) == 'table' and not claimed.err then entries = claimed[2] end
+  end
+  if #entries < most then
+    local fresh = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', most - #entries,
+      'STREAMS', key, '>')
+    if type(fresh) == 'table' and fresh.err then
+      -- A key made before the recorder group was: it reads everything from the start.
+      redis.call('XGROUP', 'CREATE', key, ARGV[1], '0')
+      fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', most - #entries,
+        'STREAMS', key, '>')
+    end
+    if fresh then
+      for _, entry in ipairs(fresh[1][2]) do entries[#entries + 1] = entry end
+    end
+  end
+  if #entries >= most then more = 1 end
+  return entries
+end
+local stream = read(KEYS[1])
+local journal = read(KEYS[2])
+return {0, more, stream, journal}
 "#,
     )
 });
@@ -77,144 +107,59 @@ impl StreamEntry {
     }
 }
 
-/// What a recorder read found.
-#[derive(Debug)]
-pub enum RecorderRead {
-    Entries(Vec<StreamEntry>),
-    /// One of the streams no longer exists: list them again.
-    StreamsChanged,
+/// What reading one partition found.
+#[derive(Debug, Default)]
+pub struct PartitionRead {
+    /// Its queue was deleted: nothing more will come.
+    pub gone: bool,
+    /// The stream or journal had at least as many entries as were asked for: read again.
+    pub more: bool,
+    pub entries: Vec<StreamEntry>,
 }
 
-/// How many entries the recorder group has pending on a stream (0 for a stream or group
-/// that is gone: its queue was deleted).
-static PENDING: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        r#"
-local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if type(pending) ~= 'table' or pending.err then return 0 end
-return tonumber(pending[1]) or 0
-"#,
-    )
-});
+/// One partition to read, and whether to claim what another recorder left idle that long.
+pub struct RecorderVisit<'a> {
+    pub keys: &'a PartitionKeys,
+    pub claim_idle_ms: Option<u64>,
+}
 
 impl Broker {
-    /// Creates each of `streams` (with the deletion tombstone of its queue) that is missing,
-    /// with the recorder group; returns those whose queue still exists.
-    pub async fn prepare_recorder(&self, streams: &[(String, String)]) -> ApiResult<Vec<String>> {
-        if streams.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut connection = self.connection().await?;
-        let prepared: Vec<i64> = scripts::run_chunked(
-            &mut connection,
-            &PREPARE,
-            streams,
-            |pipeline, (stream, tombstone)| {
-                PREPARE.add_to(pipeline, &[stream, tombstone], &[RECORDER_GROUP.as_bytes()]);
-            },
-        )
-        .await?;
-        Ok(streams
-            .iter()
-            .zip(prepared)
-            .filter(|(_, prepared)| *prepared == 1)
-            .map(|((stream, _), _)| stream.clone())
-            .collect())
-    }
-
-    /// New entries for the recorder, waiting up to `block_ms` when there are none.
+    /// What the recorder group has not read from each partition yet, up to `most` entries
+    /// of its stream and of its journal, in pipelines of scripts.
     pub async fn read_for_recorder(
         &self,
         consumer: &str,
-        streams: &[String],
-        count: usize,
-        block_ms: u64,
-    ) -> ApiResult<RecorderRead> {
-        let mut command = redis::cmd("XREADGROUP");
-        command
-            .arg("GROUP")
-            .arg(RECORDER_GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block_ms)
-            .arg("STREAMS")
-            .arg(streams);
-        for _ in streams {
-            command.arg(">");
+        visits: &[RecorderVisit<'_>],
+        most: usize,
+    ) -> ApiResult<Vec<PartitionRead>> {
+        if visits.is_empty() {
+            return Ok(Vec::new());
         }
-        // Blocking: a connection of its own, never a shared one.
-        let mut connection = self.pool.get().await?;
-        let reply: Option<StreamReadReply> = match command.query_async(&mut connection).await {
-            Ok(reply) => reply,
-            // A queue deleted since the caller listed its streams.
-            Err(error) if matches!(error.code(), Some("NOGROUP" | "UNBLOCKED")) => {
-                return Ok(RecorderRead::StreamsChanged)
-            }
-            Err(error) => return Err(error.into()),
-        };
-        Ok(RecorderRead::Entries(
-            reply
-                .map(|reply| {
-                    reply
-                        .keys
-                        .into_iter()
-                        .flat_map(|key| {
-                            let stream = key.key;
-                            key.ids.into_iter().map(move |entry| {
-                                let fields = entry.map.iter().filter_map(|(name, value)| {
-                                    Some((name.as_str(), lossy_text(value)?))
-                                });
-                                StreamEntry::from_fields(&stream, entry.id.clone(), fields)
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        ))
-    }
-
-    /// Takes over entries another recorder (or an earlier run of this one) read but did not
-    /// record within `min_idle_ms`, e.g. because its instance crashed.
-    pub async fn claim_stale_for_recorder(
-        &self,
-        consumer: &str,
-        streams: &[String],
-        min_idle_ms: u64,
-        count: usize,
-    ) -> ApiResult<Vec<StreamEntry>> {
+        let most = most.max(1).to_string();
         let mut connection = self.connection().await?;
-        // Which streams have anything pending: one round trip per 128 streams. Nearly none
-        // have (a recorder acks what it read), so they are the only ones claimed from.
-        let pending: Vec<u64> =
-            scripts::run_chunked(&mut connection, &PENDING, streams, |pipeline, stream| {
-                PENDING.add_to(pipeline, &[stream], &[RECORDER_GROUP.as_bytes()]);
+        let replies: Vec<redis::Value> =
+            scripts::run_chunked(&mut connection, &READ, visits, |pipeline, visit| {
+                let claim = visit
+                    .claim_idle_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default();
+                READ.add_to(
+                    pipeline,
+                    &[&visit.keys.stream, &visit.keys.journal, &visit.keys.deleted],
+                    &[
+                        RECORDER_GROUP.as_bytes(),
+                        consumer.as_bytes(),
+                        most.as_bytes(),
+                        claim.as_bytes(),
+                    ],
+                );
             })
             .await?;
-        let mut entries = Vec::new();
-        for (stream, _) in streams.iter().zip(pending).filter(|(_, n)| *n > 0) {
-            if entries.len() >= count {
-                break;
-            }
-            let reply: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
-                .arg(stream)
-                .arg(RECORDER_GROUP)
-                .arg(consumer)
-                .arg(min_idle_ms)
-                .arg("0")
-                .arg("COUNT")
-                .arg(count - entries.len())
-                .query_async(&mut connection)
-                .await;
-            match reply {
-                Ok(reply) => entries.extend(parse_autoclaim(stream, reply)?),
-                // The stream's queue was deleted meanwhile: nothing left to record.
-                Err(error) if error.code() == Some("NOGROUP") => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Ok(entries)
+        visits
+            .iter()
+            .zip(replies)
+            .map(|(visit, reply)| parse_read(visit.keys, reply))
+            .collect()
     }
 
     /// Acknowledges recorded entries; journal entries are deleted too (nothing else reads
@@ -264,33 +209,45 @@ fn lossy_text(value: &redis::Value) -> Option<String> {
     }
 }
 
-/// XAUTOCLAIM answers `[next-id, [[id, [field, value, ...]], ...], [deleted ids]]`.
-fn parse_autoclaim(stream: &str, reply: redis::Value) -> ApiResult<Vec<StreamEntry>> {
-    let unexpected = || ApiError::internal("unexpected XAUTOCLAIM reply");
+/// READ answers `{gone, more, stream entries, journal entries}`, each entry
+/// `{id, {field, value, ...}}`.
+fn parse_read(keys: &PartitionKeys, reply: redis::Value) -> ApiResult<PartitionRead> {
+    let unexpected = || ApiError::internal("unexpected recorder read reply");
     let redis::Value::Array(parts) = reply else {
         return Err(unexpected());
     };
-    let Some(redis::Value::Array(claimed)) = parts.into_iter().nth(1) else {
+    let mut parts = parts.into_iter();
+    let (Some(gone), Some(more)) = (parts.next(), parts.next()) else {
         return Err(unexpected());
     };
-    let mut entries = Vec::with_capacity(claimed.len());
-    for item in claimed {
-        let redis::Value::Array(pair) = item else {
+    let flag = |value: redis::Value| i64::from_redis_value(&value).map(|n| n == 1);
+    let mut read = PartitionRead {
+        gone: flag(gone).map_err(|_| unexpected())?,
+        more: flag(more).map_err(|_| unexpected())?,
+        entries: Vec::new(),
+    };
+    for (key, entries) in [&keys.stream, &keys.journal].into_iter().zip(parts) {
+        let redis::Value::Array(entries) = entries else {
             continue;
         };
-        let mut pair = pair.into_iter();
-        let (Some(id), fields) = (pair.next(), pair.next()) else {
-            continue;
-        };
-        let id = String::from_redis_value(&id).map_err(|_| unexpected())?;
-        let fields: Vec<String> = match fields {
-            Some(redis::Value::Array(values)) => values.iter().filter_map(lossy_text).collect(),
-            _ => Vec::new(),
-        };
-        let pairs = fields
-            .chunks(2)
-            .filter_map(|pair| Some((pair.first()?.as_str(), pair.get(1)?.clone())));
-        entries.push(StreamEntry::from_fields(stream, id, pairs));
+        for item in entries {
+            let redis::Value::Array(pair) = item else {
+                continue;
+            };
+            let mut pair = pair.into_iter();
+            let (Some(id), fields) = (pair.next(), pair.next()) else {
+                continue;
+            };
+            let id = String::from_redis_value(&id).map_err(|_| unexpected())?;
+            let fields: Vec<String> = match fields {
+                Some(redis::Value::Array(values)) => values.iter().filter_map(lossy_text).collect(),
+                _ => Vec::new(),
+            };
+            let pairs = fields
+                .chunks(2)
+                .filter_map(|pair| Some((pair.first()?.as_str(), pair.get(1)?.clone())));
+            read.entries.push(StreamEntry::from_fields(key, id, pairs));
+        }
     }
-    Ok(entries)
+    Ok(read)
 }

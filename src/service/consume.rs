@@ -780,7 +780,11 @@ pub async fn settle(
     let settled = state
         .broker
         .settle(queue.id, &consumer, books.guest_tenant, settlements)
-        .await?;
+        .await;
+    state
+        .unrecorded
+        .mark_in(queue, settlements.iter().map(|s| s.partition));
+    let settled = settled?;
     if settled.announced_ready {
         // The other instances heard it; this one's waiting consumers take the next too.
         state.signals.notify(queue.id);

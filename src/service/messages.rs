@@ -316,11 +316,14 @@ pub async fn cancel(
         )
     };
     let now = Utc::now().timestamp_millis();
-    match state
+    let cancellation = state
         .broker
         .cancel_delayed(queue.id, queue.partition_count, message_id, now)
-        .await?
-    {
+        .await;
+    if !matches!(cancellation, Ok(Cancellation::NotWaiting)) {
+        state.unrecorded.mark_in(&queue, 0..queue.partition_count);
+    }
+    match cancellation? {
         Cancellation::Cancelled => return Ok(()),
         Cancellation::AlreadyCancelled => return Err(not_cancellable("cancelled")),
         Cancellation::NotWaiting => {}

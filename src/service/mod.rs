@@ -18,6 +18,8 @@ pub mod signals;
 pub mod subscriptions;
 pub mod system_queues;
 pub mod tenant_limits;
+pub mod turns;
+pub mod unrecorded;
 pub mod upgrade;
 pub mod wake;
 pub mod webhook;

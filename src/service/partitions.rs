@@ -116,7 +116,7 @@ pub struct PartitionRef {
 }
 
 /// What the workers need of a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QueueRef {
     pub id: Uuid,
     pub tenant_id: Uuid,
@@ -201,16 +201,34 @@ impl QueueDirectory {
 pub struct Subscriptions {
     list: Vec<Subscription>,
     by_id: HashMap<Uuid, usize>,
+    by_queue: HashMap<Uuid, Vec<usize>>,
 }
 
 impl Subscriptions {
     fn new(list: Vec<Subscription>) -> Self {
         let by_id = list.iter().enumerate().map(|(n, s)| (s.id, n)).collect();
-        Subscriptions { list, by_id }
+        let mut by_queue: HashMap<Uuid, Vec<usize>> = HashMap::new();
+        for (n, subscription) in list.iter().enumerate() {
+            by_queue.entry(subscription.queue_id).or_default().push(n);
+        }
+        Subscriptions {
+            list,
+            by_id,
+            by_queue,
+        }
     }
 
     pub fn get(&self, id: Uuid) -> Option<&Subscription> {
         self.by_id.get(&id).map(|&n| &self.list[n])
+    }
+
+    /// The subscriptions of one queue, oldest first.
+    pub fn of_queue(&self, queue_id: Uuid) -> impl Iterator<Item = &Subscription> {
+        self.by_queue
+            .get(&queue_id)
+            .into_iter()
+            .flatten()
+            .map(|&n| &self.list[n])
     }
 }
 

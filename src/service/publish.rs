@@ -146,8 +146,12 @@ async fn publish(
             state.config.dedup_window_ms,
             context.now_ms,
         )
-        .await
-        .map_err(ApiError::during_publish)?;
+        .await;
+    // Marked even when the answer was lost: the script may have run.
+    state
+        .unrecorded
+        .mark_in(queue, messages.iter().map(|m| m.partition));
+    let outcome = outcome.map_err(ApiError::during_publish)?;
     let stored = match outcome {
         PublishOutcome::Stored(stored) => stored,
         PublishOutcome::Full { backlog } => return Err(queue_full(queue, backlog)),

@@ -368,7 +368,10 @@ impl Store {
 
     /// Every subscription of every tenant, for the workers that serve them.
     pub async fn list_all_subscriptions(&self) -> ApiResult<Vec<Subscription>> {
-        let rows: Vec<SubscriptionRow> = sqlx::query_as(SELECT).fetch_all(&self.pool).await?;
+        let rows: Vec<SubscriptionRow> =
+            sqlx::query_as(&format!("{SELECT} ORDER BY s.created_at, s.id"))
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter().map(Subscription::try_from).collect()
     }
 

@@ -8,26 +8,31 @@
 //! every `SAFETY_LOOK` at every active queue: deliveries made by an instance that died are
 //! reclaimed by the others then. Several instances may reclaim at once: settling checks that
 //! the delivery is still the one whose deadline passed, so each is handled once.
+//!
+//! Each turn looks at most at `TURN_PARTITIONS` partitions' worth of queues, taken in tenant
+//! turns (`service::turns`), so one tenant's many queues never hold up another's deadline.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-use chrono::Utc;
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::domain::message::Envelope;
 use crate::domain::subscription::Subscription;
 use crate::service::consume::{record_failure, Failure};
+use crate::service::partitions::QueueRef;
 use crate::service::queues;
+use crate::service::turns::TenantTurns;
 use crate::state::AppState;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
 
 const SAFETY_LOOK: Duration = Duration::from_secs(30);
 const ERROR_BACKOFF_MS: i64 = 1000;
+/// Partitions looked at per turn, at most (a wider queue goes alone).
+const TURN_PARTITIONS: usize = 256;
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     // At start: whatever an earlier run of this instance left in flight.
     let mut safety_look: Option<Instant> = None;
+    let mut turns: TenantTurns<QueueRef> = TenantTurns::default();
     while !shutdown.is_cancelled() {
         let now = Utc::now().timestamp_millis();
         let mut queues = state.deadline_timers.take_due(now);
@@ -35,26 +40,33 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             safety_look = Some(Instant::now());
             queues.extend(state.activity.snapshot());
         }
-        // Due timers come in time order: sorted by id for the lookups below.
-        queues.sort_unstable();
-        queues.dedup();
         if !queues.is_empty() {
-            let subscriptions = state.subscriptions.current(&state.store).await;
-            let mut by_queue: HashMap<Uuid, Vec<&Subscription>> = HashMap::new();
-            for subscription in subscriptions.iter() {
-                if queues.binary_search(&subscription.queue_id).is_ok() {
-                    by_queue
-                        .entry(subscription.queue_id)
-                        .or_default()
-                        .push(subscription);
-                }
+            queues.sort_unstable();
+            queues.dedup();
+            let (found, _) = state.queue_directory.lookup(&state.store, &queues).await;
+            for queue in found {
+                turns.push(queue.tenant_id, queue);
             }
-            for (queue_id, subscriptions) in by_queue {
+        }
+        let turn = turns.take(TURN_PARTITIONS, |queue| usize::from(queue.partition_count));
+        if !turn.is_empty() {
+            let subscriptions = state.subscriptions.current(&state.store).await;
+            for (_, queue) in turn {
+                let queue_id = queue.id;
+                let subscriptions: Vec<&Subscription> = subscriptions.of_queue(queue_id).collect();
+                if subscriptions.is_empty() {
+                    continue;
+                }
                 if let Err(error) = reclaim(&state, &subscriptions, now).await {
                     tracing::warn!(error = %error, queue = %queue_id, "reclaiming overdue deliveries failed");
                     state.deadline_timers.arm(queue_id, now + ERROR_BACKOFF_MS);
                 }
             }
+        }
+        if !turns.is_empty() {
+            // More waits its turn: deadlines that passed meanwhile join the next one.
+            tokio::task::yield_now().await;
+            continue;
         }
         let until_safety_look =
             SAFETY_LOOK.saturating_sub(safety_look.map_or(Duration::ZERO, |at| at.elapsed()));

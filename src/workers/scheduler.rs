@@ -8,6 +8,10 @@
 //! announcement left behind, and drops from the set the queues found empty. Every
 //! `FULL_LOOK`, every queue counts as active again for one look.
 //!
+//! Each turn releases at most `TURN_PARTITIONS` partitions' worth of queues, taken in
+//! tenant turns (`service::turns`): a tenant with a thousand active queues makes the safety
+//! look longer, not another tenant's due message later.
+//!
 //! Several instances may release one queue at once: a message is moved by one script, so
 //! exactly once.
 
@@ -21,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::scheduler::Release;
 use crate::service::activity::Stamp;
 use crate::service::due::DueQueues;
+use crate::service::partitions::QueueRef;
+use crate::service::turns::TenantTurns;
 use crate::state::AppState;
 
 const SAFETY_LOOK: Duration = Duration::from_secs(30);
@@ -28,6 +34,8 @@ const FULL_LOOK: Duration = Duration::from_secs(600);
 /// Messages moved per partition per script call; a larger backlog loops at once.
 const RELEASE_BATCH: usize = 1000;
 const ERROR_BACKOFF_MS: i64 = 500;
+/// Partitions released per turn, at most (a wider queue goes alone).
+const TURN_PARTITIONS: usize = 256;
 
 #[derive(Default)]
 pub struct SchedulerStatus {
@@ -75,6 +83,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let status = &state.scheduler;
     let mut safety_look = Instant::now();
     let mut full_look = Instant::now();
+    let mut turns: TenantTurns<QueueRef> = TenantTurns::default();
     // Whatever waited while no instance ran: every queue, once.
     status.look_at_all();
     while !shutdown.is_cancelled() {
@@ -90,11 +99,28 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         {
             safety_look = Instant::now();
             queues.extend(state.activity.snapshot());
-            queues.sort_unstable();
-            queues.dedup();
         }
         if !queues.is_empty() {
+            queues.sort_unstable();
+            queues.dedup();
+            let (found, missing) = state.queue_directory.lookup(&state.store, &queues).await;
+            for queue_id in missing {
+                // Deleted.
+                state.activity.forget(queue_id);
+            }
+            for queue in found {
+                turns.push(queue.tenant_id, queue);
+            }
+        }
+        let turn = turns.take(TURN_PARTITIONS, |queue| usize::from(queue.partition_count));
+        if !turn.is_empty() {
+            let queues: Vec<QueueRef> = turn.into_iter().map(|(_, queue)| queue).collect();
             release(&state, &queues, now).await;
+        }
+        if !turns.is_empty() {
+            // More waits its turn: timers that fell due meanwhile join the next one.
+            tokio::task::yield_now().await;
+            continue;
         }
         let until_safety_look = SAFETY_LOOK.saturating_sub(safety_look.elapsed());
         tokio::select! {
@@ -104,13 +130,8 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     }
 }
 
-async fn release(state: &AppState, queues: &[uuid::Uuid], now: i64) {
+async fn release(state: &AppState, found: &[QueueRef], now: i64) {
     let status = &state.scheduler;
-    let (found, missing) = state.queue_directory.lookup(&state.store, queues).await;
-    for queue_id in missing {
-        // Deleted.
-        state.activity.forget(queue_id);
-    }
     let work: Vec<_> = found.iter().map(|q| (q.id, q.partition_count)).collect();
     // Read before the look: a queue marked while it runs is not forgotten.
     let stamps: std::collections::HashMap<uuid::Uuid, Stamp> = work
@@ -119,14 +140,21 @@ async fn release(state: &AppState, queues: &[uuid::Uuid], now: i64) {
         .collect();
     match state.broker.release_due(&work, now, RELEASE_BATCH).await {
         Ok(releases) => {
-            for release in releases {
+            for (release, queue) in releases.iter().zip(found) {
+                if release.released + release.expired > 0 {
+                    state.unrecorded.mark(queue.partitions());
+                }
                 let stamp = stamps.get(&release.queue_id).copied().flatten();
-                settle(state, &release, stamp, now);
+                settle(state, release, stamp, now);
             }
             status.last_sweep_ms.store(now, Ordering::Relaxed);
         }
         Err(error) => {
             tracing::warn!(error = %error, "releasing due messages failed; will retry");
+            // A script may have run before the answer was lost.
+            state
+                .unrecorded
+                .mark(found.iter().flat_map(QueueRef::partitions));
             for (queue_id, _) in work {
                 status.timers.arm(queue_id, now + ERROR_BACKOFF_MS);
             }

@@ -2,11 +2,15 @@
 //! for every delivery attempt, behind the publish path.
 //!
 //! The recorder is a consumer group on each partition stream and journal (see
-//! `broker::recorder`): it reads new entries in batches, writes each batch in one transaction,
-//! then acks them. When PostgreSQL is unreachable it keeps the batch and retries with
+//! `broker::recorder`). It reads the partitions this instance wrote into
+//! (`service::unrecorded`), in tenant turns of at most `TURN_PARTITIONS`, writes each turn's
+//! entries in one transaction, then acks them. A tenant writing into a thousand partitions
+//! therefore delays another's records by one turn, not by a thousand reads. When PostgreSQL is unreachable it keeps the batch and retries with
 //! backoff; publishing is never held up, and the backlog waits in Redis (the group's lag), not
-//! in memory, so a burst or an outage of any length is caught up afterwards. Entries an
-//! instance read but never recorded (it crashed) are claimed by another after `STALE_AFTER`.
+//! in memory, so a burst or an outage of any length is caught up afterwards. Every
+//! `SWEEP_EVERY` each recorder also reads every partition of the active queues: what an
+//! instance that crashed wrote but never read is recorded then, and what it read but never
+//! recorded is claimed once idle for `STALE_AFTER_MS`.
 //!
 //! One tenant's entry can never stop the others': an entry PostgreSQL refuses is isolated by
 //! splitting the batch until it stands alone, then set aside in `record_quarantine` (with a
@@ -24,20 +28,23 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::recorder::{RecorderRead, StreamEntry};
+use crate::broker::recorder::{RecorderVisit, StreamEntry};
 use crate::error::{ApiError, ApiResult};
-use crate::service::partitions::PartitionRef;
+use crate::service::partitions::{PartitionRef, QueueRef};
 use crate::service::publish_audit;
+use crate::service::turns::TenantTurns;
 use crate::state::AppState;
 use crate::store::records::RecordWriteError;
 
 pub use entries::escape_control;
 
-/// A queue becoming active is read from at the next read: reads wait at most this long.
-const BLOCK_MS: u64 = 250;
-const STREAMS_REFRESH: Duration = Duration::from_secs(2);
-const CLAIM_EVERY: Duration = Duration::from_secs(10);
+/// How often every active partition is read, for what an instance that died left.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 const STALE_AFTER_MS: u64 = 30_000;
+/// Partitions read per turn, at most.
+const TURN_PARTITIONS: usize = 64;
+/// Entries read per stream (and journal) per turn, at least.
+const MIN_PER_PARTITION: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What `/status` and `/health` show of the recorder.
@@ -118,49 +125,35 @@ enum BatchError {
 
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
-    let batch_size = state.config.message_batch_size;
-    let mut streams = Streams::default();
-    let mut claimed: Instant = Instant::now() - CLAIM_EVERY;
+    let mut visits = Visits::default();
     let mut waiting: Vec<StreamEntry> = Vec::new();
+    let mut owners = Owners::default();
     let mut backoff = Duration::from_millis(250);
 
     while !shutdown.is_cancelled() {
-        if streams.stale(&state) {
-            // Redis down: keep the streams known so far.
-            if let Err(error) = streams.refresh(&state).await {
-                tracing::debug!(error = %error, "recorder could not refresh streams");
-            }
-        }
-
         if waiting.is_empty() {
-            let read = if claimed.elapsed() >= CLAIM_EVERY {
-                claimed = Instant::now();
-                claim_stale(&state, &consumer, &streams.read, batch_size)
-                    .await
-                    .map(RecorderRead::Entries)
-            } else if streams.read.is_empty() {
-                // Nothing active: wait for a queue to become active.
+            let marks = state.unrecorded.count();
+            for partition in state.unrecorded.take() {
+                visits.turns.push(partition.tenant_id, partition);
+            }
+            if visits.sweep_due() {
+                visits.sweep(&state).await;
+            }
+            if visits.turns.is_empty() {
                 tokio::select! {
-                    () = state.activity.grown_since(streams.generation) => {}
-                    () = tokio::time::sleep(STREAMS_REFRESH) => {}
+                    () = state.unrecorded.marked_since(marks) => {}
+                    () = tokio::time::sleep(visits.until_sweep()) => {}
                     () = shutdown.cancelled() => {}
                 }
                 continue;
-            } else {
-                state
-                    .broker
-                    .read_for_recorder(&consumer, &streams.read, batch_size, BLOCK_MS)
-                    .await
-            };
-            match read {
-                Ok(RecorderRead::Entries(entries)) => waiting = entries,
-                Ok(RecorderRead::StreamsChanged) => {
-                    streams.forget_all();
-                    continue;
+            }
+            match visits.read(&state, &consumer).await {
+                Ok((entries, read_from)) => {
+                    waiting = entries;
+                    owners = read_from;
+                    backoff = Duration::from_millis(250);
                 }
                 Err(error) => {
-                    // A stream deleted since the last refresh fails the read: refresh now.
-                    streams.forget_all();
                     tracing::debug!(error = %error, "recorder read failed");
                     pause(&shutdown, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -172,7 +165,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             continue;
         }
 
-        match record(&state, &streams.owners, &waiting).await {
+        match record(&state, &owners, &waiting).await {
             Ok(()) => {
                 state.recorder.succeeded(waiting.len());
                 waiting.clear();
@@ -195,77 +188,93 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-/// The streams and journals the recorder reads: those of the active queues
-/// (`service::activity`), each created (empty, with the recorder group) when first seen, so
-/// that the recorder can block on it; they live as long as their queue.
+/// The partitions waiting to be read, in tenant turns: those written here
+/// (`service::unrecorded`) and, every `SWEEP_EVERY`, every partition of the active queues,
+/// where what another instance wrote and did not record (it died) is found and, once idle
+/// for `STALE_AFTER_MS`, claimed.
 #[derive(Default)]
-struct Streams {
-    owners: Owners,
-    read: Vec<String>,
-    known: HashSet<String>,
-    refreshed: Option<Instant>,
-    generation: u64,
+struct Visits {
+    turns: TenantTurns<PartitionRef>,
+    /// Partitions whose next read also claims stale entries.
+    claiming: HashSet<PartitionRef>,
+    /// None at start: whatever an earlier run left is swept at once.
+    swept: Option<Instant>,
 }
 
-impl Streams {
-    fn stale(&self, state: &AppState) -> bool {
-        self.refreshed
-            .is_none_or(|at| at.elapsed() >= STREAMS_REFRESH)
-            || state.activity.generation() != self.generation
+impl Visits {
+    fn sweep_due(&self) -> bool {
+        self.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY)
     }
 
-    fn forget_all(&mut self) {
-        self.known.clear();
-        self.refreshed = None;
+    fn until_sweep(&self) -> Duration {
+        self.swept.map_or(Duration::ZERO, |at| {
+            SWEEP_EVERY.saturating_sub(at.elapsed())
+        })
     }
 
-    async fn refresh(&mut self, state: &AppState) -> ApiResult<()> {
-        let generation = state.activity.generation();
+    async fn sweep(&mut self, state: &AppState) {
+        self.swept = Some(Instant::now());
         let active = state.activity.snapshot();
         let (queues, _) = state.queue_directory.lookup(&state.store, &active).await;
-        let mut owners = HashMap::with_capacity(queues.len() * 8);
-        let mut unseen = Vec::new();
-        for partition in queues.iter().flat_map(|queue| queue.partitions()) {
-            let keys = state
-                .broker
-                .keys()
-                .partition(partition.queue_id, partition.partition);
-            for stream in [keys.stream, keys.journal] {
-                if !self.known.contains(&stream) {
-                    unseen.push((stream.clone(), keys.deleted.clone()));
-                }
-                owners.insert(stream, partition);
-            }
+        for partition in queues.iter().flat_map(QueueRef::partitions) {
+            self.turns.push(partition.tenant_id, partition);
+            self.claiming.insert(partition);
         }
-        let existing = state.broker.prepare_recorder(&unseen).await?;
-        self.known.extend(existing);
-        self.known.retain(|stream| owners.contains_key(stream));
-        self.read = self.known.iter().cloned().collect();
-        self.owners = Arc::new(owners);
-        self.refreshed = Some(Instant::now());
-        self.generation = generation;
-        Ok(())
     }
-}
 
-async fn claim_stale(
-    state: &AppState,
-    consumer: &str,
-    streams: &[String],
-    batch_size: usize,
-) -> ApiResult<Vec<StreamEntry>> {
-    // Claiming only where something is pending, at most a batch, starting somewhere new each
-    // sweep so that no stream waits behind others that keep having stale entries.
-    let start = fastrand::usize(..streams.len().max(1));
-    let rotated: Vec<String> = streams[start..]
-        .iter()
-        .chain(&streams[..start])
-        .cloned()
-        .collect();
-    state
-        .broker
-        .claim_stale_for_recorder(consumer, &rotated, STALE_AFTER_MS, batch_size)
-        .await
+    /// Reads one turn of partitions: at most `TURN_PARTITIONS`, each tenant's in turn.
+    /// Partitions that had more are read again at their next turn.
+    async fn read(
+        &mut self,
+        state: &AppState,
+        consumer: &str,
+    ) -> ApiResult<(Vec<StreamEntry>, Owners)> {
+        let turn = self.turns.take(TURN_PARTITIONS, |_| 1);
+        let keys: Vec<_> = turn
+            .iter()
+            .map(|(_, p)| state.broker.keys().partition(p.queue_id, p.partition))
+            .collect();
+        let visits: Vec<RecorderVisit> = turn
+            .iter()
+            .zip(&keys)
+            .map(|((_, partition), keys)| RecorderVisit {
+                keys,
+                claim_idle_ms: self.claiming.contains(partition).then_some(STALE_AFTER_MS),
+            })
+            .collect();
+        // A turn's entries are one batch: about `message_batch_size` in all.
+        let most = (state.config.message_batch_size / turn.len().max(1)).max(MIN_PER_PARTITION);
+        let reads = match state
+            .broker
+            .read_for_recorder(consumer, &visits, most)
+            .await
+        {
+            Ok(reads) => reads,
+            Err(error) => {
+                for (tenant, partition) in turn {
+                    self.turns.push(tenant, partition);
+                }
+                return Err(error);
+            }
+        };
+        let mut entries = Vec::new();
+        let mut owners = HashMap::with_capacity(turn.len() * 2);
+        for (((tenant, partition), keys), read) in turn.into_iter().zip(keys).zip(reads) {
+            if read.more && !read.gone {
+                self.turns.push(tenant, partition);
+            } else {
+                self.claiming.remove(&partition);
+            }
+            entries.extend(read.entries);
+            owners.insert(keys.stream, partition);
+            owners.insert(keys.journal, partition);
+        }
+        if self.claiming.is_empty() {
+            // A sweep of many partitions leaves no large allocation behind.
+            self.claiming = HashSet::new();
+        }
+        Ok((entries, Arc::new(owners)))
+    }
 }
 
 /// Which partition each stream and journal belongs to.
