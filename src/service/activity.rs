@@ -15,8 +15,6 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::changes::Changes;
-
 /// When a queue was last marked, in marks made by this instance: a look that read it before
 /// running its script can tell whether a mark came in meanwhile.
 pub type Stamp = Option<u64>;
@@ -24,7 +22,6 @@ pub type Stamp = Option<u64>;
 #[derive(Default)]
 pub struct ActiveQueues {
     queues: Mutex<Marks>,
-    grew: Changes,
 }
 
 #[derive(Default)]
@@ -34,9 +31,9 @@ struct Marks {
 }
 
 impl Marks {
-    fn mark(&mut self, queue_id: Uuid) -> bool {
+    fn mark(&mut self, queue_id: Uuid) {
         self.made += 1;
-        self.by_queue.insert(queue_id, self.made).is_none()
+        self.by_queue.insert(queue_id, self.made);
     }
 }
 
@@ -47,20 +44,15 @@ impl ActiveQueues {
 
     /// The queue may hold something now.
     pub fn mark(&self, queue_id: Uuid) {
-        if self.lock().mark(queue_id) {
-            self.grew.bump();
-        }
+        self.lock().mark(queue_id);
     }
 
     /// Every one of `queues` counts as active until looked at.
     pub fn mark_all(&self, queues: impl IntoIterator<Item = Uuid>) {
-        {
-            let mut marks = self.lock();
-            for queue_id in queues {
-                marks.mark(queue_id);
-            }
+        let mut marks = self.lock();
+        for queue_id in queues {
+            marks.mark(queue_id);
         }
-        self.grew.bump();
     }
 
     /// The queue's last mark, to read before looking at it (`forget_unless_marked_since`).
@@ -97,16 +89,6 @@ impl ActiveQueues {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Changes whenever a queue joins the set.
-    pub fn generation(&self) -> u64 {
-        self.grew.count()
-    }
-
-    /// Resolves when a queue joins the set after `generation` was read.
-    pub async fn grown_since(&self, generation: u64) {
-        self.grew.since(generation).await
-    }
 }
 
 #[cfg(test)]
@@ -116,10 +98,9 @@ mod tests {
     #[test]
     fn queues_join_and_leave() {
         let active = ActiveQueues::default();
-        let before = active.generation();
         active.mark(Uuid::from_u128(1));
         active.mark(Uuid::from_u128(1));
-        assert_eq!(active.generation(), before + 1);
+        assert_eq!(active.len(), 1);
         active.mark_all([Uuid::from_u128(2), Uuid::from_u128(3)]);
         assert_eq!(active.len(), 3);
         active.forget(Uuid::from_u128(2));
@@ -147,23 +128,5 @@ mod tests {
         active.mark(queue);
         active.forget_unless_marked_since(queue, None);
         assert!(active.contains(queue));
-    }
-
-    #[tokio::test]
-    async fn waiters_hear_growth() {
-        let active = std::sync::Arc::new(ActiveQueues::default());
-        let generation = active.generation();
-        let waiter = tokio::spawn({
-            let active = active.clone();
-            async move { active.grown_since(generation).await }
-        });
-        tokio::task::yield_now().await;
-        active.mark(Uuid::from_u128(1));
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("woken")
-            .expect("the waiting task ends without panicking");
-        // Growth before the call is not waited for.
-        active.grown_since(generation).await;
     }
 }

@@ -15,9 +15,13 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::retention::{Left, Trimmed};
+use crate::service::partitions::QueueRef;
+use crate::service::turns::TenantTurns;
 use crate::state::AppState;
 
 const LEASE: &str = "retention";
+/// Partitions trimmed per round trip, at most (a wider queue goes alone).
+const TURN_PARTITIONS: usize = 256;
 
 /// Queues whose streams nothing can leave before a time: (that time in ms, the retention it
 /// was computed with).
@@ -38,7 +42,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             .await
         {
             Ok(true) => {
-                if let Err(error) = sweep(&state, &mut waits).await {
+                if let Err(error) = sweep(&state, &mut waits, &shutdown).await {
                     tracing::warn!(error = %error, "retention sweep failed");
                 }
             }
@@ -53,8 +57,14 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
 }
 
 /// Trims the streams of the active queues (`service::activity`): an idle queue holds
-/// nothing to trim.
-async fn sweep(state: &AppState, waits: &mut Waits) -> crate::error::ApiResult<()> {
+/// nothing to trim. Queues go in tenant turns of at most `TURN_PARTITIONS` partitions, one
+/// round trip each, so no tenant's queues hold Redis for long and a shutdown stops between
+/// turns.
+async fn sweep(
+    state: &AppState,
+    waits: &mut Waits,
+    shutdown: &CancellationToken,
+) -> crate::error::ApiResult<()> {
     let active = state.activity.snapshot();
     if active.is_empty() {
         return Ok(());
@@ -69,34 +79,41 @@ async fn sweep(state: &AppState, waits: &mut Waits) -> crate::error::ApiResult<(
     let active: HashSet<Uuid> = queues.iter().map(|queue| queue.id).collect();
     waits.until.retain(|id, _| active.contains(id));
     let now = Utc::now().timestamp_millis();
-    let due: Vec<_> = queues
-        .iter()
-        .filter(|queue| {
-            !waits
-                .until
-                .get(&queue.id)
-                .is_some_and(|&(until, retention)| until > now && retention == queue.retention_ms)
-        })
-        .collect();
-    let work: Vec<_> = due
-        .iter()
-        .flat_map(|queue| {
-            let cutoff = now.saturating_sub(queue.retention_ms as i64).max(0);
-            queue.partitions().map(move |partition| (partition, cutoff))
-        })
-        .collect();
-    let trimmed = state.broker.trim(&work).await?;
-    let removed: u64 = trimmed.iter().map(|t| t.removed).sum();
-    if removed > 0 {
-        tracing::debug!(removed, "trimmed stream entries");
+    let mut turns = TenantTurns::default();
+    for queue in queues.iter().filter(|queue| {
+        !waits
+            .until
+            .get(&queue.id)
+            .is_some_and(|&(until, retention)| until > now && retention == queue.retention_ms)
+    }) {
+        turns.push(queue.tenant_id, *queue);
     }
-    let mut results = trimmed.iter();
-    for queue in due {
-        let partitions = results.by_ref().take(queue.partition_count as usize);
-        match wait_until(partitions, now, queue.retention_ms) {
-            Some(until) => waits.until.insert(queue.id, (until, queue.retention_ms)),
-            None => waits.until.remove(&queue.id),
-        };
+    while !turns.is_empty() && !shutdown.is_cancelled() {
+        let due: Vec<QueueRef> = turns
+            .take(TURN_PARTITIONS, |queue| usize::from(queue.partition_count))
+            .into_iter()
+            .map(|(_, queue)| queue)
+            .collect();
+        let work: Vec<_> = due
+            .iter()
+            .flat_map(|queue| {
+                let cutoff = now.saturating_sub(queue.retention_ms as i64).max(0);
+                queue.partitions().map(move |partition| (partition, cutoff))
+            })
+            .collect();
+        let trimmed = state.broker.trim(&work).await?;
+        let removed: u64 = trimmed.iter().map(|t| t.removed).sum();
+        if removed > 0 {
+            tracing::debug!(removed, "trimmed stream entries");
+        }
+        let mut results = trimmed.iter();
+        for queue in due {
+            let partitions = results.by_ref().take(queue.partition_count as usize);
+            match wait_until(partitions, now, queue.retention_ms) {
+                Some(until) => waits.until.insert(queue.id, (until, queue.retention_ms)),
+                None => waits.until.remove(&queue.id),
+            };
+        }
     }
     Ok(())
 }
