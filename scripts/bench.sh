@@ -77,7 +77,7 @@ start_instance() {
     export PORT=$instance_port DATABASE_URL="$database_server/$database" REDIS_URL="$redis_url" \
       REDIS_KEY_PREFIX=$prefix TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 \
       TENANT_CHANGE_RPS=0 TENANT_MONITORING_RPS=0 \
-      TENANT_MAX_QUEUES=100000 RUST_LOG=warn
+      TENANT_MAX_QUEUES=100000 TENANT_MAX_BYTES=0 RUST_LOG=warn
     exec target/release/message-queue-service
   ) >"$instance_log" 2>&1 &
   started_pid=$!

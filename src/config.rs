@@ -39,6 +39,8 @@ pub struct Config {
     pub webhook_tenant_concurrency: usize,
     /// Queues a tenant may create (those the service creates count, but are never refused).
     pub tenant_max_queues: u64,
+    /// Payload bytes a tenant may store over all its queues (0: no limit).
+    pub tenant_max_bytes: u64,
     /// Subscriptions a tenant may have, in all, and to one queue.
     pub tenant_max_subscriptions: u64,
     pub queue_max_subscriptions: u64,
@@ -252,6 +254,7 @@ impl Config {
                 1..=100_000,
             )?,
             tenant_max_queues: env.number("TENANT_MAX_QUEUES", 1000, 1..=1_000_000)?,
+            tenant_max_bytes: env.number("TENANT_MAX_BYTES", 1 << 30, 0..=u64::MAX)?,
             tenant_max_subscriptions: env.number(
                 "TENANT_MAX_SUBSCRIPTIONS",
                 1000,

@@ -88,6 +88,7 @@ impl Application {
             signals: Default::default(),
             activity: Default::default(),
             unrecorded: Default::default(),
+            byte_quotas: Default::default(),
             retry_timers: Default::default(),
             deadline_timers: Default::default(),
             ack_signer,

@@ -47,6 +47,8 @@ pub struct Shared {
     pub activity: ActiveQueues,
     /// The partitions written here that the recorder has not read since.
     pub unrecorded: crate::service::unrecorded::UnrecordedWrites,
+    /// What each publishing tenant stores, for `TENANT_MAX_BYTES`.
+    pub byte_quotas: crate::service::byte_quota::ByteQuotas,
     /// When a retry falls due in a queue: its consumers here are woken then.
     pub retry_timers: DueQueues,
     /// When an ack deadline of a delivery made here passes: the reclaimer looks then.

@@ -521,3 +521,85 @@ async fn a_tenants_monitoring_views_are_read_once_per_interval_and_apart_from_ot
     );
     assert_eq!(loads() - before, 2);
 }
+
+#[tokio::test]
+async fn a_tenant_over_its_byte_quota_is_refused_until_purge_or_retention_frees_room() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("TENANT_MAX_BYTES".into(), "4000".into());
+        env.insert("RETENTION_INTERVAL_MS".into(), "200".into());
+    })
+    .await;
+    // A 1 000-character string is 1 002 bytes of JSON: three fit in 4 000, a fourth does not.
+    let message = |queue: &str| json!({"queue": queue, "payload": "x".repeat(1000)});
+    for queue in ["kept", "aging"] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/api/v1/mq/queues",
+                Some(json!({"name": queue, "retentionMs": if queue == "aging" { 1000 } else { 86_400_000 }})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for n in 0..3 {
+        let (status, body) = app
+            .publish(message(if n == 0 { "aging" } else { "kept" }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = app.publish(message("kept")).await;
+    assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+    assert_eq!(body["details"]["quota"], "TENANT_MAX_BYTES");
+    assert_eq!(body["details"]["limit"], 4000);
+    // The tenant's audit log (written by the service) does not count.
+    assert_eq!(body["details"]["stored"], 3006);
+
+    // Another tenant's room is its own.
+    let other = uuid::Uuid::new_v4();
+    let (status, _) = app
+        .call_as(
+            other,
+            "o",
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "kept"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    for _ in 0..3 {
+        let (status, body) = app
+            .call_as(
+                other,
+                "o",
+                Method::POST,
+                "/api/v1/mq/publish",
+                Some(message("kept")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    // Retention removes the aging message: its bytes are free again.
+    assert!(
+        common::eventually(std::time::Duration::from_secs(15), || async {
+            app.publish(message("kept")).await.0 == 201
+        })
+        .await,
+        "room after retention removed a message"
+    );
+    let (status, body) = app.publish(message("kept")).await;
+    assert_error(status, &body, 403, "MQ_QUOTA_EXCEEDED");
+
+    // Purging frees the rest.
+    let (status, body) = app
+        .call(Method::POST, "/api/v1/mq/queues/kept/purge", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            app.publish(message("kept")).await.0 == 201
+        })
+        .await,
+        "room after the purge"
+    );
+}

@@ -66,6 +66,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "retentionIntervalMs": config.retention_interval_ms,
             "recordRetentionIntervalMs": config.record_retention_interval_ms,
             "tenantMaxQueues": config.tenant_max_queues,
+            "tenantMaxBytes": config.tenant_max_bytes,
             "tenantMaxSubscriptions": config.tenant_max_subscriptions,
             "queueMaxSubscriptions": config.queue_max_subscriptions,
             "metricsGaugeIntervalMs": config.metrics_gauge_interval_ms,

@@ -13,7 +13,9 @@
 //! <prefix>{<queue id>}:<p>:delayed   sorted set of delayed message ids, scored by the time
 //!                                    the scheduler handles them (due time, or expiry if sooner)
 //! <prefix>{<queue id>}:<p>:delayed-envelopes  hash of delayed message id -> envelope
-//! <prefix>{<queue id>}:<p>:bytes     hash: original and stored payload bytes published
+//! <prefix>{<queue id>}:<p>:bytes     hash: original and stored payload bytes published, and
+//!                                    `live`: the stored bytes still there (an estimate: trims
+//!                                    take their share of it; exact when the partition empties)
 //! <prefix>{<queue id>}:<p>:expiry    sorted set of short-lived stream messages by expiry
 //! <prefix>{<queue id>}:<p>:journal   stream of record events (scheduled, expired, cancelled,
 //!                                    deliveries) for the recorder; deleted once recorded
@@ -32,6 +34,9 @@
 //! <prefix>{<queue id>}:expiring      sorted set: `id:<messageId>` / `cancelled:<messageId>`
 //!                                    -> when that record lapses; the publish, cancel and
 //!                                    release scripts remove lapsed records as they pass
+//! <prefix>{<queue id>}:stored        payload bytes stored now (streams and delayed sets), kept
+//!                                    by the publish, trim and purge scripts; the tenant byte
+//!                                    quota sums it over the tenant's queues
 //! <prefix>{<queue id>}:announced     present while a wake-up for the queue's new messages went
 //!                                    out and no consumer has found the queue empty since
 //!                                    (see `service::wake`): later publishes skip announcing
@@ -109,6 +114,8 @@ pub struct PartitionKeys {
     pub expiring: String,
     /// Present while a wake-up for the queue went out and nobody found it empty since.
     pub announced: String,
+    /// Payload bytes the queue stores now (all partitions), for the tenant byte quota.
+    pub stored: String,
     /// Present for a while after the queue was deleted.
     pub deleted: String,
 }
@@ -128,13 +135,14 @@ impl PartitionKeys {
     }
 
     /// The queue-wide keys (the same for every partition of the queue), tombstone aside.
-    pub fn queue_wide(&self) -> [&str; 5] {
+    pub fn queue_wide(&self) -> [&str; 6] {
         [
             &self.ids,
             &self.unrecorded,
             &self.cancelled,
             &self.expiring,
             &self.announced,
+            &self.stored,
         ]
     }
 }
@@ -166,23 +174,25 @@ impl KeyLayout {
             cancelled: format!("{tag}:cancelled"),
             expiring: format!("{tag}:expiring"),
             announced: format!("{tag}:announced"),
+            stored: format!("{tag}:stored"),
             deleted: format!("{tag}:deleted"),
         }
     }
 
     /// The keys of the publish script in its order: the queue's `ids`, `unrecorded`,
-    /// `cancelled`, `expiring`, `deleted` and `announced`, then per partition its `stream`,
+    /// `cancelled`, `expiring`, `deleted`, `announced` and `stored`, then per partition its `stream`,
     /// `delayed`, `delayed_envelopes`, `journal`, `bytes` and `expiry` (the same names
     /// `partition` gives). Built in place: this runs on every publish, where building every
     /// partition's full `PartitionKeys` cost more than the script's own argument parsing.
     pub fn publish_keys(&self, queue_id: Uuid, partitions: &[u16]) -> Vec<String> {
-        const QUEUE_WIDE: [&str; 6] = [
+        const QUEUE_WIDE: [&str; 7] = [
             "ids",
             "unrecorded",
             "cancelled",
             "expiring",
             "deleted",
             "announced",
+            "stored",
         ];
         let tag = self.tag(queue_id);
         let key = |middle: &str, suffix: &str| {
@@ -330,6 +340,7 @@ mod tests {
             queue.expiring,
             queue.deleted,
             queue.announced,
+            queue.stored,
         ];
         for partition in [3, 0, 12] {
             let p = layout.partition(id, partition);

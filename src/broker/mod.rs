@@ -118,8 +118,13 @@ return {length, redis.call('ZCARD', delayed), pending, lag, oldest, unrecorded,
 static PARTITION_PURGE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, delayed set, delayed envelopes, byte counts, expiry watch, unrecorded index.
+-- KEYS: stream, delayed set, delayed envelopes, byte counts, expiry watch, unrecorded index,
+-- the queue's bytes stored.
 local removed = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local live = tonumber(redis.call('HGET', KEYS[4], 'live') or '0')
+if live > 0 and redis.call('DECRBY', KEYS[7], string.format('%.0f', live)) < 0 then
+  redis.call('SET', KEYS[7], '0')
+end
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return removed
@@ -292,6 +297,25 @@ impl Broker {
             .collect())
     }
 
+    /// Payload bytes the queues store now, summed (see `keys`: `stored`).
+    pub async fn stored_bytes(&self, queue_ids: &[Uuid]) -> ApiResult<u64> {
+        let mut total = 0u64;
+        let mut connection = self.connection().await?;
+        for chunk in queue_ids.chunks(512) {
+            let mut pipeline = redis::pipe();
+            for queue_id in chunk {
+                pipeline.get(self.keys.partition(*queue_id, 0).stored);
+            }
+            let sizes: Vec<Option<i64>> = pipeline.query_async(&mut connection).await?;
+            total += sizes
+                .into_iter()
+                .flatten()
+                .map(|n| n.max(0) as u64)
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+
     /// Removes every stored and delayed message; returns how many.
     pub async fn purge_queue(&self, queue: &Queue) -> ApiResult<u64> {
         let mut pipeline = redis::pipe();
@@ -305,6 +329,7 @@ impl Broker {
                     &keys.bytes,
                     &keys.expiry,
                     &keys.unrecorded,
+                    &keys.stored,
                 ],
                 &[],
             );

@@ -30,7 +30,7 @@ use crate::domain::queue::Queue;
 use crate::error::{ApiError, ErrorCode};
 
 /// Keys of the queue before the per-partition ones, and keys per partition.
-const QUEUE_KEYS: usize = 6;
+const QUEUE_KEYS: usize = 7;
 const PARTITION_KEYS: usize = 6;
 /// Arguments before the per-message ones, and per message.
 const HEAD_ARGS: usize = 9;
@@ -41,8 +41,9 @@ static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
         prune_lapsed_lua!(),
         r#"
 -- KEYS[1] idempotency records, KEYS[2] unrecorded index, KEYS[3] cancellation markers,
--- KEYS[4] expiring records, KEYS[5] deletion tombstone, KEYS[6] `announced`; then per
--- partition the request touches (slot s = 1, 2, ...), KEYS[6 + 6(s-1) + k] for k = 1..6:
+-- KEYS[4] expiring records, KEYS[5] deletion tombstone, KEYS[6] `announced`, KEYS[7] bytes
+-- stored; then per partition the request touches (slot s = 1, 2, ...),
+-- KEYS[7 + 6(s-1) + k] for k = 1..6:
 -- stream, delayed set, delayed envelopes, journal, byte counts, expiry watch.
 -- ARGV[1] backlog bound of a partition, ARGV[2] idempotency window (ms), ARGV[3] recorder
 -- group, ARGV[4] now (ms), ARGV[5] the partition numbers of the slots, comma separated,
@@ -67,7 +68,7 @@ local partitions = {}
 for p in string.gmatch(ARGV[5], '[^,]+') do partitions[#partitions + 1] = p end
 
 local function arg(i, n) return ARGV[9 + 11 * (i - 1) + n] end
-local function key(slot, k) return KEYS[6 + 6 * (slot - 1) + k] end
+local function key(slot, k) return KEYS[7 + 6 * (slot - 1) + k] end
 
 -- Lapsed records only matter to a request that checks or writes one (a producer id, or a
 -- delayed message a cancellation may name); `previous` ignores a lapsed record anyway, and
@@ -205,10 +206,15 @@ for i = 1, count do
   end
 end
 flush_index()
+local stored_now = 0
 for slot, bytes in pairs(originals) do
+  local kept = string.format('%.0f', stored[slot])
   redis.call('HINCRBY', key(slot, 5), 'original', string.format('%.0f', bytes))
-  redis.call('HINCRBY', key(slot, 5), 'stored', string.format('%.0f', stored[slot]))
+  redis.call('HINCRBY', key(slot, 5), 'stored', kept)
+  redis.call('HINCRBY', key(slot, 5), 'live', kept)
+  stored_now = stored_now + stored[slot]
 end
+if stored_now > 0 then redis.call('INCRBY', KEYS[7], string.format('%.0f', stored_now)) end
 if ready > 0 and redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[9]) then
   redis.call('PUBLISH', ARGV[6], 'r ' .. ARGV[7] .. ' ' .. ARGV[8])
 end

@@ -19,7 +19,8 @@ use crate::service::partitions::PartitionRef;
 static TRIM: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, trimmed counts. ARGV: retention cutoff (ms), recorder group.
+-- KEYS: stream, trimmed counts, byte counts, delayed set, the queue's bytes stored.
+-- ARGV: retention cutoff (ms), recorder group.
 -- Returns {entries removed, what is left}: -2 when a consumer group reads the stream (acks
 -- may free entries at any time), -1 when it is empty, else the time (ms) of its oldest
 -- entry, before whose retention ends nothing can go. Entries a consumer group had not read
@@ -69,7 +70,22 @@ for _, group in ipairs(groups) do
     lagging[#lagging + 1] = {group['name'], group['entries-read'], counted}
   end
 end
+local length = redis.call('XLEN', KEYS[1])
 local removed = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+if removed > 0 then
+  -- Sizes of removed entries are not read back: they take their share of what the partition
+  -- stores, and all of it when nothing is left.
+  local live = tonumber(redis.call('HGET', KEYS[3], 'live') or '0')
+  local waiting = redis.call('ZCARD', KEYS[4])
+  local freed = math.floor(live * removed / (length + waiting))
+  if length - removed + waiting == 0 then freed = live end
+  if freed > 0 then
+    redis.call('HINCRBY', KEYS[3], 'live', string.format('%.0f', -freed))
+    if redis.call('DECRBY', KEYS[5], string.format('%.0f', freed)) < 0 then
+      redis.call('SET', KEYS[5], '0')
+    end
+  end
+end
 if removed > 0 and #lagging > 0 then
   local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
   -- Positions 1..gone have left the stream (the service only ever trims its head).
@@ -132,7 +148,13 @@ impl Broker {
                 let keys = self.keys.partition(partition.queue_id, partition.partition);
                 TRIM.add_to(
                     pipeline,
-                    &[&keys.stream, &keys.trimmed],
+                    &[
+                        &keys.stream,
+                        &keys.trimmed,
+                        &keys.bytes,
+                        &keys.delayed,
+                        &keys.stored,
+                    ],
                     &[cutoff.to_string().as_bytes(), RECORDER_GROUP.as_bytes()],
                 );
             },

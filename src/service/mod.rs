@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod audit;
+pub mod byte_quota;
 pub mod changes;
 pub mod consume;
 pub mod due;

@@ -16,7 +16,7 @@ use crate::domain::message::{self, MessageInput, MessageLimits, PublishContext, 
 use crate::domain::queue::{Compression, Queue, QueueStatus};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::queue_cache::ResolvedQueue;
-use crate::service::queues;
+use crate::service::{byte_quota, queues};
 use crate::state::AppState;
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,9 +133,13 @@ async fn publish(
         .map_err(ApiError::during_publish)?;
     authorize_producer(&resolved, producer)?;
     let messages = validate_all(state, &resolved, inputs, context, batch).await?;
+    let stored_bytes: u64 = messages.iter().map(|m| m.stored_bytes as u64).sum();
     if let Producer::Principal(tenant) = producer {
         let bytes = messages.iter().map(|m| m.original_bytes as u64).sum();
         admit(state, tenant.tenant_id, bytes).await?;
+        byte_quota::admit(state, tenant.tenant_id, stored_bytes)
+            .await
+            .map_err(ApiError::during_publish)?;
     }
     let queue = &resolved.queue;
     let outcome = state
@@ -162,6 +166,9 @@ async fn publish(
     };
     // Consumers and workers here act at once; the script announced it to the others.
     state.activity.mark(queue.id);
+    if !queue.system {
+        state.byte_quotas.added(queue.tenant_id, stored_bytes);
+    }
     if messages.iter().any(|m| m.hold_until.is_none()) {
         state.signals.notify(queue.id);
     }

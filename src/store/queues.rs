@@ -268,6 +268,17 @@ impl Store {
         rows.into_iter().map(Queue::try_from).collect()
     }
 
+    /// The ids of one tenant's own queues (its system queues aside).
+    pub async fn own_queue_ids(&self, tenant_id: Uuid) -> ApiResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM message_topics WHERE tenant_id = $1 AND name <> ALL($2)",
+        )
+        .bind(tenant_id)
+        .bind(&crate::domain::queue::SYSTEM_QUEUES[..])
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Queues named `name` of one tenant or of all (the system queues of the internal API).
     pub async fn queues_named(&self, tenant_id: Option<Uuid>, name: &str) -> ApiResult<Vec<Queue>> {
         let sql = format!(
