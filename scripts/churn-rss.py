@@ -67,9 +67,13 @@ def main() -> int:
                 print(f"after {n:5d} cycles ({time.time() - began:5.0f} s): RSS {rss_mb(pid):.1f} MB")
         after = rss_mb(pid)
         print(f"growth over {args.cycles} cycles: {after - warm:+.1f} MB (budget {args.budget_mb} MB)")
-        if args.idle:
-            time.sleep(args.idle)
-            print(f"after {args.idle} s idle: RSS {rss_mb(pid):.1f} MB ({rss_mb(pid) - warm:+.1f} MB)")
+        idled = 0
+        while idled < args.idle:
+            step = min(10, args.idle - idled)
+            time.sleep(step)
+            idled += step
+            if idled % 30 == 0 or idled == args.idle:
+                print(f"after {idled} s idle: RSS {rss_mb(pid):.1f} MB ({rss_mb(pid) - warm:+.1f} MB)")
         return 0 if after - warm <= args.budget_mb else 1
 
 

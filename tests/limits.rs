@@ -602,4 +602,39 @@ async fn a_tenant_over_its_byte_quota_is_refused_until_purge_or_retention_frees_
         .await,
         "room after the purge"
     );
+
+    // A delayed message counts while it waits; cancelling it frees its bytes.
+    let (status, body) = app
+        .call(Method::POST, "/api/v1/mq/queues/kept/purge", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for n in 0..3 {
+        let mut delayed = message("kept");
+        delayed["delayMs"] = json!(60_000);
+        delayed["messageId"] = json!(format!("later-{n}"));
+        let (status, body) = app.publish(delayed).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            app.publish(message("kept")).await.0 == 403
+        })
+        .await,
+        "three waiting messages fill the quota"
+    );
+    let (status, body) = app
+        .call(
+            Method::DELETE,
+            "/api/v1/mq/messages/later-0?queue=kept",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            app.publish(message("kept")).await.0 == 201
+        })
+        .await,
+        "room after the cancellation"
+    );
 }

@@ -22,28 +22,40 @@ static READ: LazyLock<LuaScript> = LazyLock::new(|| {
         r#"
 -- KEYS: stream, journal, deletion tombstone. ARGV: recorder group, consumer, most entries per
 -- key, claim idle time in ms ('' = claim nothing).
--- Returns {1 if the queue was deleted, 1 if a key had more, stream entries, journal entries};
--- each entry is {id, {field, value, ...}}.
+-- Returns {state, 1 if a key had more, stream entries, journal entries}; state 0: read,
+-- 1: the queue was deleted, 2: a key is not a stream (nothing can be read from it). Each entry
+-- is {id, {field, value, ...}}.
 if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0, {}, {}} end
 local most = tonumber(ARGV[3])
-local more = 0
+local more, unreadable = 0, false
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
 local function read(key)
   if redis.call('EXISTS', key) == 0 then return {} end
+  if redis.call('TYPE', key).ok ~= 'stream' then
+    unreadable = true
+    return {}
+  end
   local entries = {}
   if ARGV[4] ~= '' then
     local claimed = redis.pcall('XAUTOCLAIM', key, ARGV[1], ARGV[2], ARGV[4], '0', 'COUNT', most)
-    if type(claimed) == 'table' and not claimed.err then entries = claimed[2] end
+    if not failed(claimed) then
+      entries = claimed[2]
+      -- The claim stopped scanning before the end of the pending list: more to claim.
+      if claimed[1] ~= '0-0' then more = 1 end
+    end
   end
   if #entries < most then
     local fresh = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', most - #entries,
       'STREAMS', key, '>')
-    if type(fresh) == 'table' and fresh.err then
-      -- A key made before the recorder group was: it reads everything from the start.
-      redis.call('XGROUP', 'CREATE', key, ARGV[1], '0')
-      fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', most - #entries,
+    if failed(fresh) and string.find(fresh.err, 'NOGROUP', 1, true) then
+      -- A stream made before the recorder group was: it reads everything from the start.
+      redis.pcall('XGROUP', 'CREATE', key, ARGV[1], '0')
+      fresh = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', most - #entries,
         'STREAMS', key, '>')
     end
-    if fresh then
+    if failed(fresh) then
+      unreadable = true
+    elseif fresh then
       for _, entry in ipairs(fresh[1][2]) do entries[#entries + 1] = entry end
     end
   end
@@ -52,6 +64,7 @@ local function read(key)
 end
 local stream = read(KEYS[1])
 local journal = read(KEYS[2])
+if unreadable then return {2, more, stream, journal} end
 return {0, more, stream, journal}
 "#,
     )
@@ -112,6 +125,8 @@ impl StreamEntry {
 pub struct PartitionRead {
     /// Its queue was deleted: nothing more will come.
     pub gone: bool,
+    /// Its stream or journal cannot be read (not a stream): what could be read is here.
+    pub unreadable: bool,
     /// The stream or journal had at least as many entries as were asked for: read again.
     pub more: bool,
     pub entries: Vec<StreamEntry>,
@@ -209,7 +224,7 @@ fn lossy_text(value: &redis::Value) -> Option<String> {
     }
 }
 
-/// READ answers `{gone, more, stream entries, journal entries}`, each entry
+/// READ answers `{state, more, stream entries, journal entries}`, each entry
 /// `{id, {field, value, ...}}`.
 fn parse_read(keys: &PartitionKeys, reply: redis::Value) -> ApiResult<PartitionRead> {
     let unexpected = || ApiError::internal("unexpected recorder read reply");
@@ -220,10 +235,12 @@ fn parse_read(keys: &PartitionKeys, reply: redis::Value) -> ApiResult<PartitionR
     let (Some(gone), Some(more)) = (parts.next(), parts.next()) else {
         return Err(unexpected());
     };
-    let flag = |value: redis::Value| i64::from_redis_value(&value).map(|n| n == 1);
+    let number = |value: redis::Value| i64::from_redis_value(&value).map_err(|_| unexpected());
+    let state = number(gone)?;
     let mut read = PartitionRead {
-        gone: flag(gone).map_err(|_| unexpected())?,
-        more: flag(more).map_err(|_| unexpected())?,
+        gone: state == 1,
+        unreadable: state == 2,
+        more: number(more)? == 1,
         entries: Vec::new(),
     };
     for (key, entries) in [&keys.stream, &keys.journal].into_iter().zip(parts) {

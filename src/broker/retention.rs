@@ -11,13 +11,14 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis;
 
-use super::scripts::{self, LuaScript};
+use super::scripts::{self, free_share_lua, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::ApiResult;
 use crate::service::partitions::PartitionRef;
 
 static TRIM: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
+    LuaScript::new(concat!(
+        free_share_lua!(),
         r#"
 -- KEYS: stream, trimmed counts, byte counts, delayed set, the queue's bytes stored.
 -- ARGV: retention cutoff (ms), recorder group.
@@ -26,7 +27,11 @@ static TRIM: LazyLock<LuaScript> = LazyLock::new(|| {
 -- entry, before whose retention ends nothing can go. Entries a consumer group had not read
 -- when they were removed are added to its count in KEYS[2] (its subscriptions show them as
 -- expired).
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, -1} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- Delayed messages cancelled or expired while the stream was empty: none left at all.
+  if redis.call('ZCARD', KEYS[4]) == 0 then free_share(KEYS[3], KEYS[5], 0, 1) end
+  return {0, -1}
+end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -72,19 +77,11 @@ for _, group in ipairs(groups) do
 end
 local length = redis.call('XLEN', KEYS[1])
 local removed = redis.call('XTRIM', KEYS[1], 'MINID', minid)
-if removed > 0 then
-  -- Sizes of removed entries are not read back: they take their share of what the partition
-  -- stores, and all of it when nothing is left.
-  local live = tonumber(redis.call('HGET', KEYS[3], 'live') or '0')
-  local waiting = redis.call('ZCARD', KEYS[4])
-  local freed = math.floor(live * removed / (length + waiting))
-  if length - removed + waiting == 0 then freed = live end
-  if freed > 0 then
-    redis.call('HINCRBY', KEYS[3], 'live', string.format('%.0f', -freed))
-    if redis.call('DECRBY', KEYS[5], string.format('%.0f', freed)) < 0 then
-      redis.call('SET', KEYS[5], '0')
-    end
-  end
+local waiting = redis.call('ZCARD', KEYS[4])
+if length - removed + waiting == 0 then
+  free_share(KEYS[3], KEYS[5], 0, 1)
+else
+  free_share(KEYS[3], KEYS[5], length + waiting, removed)
 end
 if removed > 0 and #lagging > 0 then
   local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
@@ -103,8 +100,8 @@ if consumers == 0 then
   if first then left = parse(first[1]) end
 end
 return {removed, left}
-"#,
-    )
+"#
+    ))
 });
 
 static LEASE: LazyLock<LuaScript> = LazyLock::new(|| {

@@ -12,17 +12,18 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis;
 
-use super::scripts::{self, prune_lapsed_lua, LuaScript};
+use super::scripts::{self, free_share_lua, prune_lapsed_lua, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::ApiResult;
 
 static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(concat!(
         prune_lapsed_lua!(),
+        free_share_lua!(),
         r#"
--- KEYS[1..5]: idempotency records, cancellation markers, expiring records, unrecorded index,
--- `announced`; then per partition slot s = 1, 2, ...: KEYS[5 + 5(s-1) + k] for k = 1..5:
--- delayed set, delayed envelopes, stream, journal, expiry watch.
+-- KEYS[1..6]: idempotency records, cancellation markers, expiring records, unrecorded index,
+-- `announced`, bytes stored; then per partition slot s = 1, 2, ...: KEYS[6 + 6(s-1) + k] for
+-- k = 1..6: delayed set, delayed envelopes, stream, journal, expiry watch, byte counts.
 -- ARGV: 1 now (ms), 2 batch limit per partition, 3 recorder group, 4 the partition number of
 -- each slot (comma separated), 5 wake channel, 6 this instance, 7 queue id,
 -- 8 announcement lifetime (ms).
@@ -45,9 +46,9 @@ local partitions = {}
 for p in string.gmatch(ARGV[4], '[^,]+') do partitions[#partitions + 1] = p end
 local released, expired, more, next_due, empty = 0, 0, 0, nil, true
 for slot = 1, #partitions do
-  local base = 5 + 5 * (slot - 1)
-  local delayed, envelopes, stream, journal, expiry =
-    KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4], KEYS[base + 5]
+  local base = 6 + 6 * (slot - 1)
+  local delayed, envelopes, stream, journal, expiry, bytes =
+    KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4], KEYS[base + 5], KEYS[base + 6]
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, ARGV[2])
   for _, id in ipairs(due) do
     local stored = redis.call('HGET', envelopes, id)
@@ -55,6 +56,7 @@ for slot = 1, #partitions do
       local bar = string.find(stored, '|', 1, true)
       local expires_at = tonumber(string.sub(stored, 1, bar - 1))
       if expires_at <= now then
+        free_share(bytes, KEYS[6], redis.call('XLEN', stream) + redis.call('ZCARD', delayed), 1)
         ensure_group(journal)
         redis.call('XADD', journal, '*', 'k', 'expired', 'id', id, 't', ARGV[1])
         expired = expired + 1
@@ -121,15 +123,17 @@ return {released, expired, more, next_text, empty and 1 or 0}
 static CANCEL: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(concat!(
         prune_lapsed_lua!(),
+        free_share_lua!(),
         r#"
 -- KEYS: delayed set, delayed envelopes, journal, cancellation markers, idempotency records,
--- expiring records, deletion tombstone.
+-- expiring records, deletion tombstone, stream, byte counts, the queue's bytes stored.
 -- ARGV: message id, now (ms), recorder group, how long the marker lasts (ms), partition.
 -- Returns 1 when cancelled now, 2 when cancelled before, 0 when not waiting here. The marker
 -- keeps the envelope, so a lookup shows the cancelled message until its record is written.
 if redis.call('EXISTS', KEYS[7]) == 1 then return 0 end
 local now = tonumber(ARGV[2])
 prune_lapsed(KEYS[5], KEYS[4], KEYS[6], now)
+local held = redis.call('XLEN', KEYS[8]) + redis.call('ZCARD', KEYS[1])
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   local lapses = tonumber(redis.call('ZSCORE', KEYS[6], 'cancelled:' .. ARGV[1]))
   if lapses and lapses > now then return 2 end
@@ -137,6 +141,7 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
 end
 local stored = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('HDEL', KEYS[2], ARGV[1])
+free_share(KEYS[9], KEYS[10], held, 1)
 -- Until the recorder has written the cancellation, this marker answers a repeated cancel
 -- and a lookup: '<partition>|<expiresAt>|<envelope>'.
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[5] .. '|' .. stored)
@@ -209,6 +214,7 @@ impl Broker {
                     queue_keys.expiring,
                     queue_keys.unrecorded,
                     queue_keys.announced,
+                    queue_keys.stored,
                 ];
                 for partition in self.keys.partitions(*queue_id, (*partition_count).max(1)) {
                     keys.extend([
@@ -217,6 +223,7 @@ impl Broker {
                         partition.stream,
                         partition.journal,
                         partition.expiry,
+                        partition.bytes,
                     ]);
                 }
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -281,6 +288,9 @@ impl Broker {
                     &keys.ids,
                     &keys.expiring,
                     &keys.deleted,
+                    &keys.stream,
+                    &keys.bytes,
+                    &keys.stored,
                 ],
                 &[
                     message_id.as_bytes(),

@@ -22,6 +22,30 @@ end
 }
 pub(super) use prune_lapsed_lua;
 
+/// Lua defining `free_share(bytes, stored, held, leaving)`: `leaving` of the `held` messages
+/// of a partition (stream entries and delayed messages) leave it, taking their share of its
+/// stored payload bytes (`live` in its byte counts) off the partition and the queue's
+/// `stored` total. Shares, because a removed entry's size is not read back; all of it when
+/// nothing is left, so the estimate is exact whenever a partition empties.
+macro_rules! free_share_lua {
+    () => {
+        r#"
+local function free_share(bytes, stored, held, leaving)
+  local live = tonumber(redis.call('HGET', bytes, 'live') or '0')
+  if live <= 0 or leaving <= 0 then return end
+  local freed = live
+  if held > leaving then freed = math.floor(live * leaving / held) end
+  if freed <= 0 then return end
+  redis.call('HINCRBY', bytes, 'live', string.format('%.0f', -freed))
+  if redis.call('DECRBY', stored, string.format('%.0f', freed)) < 0 then
+    redis.call('SET', stored, '0')
+  end
+end
+"#
+    };
+}
+pub(super) use free_share_lua;
+
 pub struct LuaScript {
     source: &'static str,
     hash: String,

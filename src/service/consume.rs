@@ -777,13 +777,14 @@ pub async fn settle(
     // instance of the service.
     let consumer = format!("{}@{}", subscription.consumer_name, state.instance_id);
     let books = Books::of(subscription, queue);
+    let written = state
+        .unrecorded
+        .marking(queue, settlements.iter().map(|s| s.partition));
     let settled = state
         .broker
         .settle(queue.id, &consumer, books.guest_tenant, settlements)
         .await;
-    state
-        .unrecorded
-        .mark_in(queue, settlements.iter().map(|s| s.partition));
+    drop(written);
     let settled = settled?;
     if settled.announced_ready {
         // The other instances heard it; this one's waiting consumers take the next too.

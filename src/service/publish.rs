@@ -142,6 +142,9 @@ async fn publish(
             .map_err(ApiError::during_publish)?;
     }
     let queue = &resolved.queue;
+    let written = state
+        .unrecorded
+        .marking(queue, messages.iter().map(|m| m.partition));
     let outcome = state
         .broker
         .publish(
@@ -151,10 +154,7 @@ async fn publish(
             context.now_ms,
         )
         .await;
-    // Marked even when the answer was lost: the script may have run.
-    state
-        .unrecorded
-        .mark_in(queue, messages.iter().map(|m| m.partition));
+    drop(written);
     let outcome = outcome.map_err(ApiError::during_publish)?;
     let stored = match outcome {
         PublishOutcome::Stored(stored) => stored,

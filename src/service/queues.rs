@@ -200,6 +200,8 @@ pub async fn create(
         .store
         .insert_queue(&queue, Some(state.config.tenant_max_queues))
         .await?;
+    // Its bytes count from its first publish here (elsewhere within `byte_quota::QUEUES_FRESH_FOR`).
+    state.byte_quotas.forget(created.tenant_id);
     state
         .queue_changed(created.id, created.tenant_id, &created.name)
         .await;
@@ -304,6 +306,7 @@ pub async fn delete(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<
         .collect();
     let groups: Vec<&str> = groups.into_iter().collect();
     state.broker.delete_queue(&queue, &groups).await?;
+    state.byte_quotas.forget(queue.tenant_id);
     state.store.delete_queue(queue.id).await?;
     state
         .queue_deleted(queue.id, queue.tenant_id, &queue.name)
@@ -328,6 +331,7 @@ pub async fn purge(state: &AppState, tenant: &Tenant, name: &str) -> ApiResult<u
     tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let queue = require(state, tenant.tenant_id, name).await?;
     let purged = state.broker.purge_queue(&queue).await?;
+    state.byte_quotas.forget(queue.tenant_id);
     audit::record(
         state,
         tenant,

@@ -8,6 +8,9 @@ use std::hash::Hash;
 
 use uuid::Uuid;
 
+use super::partitions::QueueRef;
+use crate::state::AppState;
+
 pub struct TenantTurns<T> {
     by_tenant: HashMap<Uuid, VecDeque<T>>,
     /// Tenants with work waiting, in the order they are served next.
@@ -82,6 +85,69 @@ impl<T: Copy + Eq + Hash> TenantTurns<T> {
     }
 }
 
+/// Work of two kinds: what is due now (written partitions, timers that fell due) goes
+/// before what a safety look or sweep queued, so a tenant's fresh work never waits behind
+/// its own sweep; the sweep fills whatever budget is left.
+pub struct Lanes<T> {
+    pub due: TenantTurns<T>,
+    pub swept: TenantTurns<T>,
+}
+
+impl<T> Default for Lanes<T> {
+    fn default() -> Self {
+        Lanes {
+            due: TenantTurns::default(),
+            swept: TenantTurns::default(),
+        }
+    }
+}
+
+impl<T: Copy + Eq + Hash> Lanes<T> {
+    pub fn take(&mut self, budget: usize, weight: impl Fn(&T) -> usize) -> Vec<(Uuid, T)> {
+        let mut taken = self.due.take(budget, &weight);
+        let spent: usize = taken.iter().map(|(_, item)| weight(item).max(1)).sum();
+        if taken.is_empty() || spent < budget {
+            let left = budget.saturating_sub(spent).max(1);
+            let mut swept = self.swept.take(left, &weight);
+            if !taken.is_empty() {
+                // A heavy swept item that does not fit goes back to wait for a turn of its own.
+                swept.retain(|(tenant, item)| {
+                    let fits = weight(item).max(1) <= left;
+                    if !fits {
+                        self.swept.push(*tenant, *item);
+                    }
+                    fits
+                });
+            }
+            taken.extend(swept);
+        }
+        taken
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.due.is_empty() && self.swept.is_empty()
+    }
+}
+
+/// Queues the queues of `ids` for their tenants' turns; returns the ids of those that no
+/// longer exist.
+pub async fn push_queues(
+    state: &AppState,
+    turns: &mut TenantTurns<QueueRef>,
+    mut ids: Vec<Uuid>,
+) -> Vec<Uuid> {
+    if ids.is_empty() {
+        return ids;
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let (found, missing) = state.queue_directory.lookup(&state.store, &ids).await;
+    for queue in found {
+        turns.push(queue.tenant_id, queue);
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +183,19 @@ mod tests {
         let taken = turns.take(8, |(_, weight)| *weight);
         assert_eq!(taken, [(tenant(2), (2, 1))]);
         assert!(turns.is_empty());
+    }
+
+    #[test]
+    fn due_work_goes_before_a_sweep_and_the_sweep_fills_the_rest() {
+        let mut lanes = Lanes::default();
+        for queue in 0..100u32 {
+            lanes.swept.push(tenant(1), queue);
+        }
+        lanes.due.push(tenant(1), 500);
+        let taken = lanes.take(4, |_| 1);
+        assert_eq!(taken[0], (tenant(1), 500), "the written partition first");
+        assert_eq!(taken.len(), 4, "the sweep fills the turn");
+        assert_eq!(lanes.swept.len(), 97);
     }
 
     #[test]

@@ -40,6 +40,27 @@ impl UnrecordedWrites {
         }));
     }
 
+    /// Marks `partitions` of `queue` when dropped: hold it across a write, so that the mark
+    /// is made after Redis answered, or when the request is dropped while it waited (the
+    /// script may have run).
+    pub fn marking<'a>(
+        &'a self,
+        queue: &Queue,
+        partitions: impl IntoIterator<Item = u16>,
+    ) -> Marking<'a> {
+        Marking {
+            writes: self,
+            partitions: partitions
+                .into_iter()
+                .map(|partition| PartitionRef {
+                    queue_id: queue.id,
+                    tenant_id: queue.tenant_id,
+                    partition,
+                })
+                .collect(),
+        }
+    }
+
     /// Everything marked so far; marks made afterwards are taken by the next call.
     pub fn take(&self) -> Vec<PartitionRef> {
         let mut marked = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
@@ -58,6 +79,17 @@ impl UnrecordedWrites {
     /// Resolves when a partition was marked after `count` was read.
     pub async fn marked_since(&self, count: u64) {
         self.marked.since(count).await
+    }
+}
+
+pub struct Marking<'a> {
+    writes: &'a UnrecordedWrites,
+    partitions: Vec<PartitionRef>,
+}
+
+impl Drop for Marking<'_> {
+    fn drop(&mut self) {
+        self.writes.mark(self.partitions.drain(..));
     }
 }
 

@@ -19,7 +19,7 @@ use crate::domain::subscription::Subscription;
 use crate::service::consume::{record_failure, Failure};
 use crate::service::partitions::QueueRef;
 use crate::service::queues;
-use crate::service::turns::TenantTurns;
+use crate::service::turns::{push_queues, Lanes};
 use crate::state::AppState;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -32,21 +32,13 @@ const TURN_PARTITIONS: usize = 256;
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     // At start: whatever an earlier run of this instance left in flight.
     let mut safety_look: Option<Instant> = None;
-    let mut turns: TenantTurns<QueueRef> = TenantTurns::default();
+    let mut turns: Lanes<QueueRef> = Lanes::default();
     while !shutdown.is_cancelled() {
         let now = Utc::now().timestamp_millis();
-        let mut queues = state.deadline_timers.take_due(now);
+        push_queues(&state, &mut turns.due, state.deadline_timers.take_due(now)).await;
         if safety_look.is_none_or(|at| at.elapsed() >= SAFETY_LOOK) {
             safety_look = Some(Instant::now());
-            queues.extend(state.activity.snapshot());
-        }
-        if !queues.is_empty() {
-            queues.sort_unstable();
-            queues.dedup();
-            let (found, _) = state.queue_directory.lookup(&state.store, &queues).await;
-            for queue in found {
-                turns.push(queue.tenant_id, queue);
-            }
+            push_queues(&state, &mut turns.swept, state.activity.snapshot()).await;
         }
         let turn = turns.take(TURN_PARTITIONS, |queue| usize::from(queue.partition_count));
         if !turn.is_empty() {

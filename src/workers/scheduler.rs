@@ -26,7 +26,7 @@ use crate::broker::scheduler::Release;
 use crate::service::activity::Stamp;
 use crate::service::due::DueQueues;
 use crate::service::partitions::QueueRef;
-use crate::service::turns::TenantTurns;
+use crate::service::turns::{push_queues, Lanes};
 use crate::state::AppState;
 
 const SAFETY_LOOK: Duration = Duration::from_secs(30);
@@ -83,12 +83,13 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let status = &state.scheduler;
     let mut safety_look = Instant::now();
     let mut full_look = Instant::now();
-    let mut turns: TenantTurns<QueueRef> = TenantTurns::default();
+    let mut turns: Lanes<QueueRef> = Lanes::default();
     // Whatever waited while no instance ran: every queue, once.
     status.look_at_all();
     while !shutdown.is_cancelled() {
         let now = Utc::now().timestamp_millis();
-        let mut queues = status.timers.take_due(now);
+        let mut deleted = push_queues(&state, &mut turns.due, status.timers.take_due(now)).await;
+        let mut queues = Vec::new();
         if full_look.elapsed() >= FULL_LOOK {
             full_look = Instant::now();
             let all = state.queue_directory.all(&state.store).await;
@@ -100,17 +101,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             safety_look = Instant::now();
             queues.extend(state.activity.snapshot());
         }
-        if !queues.is_empty() {
-            queues.sort_unstable();
-            queues.dedup();
-            let (found, missing) = state.queue_directory.lookup(&state.store, &queues).await;
-            for queue_id in missing {
-                // Deleted.
-                state.activity.forget(queue_id);
-            }
-            for queue in found {
-                turns.push(queue.tenant_id, queue);
-            }
+        deleted.extend(push_queues(&state, &mut turns.swept, queues).await);
+        for queue_id in deleted {
+            state.activity.forget(queue_id);
         }
         let turn = turns.take(TURN_PARTITIONS, |queue| usize::from(queue.partition_count));
         if !turn.is_empty() {

@@ -32,7 +32,7 @@ use crate::broker::recorder::{RecorderVisit, StreamEntry};
 use crate::error::{ApiError, ApiResult};
 use crate::service::partitions::{PartitionRef, QueueRef};
 use crate::service::publish_audit;
-use crate::service::turns::TenantTurns;
+use crate::service::turns::Lanes;
 use crate::state::AppState;
 use crate::store::records::RecordWriteError;
 
@@ -40,6 +40,9 @@ pub use entries::escape_control;
 
 /// How often every active partition is read, for what an instance that died left.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// The first sweep after start: whatever an earlier run left, once every queue counts as
+/// active again.
+const FIRST_SWEEP: Duration = Duration::from_secs(3);
 const STALE_AFTER_MS: u64 = 30_000;
 /// Partitions read per turn, at most.
 const TURN_PARTITIONS: usize = 64;
@@ -134,7 +137,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         if waiting.is_empty() {
             let marks = state.unrecorded.count();
             for partition in state.unrecorded.take() {
-                visits.turns.push(partition.tenant_id, partition);
+                visits.turns.due.push(partition.tenant_id, partition);
             }
             if visits.sweep_due() {
                 visits.sweep(&state).await;
@@ -192,13 +195,24 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
 /// (`service::unrecorded`) and, every `SWEEP_EVERY`, every partition of the active queues,
 /// where what another instance wrote and did not record (it died) is found and, once idle
 /// for `STALE_AFTER_MS`, claimed.
-#[derive(Default)]
 struct Visits {
-    turns: TenantTurns<PartitionRef>,
+    /// Written partitions first, then what the sweep queued.
+    turns: Lanes<PartitionRef>,
     /// Partitions whose next read also claims stale entries.
     claiming: HashSet<PartitionRef>,
-    /// None at start: whatever an earlier run left is swept at once.
+    /// When the last sweep began (at start: as if `FIRST_SWEEP` before the first one, once
+    /// the waker has marked every queue active).
     swept: Option<Instant>,
+}
+
+impl Default for Visits {
+    fn default() -> Self {
+        Visits {
+            turns: Lanes::default(),
+            claiming: HashSet::new(),
+            swept: Instant::now().checked_sub(SWEEP_EVERY.saturating_sub(FIRST_SWEEP)),
+        }
+    }
 }
 
 impl Visits {
@@ -217,7 +231,7 @@ impl Visits {
         let active = state.activity.snapshot();
         let (queues, _) = state.queue_directory.lookup(&state.store, &active).await;
         for partition in queues.iter().flat_map(QueueRef::partitions) {
-            self.turns.push(partition.tenant_id, partition);
+            self.turns.swept.push(partition.tenant_id, partition);
             self.claiming.insert(partition);
         }
     }
@@ -251,8 +265,11 @@ impl Visits {
         {
             Ok(reads) => reads,
             Err(error) => {
+                // Claimed on the way back: a chunk read before the failure left entries
+                // pending to this consumer.
                 for (tenant, partition) in turn {
-                    self.turns.push(tenant, partition);
+                    self.claiming.insert(partition);
+                    self.turns.swept.push(tenant, partition);
                 }
                 return Err(error);
             }
@@ -260,8 +277,16 @@ impl Visits {
         let mut entries = Vec::new();
         let mut owners = HashMap::with_capacity(turn.len() * 2);
         for (((tenant, partition), keys), read) in turn.into_iter().zip(keys).zip(reads) {
-            if read.more && !read.gone {
-                self.turns.push(tenant, partition);
+            if read.unreadable {
+                tracing::error!(
+                    tenant = %partition.tenant_id,
+                    queue = %partition.queue_id,
+                    partition = partition.partition,
+                    "a partition's stream or journal is not a stream; it is left out"
+                );
+            }
+            if read.more && !read.gone && !read.unreadable {
+                self.turns.due.push(tenant, partition);
             } else {
                 self.claiming.remove(&partition);
             }
