@@ -11,6 +11,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() != Some("healthcheck") {
+        mq::memory::start_with_allocator_settings();
+    }
     mq::memory::configure_allocator();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
