@@ -98,18 +98,21 @@ impl FromRef<AppState> for Arc<Metrics> {
 }
 
 impl AppState {
-    /// A subscription was created, changed or deleted here: the workers of every instance
-    /// reload the subscriptions now.
-    pub async fn subscription_changed(&self) {
-        self.subscriptions.expire();
-        self.announce(&Announcement::SubscriptionsChanged).await;
+    /// A subscription was created or changed here: the workers of every instance read it
+    /// again now (it alone).
+    pub async fn subscription_changed(&self, subscription_id: Uuid) {
+        self.subscriptions.changed(subscription_id);
+        self.announce(&Announcement::SubscriptionsChanged {
+            subscription_id: Some(subscription_id),
+        })
+        .await;
     }
 
     /// A queue was created, changed or deleted here: every instance forgets what it cached
     /// of it, and its consumers look at it again (a resumed queue is served at once).
     pub async fn queue_changed(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
         self.queue_cache.invalidate(tenant_id, name);
-        self.queue_directory.expire();
+        self.queue_directory.touch(queue_id);
         self.signals.notify(queue_id);
         self.announce(&Announcement::QueueChanged {
             queue_id,
@@ -129,7 +132,7 @@ impl AppState {
 
     /// What this process kept of a deleted subscription goes (here, or when heard of).
     pub fn forget_subscription_here(&self, subscription_id: Uuid) {
-        self.subscriptions.expire();
+        self.subscriptions.changed(subscription_id);
         self.stats.forget_subscription(subscription_id);
     }
 
@@ -149,8 +152,8 @@ impl AppState {
     /// consumers are woken first, so they look again and find it gone.
     pub fn forget_queue_here(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
         self.queue_cache.invalidate(tenant_id, name);
-        self.queue_directory.expire();
-        self.subscriptions.expire();
+        self.queue_directory.touch(queue_id);
+        self.subscriptions.queue_gone(queue_id);
         self.signals.notify(queue_id);
         self.signals.forget(queue_id);
         self.metrics.forget_queue(tenant_id, name);

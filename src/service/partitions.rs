@@ -1,10 +1,12 @@
 //! Every queue and every subscription, for the workers (recorder, scheduler, reclaimer,
-//! retention, dispatcher). Read from PostgreSQL when a change is heard of (made here, or
-//! announced by another instance: `service::wake`) and at least every `SAFETY_REFRESH`;
-//! while PostgreSQL is unreachable the last list is kept, so the workers go on serving what
-//! they know.
+//! retention, dispatcher). A change made here or announced by another instance
+//! (`service::wake`) names what it touched, and only that is read again from PostgreSQL and
+//! patched into the list; the whole list is read at least every `SAFETY_REFRESH`, and when
+//! this instance may have missed changes (a lost announcement connection). While
+//! PostgreSQL is unreachable the last list is kept, so the workers go on serving what they
+//! know.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,17 +39,28 @@ struct Cached<T> {
     value: Arc<T>,
     /// Moves on every `expire`.
     generation: u64,
+    /// Ids changed since the value was loaded or patched (with the number of their latest
+    /// touch): read again at the next `current`. They stay here until a read that began
+    /// after their touch is stored, so nobody takes the value as fresh meanwhile.
+    touched: HashMap<Uuid, u64>,
+    touches: u64,
 }
 
 impl<T> Cached<T> {
     fn fresh(&self, refresh: Duration) -> Option<Arc<T>> {
-        self.loaded_at
-            .is_some_and(|at| at.elapsed() < refresh)
+        (self.touched.is_empty() && self.loaded_at.is_some_and(|at| at.elapsed() < refresh))
             .then(|| self.value.clone())
     }
 }
 
-impl<T: Default> Snapshot<T> {
+/// How a value takes in what changed: the ids touched, read again (`reload`), then put in
+/// place of what the value had under those ids (`patch`).
+pub trait Patchable: Sized {
+    fn patch(&self, touched: &HashSet<Uuid>, reloaded: Vec<Self::Item>) -> Self;
+    type Item;
+}
+
+impl<T: Default + Patchable> Snapshot<T> {
     fn new(refresh: Duration) -> Self {
         Snapshot {
             refresh,
@@ -55,6 +68,8 @@ impl<T: Default> Snapshot<T> {
                 loaded_at: None,
                 value: Arc::new(T::default()),
                 generation: 0,
+                touched: HashMap::new(),
+                touches: 0,
             }),
             loading: tokio::sync::Mutex::new(()),
         }
@@ -68,31 +83,72 @@ impl<T: Default> Snapshot<T> {
     where
         F: Future<Output = ApiResult<T>>,
     {
+        self.current_patched(load, |_| async { Ok(Vec::new()) })
+            .await
+    }
+
+    /// The value: as it is while fresh; patched with what `reload` reads of the ids touched
+    /// since (when nothing else is stale); else loaded whole.
+    pub async fn current_patched<F, R, Fut>(&self, load: F, reload: R) -> Arc<T>
+    where
+        T: Patchable,
+        F: Future<Output = ApiResult<T>>,
+        R: FnOnce(Vec<Uuid>) -> Fut,
+        Fut: Future<Output = ApiResult<Vec<T::Item>>>,
+    {
         if let Some(fresh) = self.lock().fresh(self.refresh) {
             return fresh;
         }
         let _loading = self.loading.lock().await;
-        let generation = {
+        let (generation, touched, whole) = {
             let cached = self.lock();
             if let Some(fresh) = cached.fresh(self.refresh) {
                 return fresh;
             }
-            cached.generation
+            // Touches from here on are read again by the next call: this read may precede them.
+            let touched: HashSet<Uuid> = cached.touched.keys().copied().collect();
+            let whole = cached
+                .loaded_at
+                .is_none_or(|at| at.elapsed() >= self.refresh);
+            (cached.generation, (touched, cached.touches), whole)
         };
-        match load.await {
-            Ok(loaded) => {
-                let loaded = Arc::new(loaded);
+        let (touched, touches) = touched;
+        let read = if whole {
+            load.await
+        } else {
+            let ids: Vec<Uuid> = touched.iter().copied().collect();
+            let value = self.lock().value.clone();
+            reload(ids)
+                .await
+                .map(|reloaded| value.patch(&touched, reloaded))
+        };
+        match read {
+            Ok(read) => {
+                let read = Arc::new(read);
                 let mut cached = self.lock();
-                cached.value = loaded.clone();
-                // Expired while loading: serve it, but load again next time.
-                cached.loaded_at = (cached.generation == generation).then(Instant::now);
-                loaded
+                cached.value = read.clone();
+                cached.touched.retain(|_, touch| *touch > touches);
+                if whole {
+                    // Expired while loading: serve it, but load again next time.
+                    cached.loaded_at = (cached.generation == generation).then(Instant::now);
+                } else if cached.generation != generation {
+                    cached.loaded_at = None;
+                }
+                read
             }
             Err(error) => {
                 tracing::debug!(error = %error, "list not refreshed; keeping the last one");
                 self.lock().value.clone()
             }
         }
+    }
+
+    /// Only `id` changed: the next `current_patched` reads it again (and only it).
+    pub fn touch(&self, id: Uuid) {
+        let mut cached = self.lock();
+        cached.touches += 1;
+        let touch = cached.touches;
+        cached.touched.insert(id, touch);
     }
 
     /// Makes the next `current` load again.
@@ -124,6 +180,30 @@ pub struct QueueRef {
     pub retention_ms: u64,
 }
 
+impl From<crate::store::records::QueuePartitions> for QueueRef {
+    fn from(queue: crate::store::records::QueuePartitions) -> Self {
+        QueueRef {
+            id: queue.id,
+            tenant_id: queue.tenant_id,
+            partition_count: u16::try_from(queue.partition_count.max(1)).unwrap_or(1),
+            retention_ms: queue.retention_ms.max(0) as u64,
+        }
+    }
+}
+
+impl Patchable for HashMap<Uuid, QueueRef> {
+    type Item = QueueRef;
+
+    fn patch(&self, touched: &HashSet<Uuid>, reloaded: Vec<QueueRef>) -> Self {
+        let mut patched = self.clone();
+        for id in touched {
+            patched.remove(id);
+        }
+        patched.extend(reloaded.into_iter().map(|queue| (queue.id, queue)));
+        patched
+    }
+}
+
 impl QueueRef {
     pub fn partitions(&self) -> impl Iterator<Item = PartitionRef> + '_ {
         (0..self.partition_count).map(|partition| PartitionRef {
@@ -150,23 +230,25 @@ impl Default for QueueDirectory {
 impl QueueDirectory {
     pub async fn all(&self, store: &Store) -> Arc<HashMap<Uuid, QueueRef>> {
         self.snapshot
-            .current(async {
-                let queues = store.list_all_queue_partitions().await?;
-                Ok(queues
-                    .into_iter()
-                    .map(|queue| {
-                        let reference = QueueRef {
-                            id: queue.id,
-                            tenant_id: queue.tenant_id,
-                            partition_count: u16::try_from(queue.partition_count.max(1))
-                                .unwrap_or(1),
-                            retention_ms: queue.retention_ms.max(0) as u64,
-                        };
-                        (queue.id, reference)
-                    })
-                    .collect())
-            })
+            .current_patched(
+                async {
+                    let queues = store.list_all_queue_partitions().await?;
+                    Ok(queues
+                        .into_iter()
+                        .map(|queue| (queue.id, QueueRef::from(queue)))
+                        .collect())
+                },
+                async |ids: Vec<Uuid>| {
+                    let queues = store.queue_partitions_by_ids(&ids).await?;
+                    Ok(queues.into_iter().map(QueueRef::from).collect())
+                },
+            )
             .await
+    }
+
+    /// Only this queue changed (created, changed, deleted): read it alone again.
+    pub fn touch(&self, queue_id: Uuid) {
+        self.snapshot.touch(queue_id);
     }
 
     /// The queues of `ids` that exist, and the ids of those that do not. A queue the list
@@ -199,13 +281,15 @@ impl QueueDirectory {
 /// Every subscription of every tenant, and where each is in the list.
 #[derive(Default)]
 pub struct Subscriptions {
-    list: Vec<Subscription>,
+    /// Oldest first (created, then id).
+    list: Vec<Arc<Subscription>>,
     by_id: HashMap<Uuid, usize>,
     by_queue: HashMap<Uuid, Vec<usize>>,
 }
 
 impl Subscriptions {
-    fn new(list: Vec<Subscription>) -> Self {
+    fn new(mut list: Vec<Arc<Subscription>>) -> Self {
+        list.sort_by_key(|s| (s.created_at, s.id));
         let by_id = list.iter().enumerate().map(|(n, s)| (s.id, n)).collect();
         let mut by_queue: HashMap<Uuid, Vec<usize>> = HashMap::new();
         for (n, subscription) in list.iter().enumerate() {
@@ -219,7 +303,7 @@ impl Subscriptions {
     }
 
     pub fn get(&self, id: Uuid) -> Option<&Subscription> {
-        self.by_id.get(&id).map(|&n| &self.list[n])
+        self.by_id.get(&id).map(|&n| &*self.list[n])
     }
 
     /// The subscriptions of one queue, oldest first.
@@ -228,14 +312,27 @@ impl Subscriptions {
             .get(&queue_id)
             .into_iter()
             .flatten()
-            .map(|&n| &self.list[n])
+            .map(|&n| &*self.list[n])
+    }
+}
+
+impl Patchable for Subscriptions {
+    type Item = Subscription;
+
+    fn patch(&self, touched: &HashSet<Uuid>, reloaded: Vec<Subscription>) -> Self {
+        let kept = self
+            .list
+            .iter()
+            .filter(|s| !touched.contains(&s.id))
+            .cloned();
+        Subscriptions::new(kept.chain(reloaded.into_iter().map(Arc::new)).collect())
     }
 }
 
 impl std::ops::Deref for Subscriptions {
-    type Target = [Subscription];
+    type Target = [Arc<Subscription>];
 
-    fn deref(&self) -> &[Subscription] {
+    fn deref(&self) -> &[Arc<Subscription>] {
         &self.list
     }
 }
@@ -258,7 +355,13 @@ impl Default for SubscriptionDirectory {
 impl SubscriptionDirectory {
     pub async fn current(&self, store: &Store) -> Arc<Subscriptions> {
         self.snapshot
-            .current(async { store.list_all_subscriptions().await.map(Subscriptions::new) })
+            .current_patched(
+                async {
+                    let all = store.list_all_subscriptions().await?;
+                    Ok(Subscriptions::new(all.into_iter().map(Arc::new).collect()))
+                },
+                async |ids: Vec<Uuid>| store.subscriptions_by_ids(&ids).await,
+            )
             .await
     }
 
@@ -269,9 +372,26 @@ impl SubscriptionDirectory {
         self.current(store).await.get(id).cloned()
     }
 
-    /// A subscription changed (here or elsewhere): reload now and wake who waits.
+    /// Any subscription may have changed (this instance missed announcements): reload the
+    /// whole list now and wake who waits.
     pub fn expire(&self) {
         self.snapshot.expire();
+        self.changes.bump();
+    }
+
+    /// One subscription was created, changed or deleted (here or elsewhere): read it alone
+    /// again and wake who waits.
+    pub fn changed(&self, subscription_id: Uuid) {
+        self.snapshot.touch(subscription_id);
+        self.changes.bump();
+    }
+
+    /// A queue was deleted: its subscriptions (as the list has them) went with it.
+    pub fn queue_gone(&self, queue_id: Uuid) {
+        let list = self.snapshot.lock().value.clone();
+        for subscription in list.of_queue(queue_id) {
+            self.snapshot.touch(subscription.id);
+        }
         self.changes.bump();
     }
 
@@ -289,6 +409,55 @@ impl SubscriptionDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Patchable for u32 {
+        type Item = u32;
+
+        fn patch(&self, _: &HashSet<Uuid>, reloaded: Vec<u32>) -> Self {
+            reloaded.into_iter().sum::<u32>() + self
+        }
+    }
+
+    #[tokio::test]
+    async fn while_a_touched_id_is_read_again_nobody_takes_the_old_value_as_fresh() {
+        let snapshot: Snapshot<u32> = Snapshot::new(Duration::from_secs(60));
+        let nothing = |_: Vec<Uuid>| async { Ok(Vec::new()) };
+        assert_eq!(*snapshot.current_patched(async { Ok(1) }, nothing).await, 1);
+        snapshot.touch(Uuid::from_u128(1));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let slow_patch = snapshot.current_patched(async { Ok(0) }, |ids: Vec<Uuid>| async move {
+            assert_eq!(ids, [Uuid::from_u128(1)], "only the touched id is read");
+            started_tx.send(()).expect("the other side waits for this");
+            finish_rx.await.expect("the other side finishes the read");
+            Ok(vec![10])
+        });
+        let meanwhile = async {
+            started_rx.await.expect("the patch starts");
+            let reader = snapshot.current_patched(async { Ok(0) }, |_| async { Ok(vec![100]) });
+            tokio::pin!(reader);
+            assert!(
+                futures_poll_once(&mut reader).await.is_none(),
+                "a reader waits for the patch in flight instead of taking the old value"
+            );
+            finish_tx.send(()).expect("the patch waits for this");
+            reader.await
+        };
+        let (patched, read) = tokio::join!(slow_patch, meanwhile);
+        assert_eq!(*patched, 11);
+        assert_eq!(*read, 11, "the reader gets the patched value, fresh");
+    }
+
+    /// Polls `future` once: its output if it was ready.
+    async fn futures_poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|context| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(context) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
 
     #[tokio::test]
     async fn a_load_that_began_before_a_change_is_not_kept_as_fresh() {

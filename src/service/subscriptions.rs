@@ -245,7 +245,7 @@ pub async fn create(
             .await;
         return Err(error);
     }
-    state.subscription_changed().await;
+    state.subscription_changed(subscription.id).await;
     audit::record(
         state,
         tenant,
@@ -418,7 +418,7 @@ async fn change(
         .update_subscription(tenant.tenant_id, current.id, next)
         .await?
         .ok_or_else(|| not_found(id))?;
-    state.subscription_changed().await;
+    state.subscription_changed(updated.id).await;
     audit::record(
         state,
         tenant,

@@ -54,7 +54,10 @@ pub enum Announcement {
         queue_id: Uuid,
         due_ms: i64,
     },
-    SubscriptionsChanged,
+    /// One subscription was created or changed (`None`: any may have).
+    SubscriptionsChanged {
+        subscription_id: Option<Uuid>,
+    },
     SubscriptionDeleted {
         subscription_id: Uuid,
     },
@@ -85,7 +88,12 @@ impl Announcement {
             Announcement::Waiting { queue_id, due_ms } => format!("w {origin} {queue_id} {due_ms}"),
             Announcement::Retry { queue_id, due_ms } => format!("t {origin} {queue_id} {due_ms}"),
             Announcement::Heartbeat => format!("h {origin}"),
-            Announcement::SubscriptionsChanged => format!("s {origin}"),
+            Announcement::SubscriptionsChanged {
+                subscription_id: Some(id),
+            } => format!("s {origin} {id}"),
+            Announcement::SubscriptionsChanged {
+                subscription_id: None,
+            } => format!("s {origin}"),
             Announcement::SubscriptionDeleted { subscription_id } => {
                 format!("x {origin} {subscription_id}")
             }
@@ -120,7 +128,9 @@ impl Announcement {
                 }
             }
             "h" => Announcement::Heartbeat,
-            "s" => Announcement::SubscriptionsChanged,
+            "s" => Announcement::SubscriptionsChanged {
+                subscription_id: queue(),
+            },
             "x" => Announcement::SubscriptionDeleted {
                 subscription_id: queue()?,
             },
@@ -169,7 +179,12 @@ mod tests {
                 queue_id,
                 due_ms: 5,
             },
-            Announcement::SubscriptionsChanged,
+            Announcement::SubscriptionsChanged {
+                subscription_id: None,
+            },
+            Announcement::SubscriptionsChanged {
+                subscription_id: Some(Uuid::from_u128(8)),
+            },
             Announcement::SubscriptionDeleted {
                 subscription_id: Uuid::from_u128(8),
             },

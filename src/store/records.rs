@@ -335,6 +335,18 @@ impl Store {
         .await?;
         Ok(rows)
     }
+
+    /// The queues of `ids` that exist.
+    pub async fn queue_partitions_by_ids(&self, ids: &[Uuid]) -> ApiResult<Vec<QueuePartitions>> {
+        let rows = sqlx::query_as(
+            "SELECT id, tenant_id, partition_count, retention_ms FROM message_topics \
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
 }
 
 /// Inserts the records (each message at most once per call). A record already present keeps

@@ -213,6 +213,15 @@ impl Store {
         row.map(Subscription::try_from).transpose()
     }
 
+    /// The subscriptions of `ids` that exist (of any tenant).
+    pub async fn subscriptions_by_ids(&self, ids: &[Uuid]) -> ApiResult<Vec<Subscription>> {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(&format!("{SELECT} WHERE s.id = ANY($1)"))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Subscription::try_from).collect()
+    }
+
     pub async fn list_subscriptions(
         &self,
         tenant_id: Uuid,

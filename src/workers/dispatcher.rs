@@ -96,7 +96,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 s.subscription_type == SubscriptionType::Webhook
                     && s.status == SubscriptionStatus::Active
             })
-            .map(|s| (s.id, s))
+            .map(|s| (s.id, &**s))
             .collect();
         served.retain(|id, serving| {
             let keep = wanted

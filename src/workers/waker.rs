@@ -152,9 +152,12 @@ fn hear(state: &AppState, text: &str) {
                 state.retry_timers.arm(queue_id, due_ms);
             }
         }
-        Announcement::SubscriptionsChanged => {
+        Announcement::SubscriptionsChanged { subscription_id } => {
             if !own {
-                state.subscriptions.expire();
+                match subscription_id {
+                    Some(id) => state.subscriptions.changed(id),
+                    None => state.subscriptions.expire(),
+                }
             }
         }
         Announcement::SubscriptionDeleted { subscription_id } => {
@@ -169,7 +172,7 @@ fn hear(state: &AppState, text: &str) {
         } => {
             if !own {
                 state.queue_cache.invalidate(tenant_id, &name);
-                state.queue_directory.expire();
+                state.queue_directory.touch(queue_id);
                 state.signals.notify(queue_id);
             }
         }
