@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() != Some("healthcheck") {
+    if std::env::args_os().nth(1).as_deref() != Some(std::ffi::OsStr::new("healthcheck")) {
         mq::memory::start_with_allocator_settings();
     }
     mq::memory::configure_allocator();

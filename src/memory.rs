@@ -34,11 +34,19 @@ pub fn start_with_allocator_settings() {
     if std::env::var_os(ARENA_EAGER_COMMIT).is_some() {
         return;
     }
-    let Ok(binary) = std::env::current_exe() else {
+    // `/proc/self/exe` still names a binary replaced on disk since it started.
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    let binary = if proc_exe.exists() {
+        proc_exe.to_path_buf()
+    } else if let Ok(binary) = std::env::current_exe() {
+        binary
+    } else {
         return;
     };
+    let mut arguments = std::env::args_os();
     let error = std::process::Command::new(binary)
-        .args(std::env::args_os().skip(1))
+        .arg0(arguments.next().unwrap_or_default())
+        .args(arguments)
         .env(ARENA_EAGER_COMMIT, "0")
         .exec();
     eprintln!("starting with {ARENA_EAGER_COMMIT}=0 failed ({error}); going on without it");

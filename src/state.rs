@@ -153,7 +153,7 @@ impl AppState {
     pub fn forget_queue_here(&self, queue_id: Uuid, tenant_id: Uuid, name: &str) {
         self.queue_cache.invalidate(tenant_id, name);
         self.queue_directory.touch(queue_id);
-        self.subscriptions.queue_gone(queue_id);
+        self.subscriptions.queue_gone();
         self.signals.notify(queue_id);
         self.signals.forget(queue_id);
         self.metrics.forget_queue(tenant_id, name);

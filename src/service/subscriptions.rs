@@ -243,6 +243,8 @@ pub async fn create(
             .store
             .delete_subscription(&subscription, async |_| Ok(()))
             .await;
+        // A read of the list meanwhile may have seen it.
+        state.subscription_deleted(subscription.id).await;
         return Err(error);
     }
     state.subscription_changed(subscription.id).await;
