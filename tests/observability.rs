@@ -887,3 +887,64 @@ async fn a_sweep_claims_what_a_dead_recorder_left_and_a_deleted_queue_reads_as_g
     assert_eq!(status, 204);
     assert!(read(Some(0)).await.iter().all(|read| read.gone));
 }
+
+#[tokio::test]
+async fn a_partition_the_recorder_cannot_read_does_not_hold_up_other_tenants_records() {
+    let app = TestApp::spawn().await;
+    // A hostile entry among the recorder's work: another tenant's partition whose journal
+    // is not a stream (Redis state no request can make, but a shared worker must survive).
+    let hostile = Uuid::new_v4();
+    let (status, created) = app
+        .call_as(
+            hostile,
+            "h",
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "broken", "partitionCount": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let layout = mq::broker::keys::KeyLayout::new(&app.redis.prefix);
+    let journal = layout.partition(common::queue_id(&created), 0).journal;
+    let mut redis = app.redis.connection().await;
+    let () = deadpool_redis::redis::cmd("SET")
+        .arg(&journal)
+        .arg("not a stream")
+        .query_async(&mut redis)
+        .await
+        .expect("the journal key is overwritten");
+    let (status, body) = app
+        .call_as(
+            hostile,
+            "h",
+            Method::POST,
+            "/api/v1/mq/publish",
+            Some(json!({"queue": "broken", "payload": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "the stream itself is fine: {body}");
+
+    // The good tenant's messages are recorded all the same, each turn and after.
+    app.create_queue(json!({"name": "good", "partitionCount": 2}))
+        .await;
+    for n in 0..20 {
+        let (status, body) = app
+            .publish(json!({"queue": "good", "payload": n, "messageId": format!("good-{n}")}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let mut db = app.database.connect().await;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM message_records WHERE message_id LIKE 'good-%'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+                == 20
+        })
+        .await,
+        "every good message recorded"
+    );
+}
