@@ -1,0 +1,252 @@
+//! Several service processes on one PostgreSQL and one Redis, as behind a gateway: each runs
+//! the binary `cargo test` builds, with its own port and the same database and key prefix.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{base_env, eventually, token_for, TestDatabase, TestRedis};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+struct Instance {
+    process: Child,
+    port: u16,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+struct Cluster {
+    instances: Vec<Instance>,
+    client: reqwest::Client,
+    token: String,
+    // Dropped after the instances (fields drop in order): they use them until killed.
+    _redis: TestRedis,
+    _database: TestDatabase,
+}
+
+impl Cluster {
+    async fn start(count: usize) -> Cluster {
+        let database = TestDatabase::create().await;
+        let redis = TestRedis::new();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut instances = Vec::new();
+        for _ in 0..count {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("free port")
+                .local_addr()
+                .expect("address")
+                .port();
+            let mut env = base_env(&database.url, &redis.prefix);
+            env.insert("PORT".into(), port.to_string());
+            env.insert("RUST_LOG".into(), "error".into());
+            let process = Command::new(env!("CARGO_BIN_EXE_message-queue-service"))
+                .env_clear()
+                .envs(&env)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the service binary");
+            instances.push(Instance { process, port });
+        }
+        let cluster = Cluster {
+            instances,
+            client,
+            token: token_for(Uuid::new_v4(), "tester"),
+            _redis: redis,
+            _database: database,
+        };
+        for n in 0..count {
+            assert!(
+                eventually(Duration::from_secs(30), || async {
+                    cluster.call(n, "GET", "/api/v1/mq/health", None).await.0 == 200
+                })
+                .await,
+                "instance {n} started"
+            );
+        }
+        cluster
+    }
+
+    async fn call(&self, n: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:{}{path}", self.instances[n].port);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.client.request(method, url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        match request.send().await {
+            Ok(response) => common::read(response).await,
+            Err(_) => (0, Value::Null),
+        }
+    }
+}
+
+/// Pulls and acks from instances in turn until `expected` messages came or `within` passed;
+/// how many times each message id came.
+async fn drain(
+    cluster: &Cluster,
+    subscription: &str,
+    expected: usize,
+    within: Duration,
+) -> HashMap<String, u32> {
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let started = Instant::now();
+    let mut n = 0;
+    while seen.values().sum::<u32>() < expected as u32 && started.elapsed() < within {
+        n = (n + 1) % cluster.instances.len();
+        let (status, pulled) = cluster
+            .call(
+                n,
+                "POST",
+                &format!("/api/v1/mq/subscriptions/{subscription}/pull"),
+                Some(json!({"maxMessages": 7, "waitMs": 300})),
+            )
+            .await;
+        assert_eq!(status, 200, "{pulled}");
+        let messages = pulled["messages"].as_array().cloned().unwrap_or_default();
+        if messages.is_empty() {
+            continue;
+        }
+        for message in &messages {
+            *seen
+                .entry(message["messageId"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        let ack_ids: Vec<&str> = messages
+            .iter()
+            .map(|m| m["ackId"].as_str().unwrap())
+            .collect();
+        // Acked through another instance than the one that delivered.
+        let (status, body) = cluster
+            .call(
+                (n + 1) % cluster.instances.len(),
+                "POST",
+                &format!("/api/v1/mq/subscriptions/{subscription}/ack"),
+                Some(json!({ "ackIds": ack_ids })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    seen
+}
+
+#[tokio::test]
+async fn three_instances_deliver_each_message_once_per_group_and_release_delayed_ones_once() {
+    let cluster = Cluster::start(3).await;
+    let (status, body) = cluster
+        .call(
+            0,
+            "POST",
+            "/api/v1/mq/queues",
+            Some(json!({"name": "orders", "partitionCount": 4})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut subscriptions = Vec::new();
+    for group in ["billing", "shipping"] {
+        let (status, created) = cluster
+            .call(
+                1,
+                "POST",
+                "/api/v1/mq/subscriptions",
+                Some(json!({"queue": "orders", "consumerGroup": group,
+                            "consumerName": format!("{group}-1"),
+                            "subscriptionType": "redis_consumer"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        subscriptions.push(created["id"].as_str().unwrap().to_owned());
+    }
+    // Published through every instance; a third of them delayed (released by whichever
+    // instance's scheduler gets there first).
+    let total = 60;
+    for n in 0..total {
+        let mut message = json!({"queue": "orders", "payload": {"n": n},
+                                 "messageId": format!("m-{n}"), "key": format!("k{}", n % 7)});
+        if n % 3 == 0 {
+            message["delayMs"] = json!(200 + 20 * n);
+        }
+        let (status, body) = cluster
+            .call(n % 3, "POST", "/api/v1/mq/publish", Some(message))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for subscription in &subscriptions {
+        let seen = drain(&cluster, subscription, total, Duration::from_secs(30)).await;
+        assert_eq!(seen.len(), total, "every message reached the group");
+        let twice: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
+        assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+        // Nothing more comes: no delayed message was released twice.
+        let extra = drain(&cluster, subscription, 1, Duration::from_secs(2)).await;
+        assert!(extra.is_empty(), "came again: {extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_pause_or_deletion_made_on_one_instance_holds_on_the_others_within_two_seconds() {
+    let cluster = Cluster::start(3).await;
+    let (status, body) = cluster
+        .call(0, "POST", "/api/v1/mq/queues", Some(json!({"name": "q"})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, created) = cluster
+        .call(
+            0,
+            "POST",
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "redis_consumer"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let pull = |n: usize| {
+        let (cluster, path) = (&cluster, format!("/api/v1/mq/subscriptions/{id}/pull"));
+        async move {
+            cluster
+                .call(n, "POST", &path, Some(json!({"maxMessages": 1})))
+                .await
+        }
+    };
+    // Every instance has served the subscription (and so holds it in its lists).
+    for n in 0..3 {
+        assert_eq!(pull(n).await.0, 200);
+    }
+
+    let (status, body) = cluster
+        .call(
+            0,
+            "POST",
+            &format!("/api/v1/mq/subscriptions/{id}/pause"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for n in 1..3 {
+        assert!(
+            eventually(Duration::from_secs(2), || async { pull(n).await.0 == 409 }).await,
+            "instance {n} refuses pulls of the paused subscription within 2 s"
+        );
+    }
+
+    let (status, body) = cluster
+        .call(1, "DELETE", &format!("/api/v1/mq/subscriptions/{id}"), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    for n in [0, 2] {
+        assert!(
+            eventually(Duration::from_secs(2), || async { pull(n).await.0 == 404 }).await,
+            "instance {n} answers 404 for the deleted subscription within 2 s"
+        );
+    }
+}
