@@ -72,6 +72,10 @@ pub struct Config {
     /// How long the per-queue gauges of a scrape are reused (0: read at every scrape).
     pub metrics_gauge_interval_ms: u64,
     pub health_check_interval_secs: u64,
+    /// After SIGTERM: how long `/health` answers 503 while requests are still served (so a
+    /// load balancer stops sending), then how long in-flight work may take in all.
+    pub shutdown_drain_ms: u64,
+    pub shutdown_grace_ms: u64,
     pub dependency_timeout_ms: u64,
     pub log_format: LogFormat,
     pub auth_service_url: Option<String>,
@@ -298,6 +302,8 @@ impl Config {
                 0..=600_000,
             )?,
             health_check_interval_secs: env.number("HEALTH_CHECK_INTERVAL", 30, 1..=86_400)?,
+            shutdown_drain_ms: env.number("SHUTDOWN_DRAIN_MS", 1000, 0..=60_000)?,
+            shutdown_grace_ms: env.number("SHUTDOWN_GRACE_MS", 8000, 1000..=600_000)?,
             dependency_timeout_ms: env.number("DEPENDENCY_TIMEOUT_MS", 2000, 50..=60_000)?,
             log_format: env.log_format("LOG_FORMAT")?,
             auth_service_url: env.optional_url("AUTH_SERVICE_URL")?,

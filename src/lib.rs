@@ -22,7 +22,7 @@ pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
@@ -102,6 +102,7 @@ impl Application {
             instance_id,
             started_at: Utc::now(),
             started: Instant::now(),
+            stopping: Default::default(),
         });
         Ok(Application { state })
     }
@@ -122,11 +123,47 @@ impl Application {
         service::upgrade::move_earlier_redis_layout(&self.state).await;
         self.start_workers(&stop_workers);
         let router = api::router(self.state.clone());
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let stopping = self.state.stopping.clone();
+        let config = self.state.config.clone();
+        let drain = Duration::from_millis(config.shutdown_drain_ms);
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let began = Arc::new(std::sync::OnceLock::new());
+        let drained = {
+            let (stopping, began) = (stopping.clone(), began.clone());
+            async move {
+                shutdown.await;
+                let _ = began.set(Instant::now());
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "stopping: /health answers 503, then no new connections"
+                );
+                stopping.cancel();
+                tokio::time::sleep(drain).await;
+            }
+        };
+        let server = axum::serve(listener, router).with_graceful_shutdown(drained);
+        // Past the grace period, whatever is still in flight is left: an unacked delivery
+        // comes back after its deadline, nothing acknowledged is lost.
+        let deadline = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            result = server => result,
+            () = deadline => {
+                tracing::warn!("requests still in flight at the end of the grace period; stopping anyway");
+                Ok(())
+            }
+        };
         stop_workers.cancel();
-        self.state.workers.wait().await;
+        let spent = began.get().map_or(Duration::ZERO, Instant::elapsed);
+        let left = grace.saturating_sub(spent);
+        if tokio::time::timeout(left, self.state.workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("workers still busy at the end of the grace period; stopping anyway");
+        }
         result
     }
 

@@ -69,6 +69,8 @@ pub struct Shared {
     pub instance_id: String,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
+    /// Cancelled when the service begins to stop: `/health` answers 503, long polls answer.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {

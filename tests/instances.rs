@@ -34,6 +34,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(count: usize) -> Cluster {
+        Self::start_with(count, |_| {}).await
+    }
+
+    async fn start_with(count: usize, customize: impl Fn(&mut HashMap<String, String>)) -> Cluster {
         let database = TestDatabase::create().await;
         let redis = TestRedis::new();
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -47,6 +51,7 @@ impl Cluster {
             let mut env = base_env(&database.url, &redis.prefix);
             env.insert("PORT".into(), port.to_string());
             env.insert("RUST_LOG".into(), "error".into());
+            customize(&mut env);
             let process = Command::new(env!("CARGO_BIN_EXE_message-queue-service"))
                 .env_clear()
                 .envs(&env)
@@ -249,4 +254,74 @@ async fn a_pause_or_deletion_made_on_one_instance_holds_on_the_others_within_two
             "instance {n} answers 404 for the deleted subscription within 2 s"
         );
     }
+}
+
+#[tokio::test]
+async fn sigterm_turns_health_503_answers_long_polls_and_exits_within_the_grace_period() {
+    let mut cluster = Cluster::start_with(1, |env| {
+        env.insert("SHUTDOWN_DRAIN_MS".into(), "1500".into());
+        env.insert("SHUTDOWN_GRACE_MS".into(), "5000".into());
+    })
+    .await;
+    let (status, body) = cluster
+        .call(0, "POST", "/api/v1/mq/queues", Some(json!({"name": "q"})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, created) = cluster
+        .call(
+            0,
+            "POST",
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "redis_consumer"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let port = cluster.instances[0].port;
+    let poll = cluster
+        .client
+        .post(format!(
+            "http://127.0.0.1:{port}/api/v1/mq/subscriptions/{}/pull",
+            created["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&cluster.token)
+        .json(&json!({"maxMessages": 1, "waitMs": 20_000}))
+        .send();
+    let poll =
+        tokio::spawn(async move { common::read(poll.await.expect("the poll answers")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = Instant::now();
+    let pid = cluster.instances[0].process.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    // Readiness turns first: new requests are still served, /health says to go elsewhere.
+    let (status, health) = cluster.call(0, "GET", "/api/v1/mq/health", None).await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "stopping");
+    // The long poll answers (with nothing) instead of holding the shutdown for 20 s.
+    let (status, pulled) = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the poll answered within the grace period")
+        .expect("the poll task");
+    assert_eq!(status, 200, "{pulled}");
+    assert_eq!(pulled["messages"], json!([]));
+    // And the process is gone within the grace period.
+    let exited = loop {
+        if let Some(exit) = cluster.instances[0].process.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(7),
+            "still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exited.success(), "{exited:?}");
 }

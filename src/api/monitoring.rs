@@ -15,13 +15,14 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let report = health::check(&state).await;
-    let status = if report.all_up() {
+    let stopping = state.stopping.is_cancelled();
+    let status = if report.all_up() && !stopping {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if report.all_up() { "ok" } else { "down" },
+        "status": if stopping { "stopping" } else if report.all_up() { "ok" } else { "down" },
         "checks": report,
         "recordWriter": state.recorder.report(),
         "version": VERSION,

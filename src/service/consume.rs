@@ -196,7 +196,9 @@ pub async fn pull(
             first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
         }
         let now = tokio::time::Instant::now();
-        if now >= give_up {
+        if now >= give_up || state.stopping.is_cancelled() {
+            // The service is stopping: the poll answers now, and the client polls another
+            // instance.
             return Ok(Vec::new());
         }
         // Messages (or a change of the queue) call for a take; a subscription change only
@@ -205,6 +207,7 @@ pub async fn pull(
             () = arrived => true,
             () = state.subscriptions.changed_since(changes) => false,
             () = tokio::time::sleep(RECHECK.min(give_up - now)) => false,
+            () = state.stopping.cancelled() => false,
         } || last_take.elapsed() >= REPOLL;
     }
 }
