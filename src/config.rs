@@ -232,6 +232,7 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env { lookup: &lookup };
         let dev_mode = env.boolean("MQ_DEV_MODE", false)?;
+        let shutdown_grace_ms = env.number("SHUTDOWN_GRACE_MS", 8000, 1000..=600_000)?;
         Ok(Config {
             port: env.number("PORT", 3010, 0..=65535)?,
             database_url: env.url("DATABASE_URL", &["postgres", "postgresql"])?,
@@ -302,8 +303,11 @@ impl Config {
                 0..=600_000,
             )?,
             health_check_interval_secs: env.number("HEALTH_CHECK_INTERVAL", 30, 1..=86_400)?,
-            shutdown_drain_ms: env.number("SHUTDOWN_DRAIN_MS", 1000, 0..=60_000)?,
-            shutdown_grace_ms: env.number("SHUTDOWN_GRACE_MS", 8000, 1000..=600_000)?,
+            // The drain is part of the grace: requests still need time to finish after it.
+            shutdown_drain_ms: env
+                .number("SHUTDOWN_DRAIN_MS", 1000, 0..=shutdown_grace_ms / 2)?
+                .min(shutdown_grace_ms / 2),
+            shutdown_grace_ms,
             dependency_timeout_ms: env.number("DEPENDENCY_TIMEOUT_MS", 2000, 50..=60_000)?,
             log_format: env.log_format("LOG_FORMAT")?,
             auth_service_url: env.optional_url("AUTH_SERVICE_URL")?,

@@ -130,6 +130,7 @@ impl Application {
         let began = Arc::new(std::sync::OnceLock::new());
         let drained = {
             let (stopping, began) = (stopping.clone(), began.clone());
+            let stop_workers = stop_workers.clone();
             async move {
                 shutdown.await;
                 let _ = began.set(Instant::now());
@@ -139,6 +140,9 @@ impl Application {
                 );
                 stopping.cancel();
                 tokio::time::sleep(drain).await;
+                // No new webhook pushes or sweeps while the last requests finish: what the
+                // workers have under way gets the rest of the grace too.
+                stop_workers.cancel();
             }
         };
         let server = axum::serve(listener, router).with_graceful_shutdown(drained);

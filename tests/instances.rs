@@ -42,7 +42,28 @@ impl Cluster {
         let redis = TestRedis::new();
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
         let mut instances = Vec::new();
-        for _ in 0..count {
+        for n in 0..count {
+            instances.push(Self::spawn(&client, &database, &redis, &customize, n).await);
+        }
+        Cluster {
+            instances,
+            client,
+            token: token_for(Uuid::new_v4(), "tester"),
+            _redis: redis,
+            _database: database,
+        }
+    }
+
+    /// Starts one instance and waits for its health; a port taken between choosing it and
+    /// the child binding it is chosen again.
+    async fn spawn(
+        client: &reqwest::Client,
+        database: &TestDatabase,
+        redis: &TestRedis,
+        customize: &impl Fn(&mut HashMap<String, String>),
+        n: usize,
+    ) -> Instance {
+        for _ in 0..3 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .expect("free port")
                 .local_addr()
@@ -56,28 +77,27 @@ impl Cluster {
                 .env_clear()
                 .envs(&env)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::inherit())
                 .spawn()
                 .expect("start the service binary");
-            instances.push(Instance { process, port });
+            let mut instance = Instance { process, port };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30) {
+                if instance.process.try_wait().expect("wait").is_some() {
+                    break;
+                }
+                let health = client
+                    .get(format!("http://127.0.0.1:{port}/api/v1/mq/health"))
+                    .send()
+                    .await;
+                if health.is_ok_and(|r| r.status() == 200) {
+                    return instance;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = instance.process.kill();
         }
-        let cluster = Cluster {
-            instances,
-            client,
-            token: token_for(Uuid::new_v4(), "tester"),
-            _redis: redis,
-            _database: database,
-        };
-        for n in 0..count {
-            assert!(
-                eventually(Duration::from_secs(30), || async {
-                    cluster.call(n, "GET", "/api/v1/mq/health", None).await.0 == 200
-                })
-                .await,
-                "instance {n} started"
-            );
-        }
-        cluster
+        panic!("instance {n} did not start (its stderr is above)");
     }
 
     async fn call(&self, n: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -196,7 +216,8 @@ async fn three_instances_deliver_each_message_once_per_group_and_release_delayed
 }
 
 #[tokio::test]
-async fn a_pause_or_deletion_made_on_one_instance_holds_on_the_others_within_two_seconds() {
+async fn a_pause_or_deletion_made_on_one_instance_ends_long_polls_on_the_others_within_two_seconds()
+{
     let cluster = Cluster::start(3).await;
     let (status, body) = cluster
         .call(0, "POST", "/api/v1/mq/queues", Some(json!({"name": "q"})))
@@ -215,19 +236,29 @@ async fn a_pause_or_deletion_made_on_one_instance_holds_on_the_others_within_two
         .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().unwrap().to_owned();
-    let pull = |n: usize| {
-        let (cluster, path) = (&cluster, format!("/api/v1/mq/subscriptions/{id}/pull"));
-        async move {
-            cluster
-                .call(n, "POST", &path, Some(json!({"maxMessages": 1})))
-                .await
-        }
+    // A long poll waiting on instance `n`: it only ends early if that instance hears of the
+    // change (a pull answered at once would read PostgreSQL anyway).
+    let waiting_poll = |n: usize| {
+        let request = cluster
+            .client
+            .post(format!(
+                "http://127.0.0.1:{}/api/v1/mq/subscriptions/{id}/pull",
+                cluster.instances[n].port
+            ))
+            .bearer_auth(&cluster.token)
+            .json(&json!({"maxMessages": 1, "waitMs": 15_000}))
+            .send();
+        tokio::spawn(async move { common::read(request.await.expect("the poll answers")).await })
     };
-    // Every instance has served the subscription (and so holds it in its lists).
-    for n in 0..3 {
-        assert_eq!(pull(n).await.0, 200);
-    }
+    let ended_within = |poll: tokio::task::JoinHandle<(u16, Value)>| async move {
+        tokio::time::timeout(Duration::from_secs(2), poll)
+            .await
+            .expect("the poll ended within 2 s of the change")
+            .expect("the poll task")
+    };
 
+    let polls = [waiting_poll(1), waiting_poll(2)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, body) = cluster
         .call(
             0,
@@ -237,22 +268,29 @@ async fn a_pause_or_deletion_made_on_one_instance_holds_on_the_others_within_two
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    for n in 1..3 {
-        assert!(
-            eventually(Duration::from_secs(2), || async { pull(n).await.0 == 409 }).await,
-            "instance {n} refuses pulls of the paused subscription within 2 s"
-        );
+    for poll in polls {
+        let (status, body) = ended_within(poll).await;
+        assert_eq!(status, 409, "paused: {body}");
     }
 
+    let (status, body) = cluster
+        .call(
+            0,
+            "POST",
+            &format!("/api/v1/mq/subscriptions/{id}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let polls = [waiting_poll(0), waiting_poll(2)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, body) = cluster
         .call(1, "DELETE", &format!("/api/v1/mq/subscriptions/{id}"), None)
         .await;
     assert_eq!(status, 204, "{body}");
-    for n in [0, 2] {
-        assert!(
-            eventually(Duration::from_secs(2), || async { pull(n).await.0 == 404 }).await,
-            "instance {n} answers 404 for the deleted subscription within 2 s"
-        );
+    for poll in polls {
+        let (status, body) = ended_within(poll).await;
+        assert_eq!(status, 404, "deleted: {body}");
     }
 }
 
@@ -301,9 +339,14 @@ async fn sigterm_turns_health_503_answers_long_polls_and_exits_within_the_grace_
         .expect("kill runs");
     assert!(killed.success());
     // Readiness turns first: new requests are still served, /health says to go elsewhere.
-    let (status, health) = cluster.call(0, "GET", "/api/v1/mq/health", None).await;
-    assert_eq!(status, 503, "{health}");
-    assert_eq!(health["status"], "stopping");
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let (status, health) = cluster.call(0, "GET", "/api/v1/mq/health", None).await;
+            status == 503 && health["status"] == "stopping"
+        })
+        .await,
+        "/health answers 503 while the instance drains"
+    );
     // The long poll answers (with nothing) instead of holding the shutdown for 20 s.
     let (status, pulled) = tokio::time::timeout(Duration::from_secs(5), poll)
         .await

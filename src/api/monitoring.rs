@@ -14,15 +14,19 @@ use crate::state::AppState;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    if state.stopping.is_cancelled() {
+        // At once, without probing the dependencies: a load balancer should look elsewhere.
+        let body = json!({"status": "stopping", "version": VERSION});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
     let report = health::check(&state).await;
-    let stopping = state.stopping.is_cancelled();
-    let status = if report.all_up() && !stopping {
+    let status = if report.all_up() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if stopping { "stopping" } else if report.all_up() { "ok" } else { "down" },
+        "status": if report.all_up() { "ok" } else { "down" },
         "checks": report,
         "recordWriter": state.recorder.report(),
         "version": VERSION,

@@ -234,6 +234,8 @@ pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, Strin
         ("TENANT_MONITORING_RPS", "100000".to_owned()),
         // Tests read a view right after what should change it; the reuse has its own test.
         ("MONITORING_CACHE_MS", "0".to_owned()),
+        // A test that stops an instance does not wait for a load balancer.
+        ("SHUTDOWN_DRAIN_MS", "0".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
