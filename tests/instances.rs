@@ -29,7 +29,7 @@ struct Cluster {
     token: String,
     // Dropped after the instances (fields drop in order): they use them until killed.
     _redis: TestRedis,
-    _database: TestDatabase,
+    database: TestDatabase,
 }
 
 impl Cluster {
@@ -50,7 +50,7 @@ impl Cluster {
             client,
             token: token_for(Uuid::new_v4(), "tester"),
             _redis: redis,
-            _database: database,
+            database,
         }
     }
 
@@ -122,11 +122,24 @@ async fn drain(
     expected: usize,
     within: Duration,
 ) -> HashMap<String, u32> {
+    let all: Vec<usize> = (0..cluster.instances.len()).collect();
+    drain_through(cluster, &all, subscription, expected, within).await
+}
+
+/// `drain` through the instances of `through` only.
+async fn drain_through(
+    cluster: &Cluster,
+    through: &[usize],
+    subscription: &str,
+    expected: usize,
+    within: Duration,
+) -> HashMap<String, u32> {
     let mut seen: HashMap<String, u32> = HashMap::new();
     let started = Instant::now();
-    let mut n = 0;
+    let mut turn = 0;
     while seen.values().sum::<u32>() < expected as u32 && started.elapsed() < within {
-        n = (n + 1) % cluster.instances.len();
+        turn += 1;
+        let n = through[turn % through.len()];
         let (status, pulled) = cluster
             .call(
                 n,
@@ -149,10 +162,10 @@ async fn drain(
             .iter()
             .map(|m| m["ackId"].as_str().unwrap())
             .collect();
-        // Acked through another instance than the one that delivered.
+        // Acked through another instance than the one that delivered, where there is one.
         let (status, body) = cluster
             .call(
-                (n + 1) % cluster.instances.len(),
+                through[(turn + 1) % through.len()],
                 "POST",
                 &format!("/api/v1/mq/subscriptions/{subscription}/ack"),
                 Some(json!({ "ackIds": ack_ids })),
@@ -367,4 +380,89 @@ async fn sigterm_turns_health_503_answers_long_polls_and_exits_within_the_grace_
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(exited.success(), "{exited:?}");
+}
+
+#[tokio::test]
+async fn an_instance_killed_under_load_loses_nothing_it_acknowledged() {
+    let mut cluster = Cluster::start(2).await;
+    let (status, body) = cluster
+        .call(
+            0,
+            "POST",
+            "/api/v1/mq/queues",
+            Some(json!({"name": "q", "partitionCount": 2})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, created) = cluster
+        .call(
+            1,
+            "POST",
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
+                        "subscriptionType": "redis_consumer", "sessionTimeoutMs": 1000}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let subscription = created["id"].as_str().unwrap().to_owned();
+    // Every publish answered 201 is acknowledged: it must be delivered and recorded.
+    let total = 40;
+    for n in 0..total {
+        let (status, body) = cluster
+            .call(
+                n % 2,
+                "POST",
+                "/api/v1/mq/publish",
+                Some(json!({"queue": "q", "payload": n, "messageId": format!("m-{n}")})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Deliveries in flight on the instance about to die, never acked.
+    let (status, pulled) = cluster
+        .call(
+            0,
+            "POST",
+            &format!("/api/v1/mq/subscriptions/{subscription}/pull"),
+            Some(json!({"maxMessages": 10})),
+        )
+        .await;
+    assert_eq!(status, 200, "{pulled}");
+    assert_eq!(pulled["messages"].as_array().map(Vec::len), Some(10));
+    cluster.instances[0].process.kill().expect("kill -9");
+    cluster.instances[0].process.wait().expect("reaped");
+
+    // The survivor hands out everything, the dead instance's deliveries after their
+    // deadline (at its next look over the active queues).
+    let seen = drain_through(
+        &cluster,
+        &[1],
+        &subscription,
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    let missing: Vec<String> = (0..total)
+        .map(|n| format!("m-{n}"))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    // And records every message, those the dead instance published and never recorded too
+    // (its sweep over the active queues).
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            let mut db = cluster.database.connect().await;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT message_id) FROM message_records WHERE message_id LIKE 'm-%'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+                == total as i64
+        })
+        .await,
+        "every acknowledged message recorded"
+    );
 }
