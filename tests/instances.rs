@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{base_env, eventually, token_for, TestDatabase, TestRedis};
+use common::{base_env, eventually, free_port, spawn_service, token_for, TestDatabase, TestRedis};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -64,23 +64,15 @@ impl Cluster {
         n: usize,
     ) -> Instance {
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .expect("free port")
-                .local_addr()
-                .expect("address")
-                .port();
+            let port = free_port();
             let mut env = base_env(&database.url, &redis.prefix);
             env.insert("PORT".into(), port.to_string());
             env.insert("RUST_LOG".into(), "error".into());
             customize(&mut env);
-            let process = Command::new(env!("CARGO_BIN_EXE_message-queue-service"))
-                .env_clear()
-                .envs(&env)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start the service binary");
-            let mut instance = Instance { process, port };
+            let mut instance = Instance {
+                process: spawn_service(&env, Stdio::inherit()),
+                port,
+            };
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(30) {
                 if instance.process.try_wait().expect("wait").is_some() {
@@ -98,6 +90,47 @@ impl Cluster {
             let _ = instance.process.kill();
         }
         panic!("instance {n} did not start (its stderr is above)");
+    }
+
+    /// Creates a queue through instance `n` (asserting 201).
+    async fn create_queue(&self, n: usize, queue: Value) {
+        let (status, body) = self.call(n, "POST", "/api/v1/mq/queues", Some(queue)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Creates a pull subscription to `queue` through instance `n` (asserting 201); its id.
+    async fn subscribe(&self, n: usize, queue: &str, group: &str, settings: Value) -> String {
+        let mut body = json!({"queue": queue, "consumerGroup": group,
+                              "consumerName": format!("{group}-1"),
+                              "subscriptionType": "redis_consumer"});
+        for (name, value) in settings.as_object().into_iter().flatten() {
+            body[name] = value.clone();
+        }
+        let (status, created) = self
+            .call(n, "POST", "/api/v1/mq/subscriptions", Some(body))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        created["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// A long poll of `subscription` (one message, waiting `wait_ms`) on instance `n`,
+    /// running on its own.
+    fn waiting_poll(
+        &self,
+        n: usize,
+        subscription: &str,
+        wait_ms: u64,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
+        let request = self
+            .client
+            .post(format!(
+                "http://127.0.0.1:{}/api/v1/mq/subscriptions/{subscription}/pull",
+                self.instances[n].port
+            ))
+            .bearer_auth(&self.token)
+            .json(&json!({"maxMessages": 1, "waitMs": wait_ms}))
+            .send();
+        tokio::spawn(async move { common::read(request.await.expect("the poll answers")).await })
     }
 
     async fn call(&self, n: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -179,29 +212,12 @@ async fn drain_through(
 #[tokio::test]
 async fn three_instances_deliver_each_message_once_per_group_and_release_delayed_ones_once() {
     let cluster = Cluster::start(3).await;
-    let (status, body) = cluster
-        .call(
-            0,
-            "POST",
-            "/api/v1/mq/queues",
-            Some(json!({"name": "orders", "partitionCount": 4})),
-        )
+    cluster
+        .create_queue(0, json!({"name": "orders", "partitionCount": 4}))
         .await;
-    assert_eq!(status, 201, "{body}");
     let mut subscriptions = Vec::new();
     for group in ["billing", "shipping"] {
-        let (status, created) = cluster
-            .call(
-                1,
-                "POST",
-                "/api/v1/mq/subscriptions",
-                Some(json!({"queue": "orders", "consumerGroup": group,
-                            "consumerName": format!("{group}-1"),
-                            "subscriptionType": "redis_consumer"})),
-            )
-            .await;
-        assert_eq!(status, 201, "{created}");
-        subscriptions.push(created["id"].as_str().unwrap().to_owned());
+        subscriptions.push(cluster.subscribe(1, "orders", group, json!({})).await);
     }
     // Published through every instance; a third of them delayed (released by whichever
     // instance's scheduler gets there first).
@@ -232,37 +248,11 @@ async fn three_instances_deliver_each_message_once_per_group_and_release_delayed
 async fn a_pause_or_deletion_made_on_one_instance_ends_long_polls_on_the_others_within_two_seconds()
 {
     let cluster = Cluster::start(3).await;
-    let (status, body) = cluster
-        .call(0, "POST", "/api/v1/mq/queues", Some(json!({"name": "q"})))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, created) = cluster
-        .call(
-            0,
-            "POST",
-            "/api/v1/mq/subscriptions",
-            Some(
-                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
-                        "subscriptionType": "redis_consumer"}),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let id = created["id"].as_str().unwrap().to_owned();
+    cluster.create_queue(0, json!({"name": "q"})).await;
+    let id = cluster.subscribe(0, "q", "g", json!({})).await;
     // A long poll waiting on instance `n`: it only ends early if that instance hears of the
     // change (a pull answered at once would read PostgreSQL anyway).
-    let waiting_poll = |n: usize| {
-        let request = cluster
-            .client
-            .post(format!(
-                "http://127.0.0.1:{}/api/v1/mq/subscriptions/{id}/pull",
-                cluster.instances[n].port
-            ))
-            .bearer_auth(&cluster.token)
-            .json(&json!({"maxMessages": 1, "waitMs": 15_000}))
-            .send();
-        tokio::spawn(async move { common::read(request.await.expect("the poll answers")).await })
-    };
+    let waiting_poll = |n: usize| cluster.waiting_poll(n, &id, 15_000);
     let ended_within = |poll: tokio::task::JoinHandle<(u16, Value)>| async move {
         tokio::time::timeout(Duration::from_secs(2), poll)
             .await
@@ -314,34 +304,9 @@ async fn sigterm_turns_health_503_answers_long_polls_and_exits_within_the_grace_
         env.insert("SHUTDOWN_GRACE_MS".into(), "5000".into());
     })
     .await;
-    let (status, body) = cluster
-        .call(0, "POST", "/api/v1/mq/queues", Some(json!({"name": "q"})))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, created) = cluster
-        .call(
-            0,
-            "POST",
-            "/api/v1/mq/subscriptions",
-            Some(
-                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
-                        "subscriptionType": "redis_consumer"}),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let port = cluster.instances[0].port;
-    let poll = cluster
-        .client
-        .post(format!(
-            "http://127.0.0.1:{port}/api/v1/mq/subscriptions/{}/pull",
-            created["id"].as_str().unwrap()
-        ))
-        .bearer_auth(&cluster.token)
-        .json(&json!({"maxMessages": 1, "waitMs": 20_000}))
-        .send();
-    let poll =
-        tokio::spawn(async move { common::read(poll.await.expect("the poll answers")).await });
+    cluster.create_queue(0, json!({"name": "q"})).await;
+    let id = cluster.subscribe(0, "q", "g", json!({})).await;
+    let poll = cluster.waiting_poll(0, &id, 20_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let signalled = Instant::now();
@@ -385,28 +350,12 @@ async fn sigterm_turns_health_503_answers_long_polls_and_exits_within_the_grace_
 #[tokio::test]
 async fn an_instance_killed_under_load_loses_nothing_it_acknowledged() {
     let mut cluster = Cluster::start(2).await;
-    let (status, body) = cluster
-        .call(
-            0,
-            "POST",
-            "/api/v1/mq/queues",
-            Some(json!({"name": "q", "partitionCount": 2})),
-        )
+    cluster
+        .create_queue(0, json!({"name": "q", "partitionCount": 2}))
         .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, created) = cluster
-        .call(
-            1,
-            "POST",
-            "/api/v1/mq/subscriptions",
-            Some(
-                json!({"queue": "q", "consumerGroup": "g", "consumerName": "c",
-                        "subscriptionType": "redis_consumer", "sessionTimeoutMs": 1000}),
-            ),
-        )
+    let subscription = cluster
+        .subscribe(1, "q", "g", json!({"sessionTimeoutMs": 1000}))
         .await;
-    assert_eq!(status, 201, "{created}");
-    let subscription = created["id"].as_str().unwrap().to_owned();
     // Every publish answered 201 is acknowledged: it must be delivered and recorded.
     let total = 40;
     for n in 0..total {

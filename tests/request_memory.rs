@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::{base_env, eventually, token_for, TestDatabase, TestRedis};
+use common::{base_env, eventually, free_port, spawn_service, token_for, TestDatabase, TestRedis};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -55,24 +55,13 @@ fn repeated(prefix: &str, item: &str, suffix: &str) -> String {
 async fn a_sixteen_mebibyte_request_of_any_shape_raises_peak_memory_by_at_most_64_mb() {
     let database = TestDatabase::create().await;
     let redis = TestRedis::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("address")
-        .port();
+    let port = free_port();
     let mut env = base_env(&database.url, &redis.prefix);
     env.insert("PORT".into(), port.to_string());
     env.insert("RUST_LOG".into(), "error".into());
     env.insert("TENANT_RATE_LIMIT_RPS".into(), "0".into());
     env.insert("TENANT_RATE_LIMIT_BYTES_PER_SEC".into(), "0".into());
-    let child = Command::new(env!("CARGO_BIN_EXE_message-queue-service"))
-        .env_clear()
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the service binary");
-    let service = Service(child);
+    let service = Service(spawn_service(&env, Stdio::null()));
     let pid = service.0.id();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");

@@ -174,7 +174,7 @@ impl KeyLayout {
             cancelled: format!("{tag}:cancelled"),
             expiring: format!("{tag}:expiring"),
             announced: format!("{tag}:announced"),
-            stored: format!("{tag}:stored"),
+            stored: self.stored(queue_id),
             deleted: format!("{tag}:deleted"),
         }
     }
@@ -214,6 +214,11 @@ impl KeyLayout {
             keys.extend(PARTITION_DATA.iter().map(|suffix| key(&number, suffix)));
         }
         keys
+    }
+
+    /// Payload bytes the queue stores now (the `stored` of its partitions' keys).
+    pub fn stored(&self, queue_id: Uuid) -> String {
+        format!("{}:stored", self.tag(queue_id))
     }
 
     /// The delivery state of consumer group `group` on one partition.

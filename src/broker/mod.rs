@@ -304,7 +304,7 @@ impl Broker {
         for chunk in queue_ids.chunks(512) {
             let mut pipeline = redis::pipe();
             for queue_id in chunk {
-                pipeline.get(self.keys.partition(*queue_id, 0).stored);
+                pipeline.get(self.keys.stored(*queue_id));
             }
             let sizes: Vec<Option<i64>> = pipeline.query_async(&mut connection).await?;
             total += sizes

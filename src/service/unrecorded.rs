@@ -33,11 +33,7 @@ impl UnrecordedWrites {
 
     /// `partitions` of `queue` were written.
     pub fn mark_in(&self, queue: &Queue, partitions: impl IntoIterator<Item = u16>) {
-        self.mark(partitions.into_iter().map(|partition| PartitionRef {
-            queue_id: queue.id,
-            tenant_id: queue.tenant_id,
-            partition,
-        }));
+        drop(self.marking(queue, partitions));
     }
 
     /// Marks `partitions` of `queue` when dropped: hold it across a write, so that the mark

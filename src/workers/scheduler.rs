@@ -89,7 +89,6 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let now = Utc::now().timestamp_millis();
         let mut deleted = push_queues(&state, &mut turns.due, status.timers.take_due(now)).await;
-        let mut queues = Vec::new();
         if full_look.elapsed() >= FULL_LOOK {
             full_look = Instant::now();
             let all = state.queue_directory.all(&state.store).await;
@@ -99,9 +98,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         if status.look_at_all.swap(false, Ordering::Relaxed) || safety_look.elapsed() >= SAFETY_LOOK
         {
             safety_look = Instant::now();
-            queues.extend(state.activity.snapshot());
+            let active = state.activity.snapshot();
+            deleted.extend(push_queues(&state, &mut turns.swept, active).await);
         }
-        deleted.extend(push_queues(&state, &mut turns.swept, queues).await);
         for queue_id in deleted {
             state.activity.forget(queue_id);
         }

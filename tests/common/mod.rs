@@ -214,6 +214,30 @@ impl Drop for TestRedis {
 }
 
 /// The environment a test service starts with; tests change entries before spawning.
+/// A TCP port free a moment ago (a process started on it may still find it taken).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// The service binary `cargo test` builds, started with `env` alone; its standard error goes
+/// to `stderr`.
+pub fn spawn_service(
+    env: &HashMap<String, String>,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_message-queue-service"))
+        .env_clear()
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start the service binary")
+}
+
 pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, String> {
     [
         ("DATABASE_URL", database_url.to_owned()),
