@@ -856,7 +856,7 @@ async fn a_sweep_claims_what_a_dead_recorder_left_and_a_deleted_queue_reads_as_g
                 })
                 .collect();
             broker
-                .read_for_recorder("alive", &visits, 100)
+                .read_for_recorder("alive", &visits, 100, 1 << 20)
                 .await
                 .expect("a read of partitions with and without a stream")
         }
@@ -886,6 +886,53 @@ async fn a_sweep_claims_what_a_dead_recorder_left_and_a_deleted_queue_reads_as_g
     let (status, _) = app.call(Method::DELETE, "/api/v1/mq/queues/q", None).await;
     assert_eq!(status, 204);
     assert!(read(Some(0)).await.iter().all(|read| read.gone));
+}
+
+#[tokio::test]
+async fn a_recorder_read_stops_at_its_byte_budget_and_the_next_reads_take_the_rest() {
+    let app = TestApp::spawn().await;
+    // This instance's recorder stays out of it: the test reads as the recorder.
+    app.stop_workers().await;
+    let queue = app.create_queue(json!({"name": "big"})).await;
+    let large = "x".repeat(100_000);
+    for n in 0..6 {
+        let (status, _) = app
+            .publish(json!({"queue": "big", "payload": {"n": n, "data": large}}))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let keys =
+        mq::broker::keys::KeyLayout::new(&app.redis.prefix).partition(common::queue_id(&queue), 0);
+    let budget = 250_000;
+    let mut reads = Vec::new();
+    loop {
+        let visit = RecorderVisit {
+            keys: &keys,
+            claim_idle_ms: None,
+        };
+        let read = app
+            .state
+            .broker
+            .read_for_recorder("budgeted", &[visit], 100, budget)
+            .await
+            .expect("a read of a partition of large messages")
+            .remove(0);
+        let more = read.more;
+        reads.push(read.entries.len());
+        if !more || reads.len() > 10 {
+            break;
+        }
+    }
+    // One entry to learn the size, then what the rest of the budget holds: never all six.
+    assert!(
+        reads.iter().all(|&count| count <= 3),
+        "entries per read: {reads:?}"
+    );
+    assert_eq!(
+        reads.iter().sum::<usize>(),
+        6,
+        "every entry read once: {reads:?}"
+    );
 }
 
 #[tokio::test]

@@ -48,6 +48,9 @@ const STALE_AFTER_MS: u64 = 30_000;
 const TURN_PARTITIONS: usize = 64;
 /// Entries read per stream (and journal) per turn, at least.
 const MIN_PER_PARTITION: usize = 8;
+/// Entry bytes read per turn, about: a partition's share is read by one script.
+const TURN_BYTES: usize = 4 << 20;
+const MIN_BYTES_PER_PARTITION: usize = 64 << 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What `/status` and `/health` show of the recorder.
@@ -256,11 +259,13 @@ impl Visits {
                 claim_idle_ms: self.claiming.contains(partition).then_some(STALE_AFTER_MS),
             })
             .collect();
-        // A turn's entries are one batch: about `message_batch_size` in all.
+        // A turn's entries are one batch: about `message_batch_size` in all, and about
+        // `TURN_BYTES`, so that no script holds Redis long and no batch is huge.
         let most = (state.config.message_batch_size / turn.len().max(1)).max(MIN_PER_PARTITION);
+        let budget = (TURN_BYTES / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
         let reads = match state
             .broker
-            .read_for_recorder(consumer, &visits, most)
+            .read_for_recorder(consumer, &visits, most, budget)
             .await
         {
             Ok(reads) => reads,
