@@ -16,6 +16,9 @@ pub struct Config {
     pub database_url: String,
     pub database_max_connections: u32,
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); empty: the single Redis at
+    /// `redis_url`.
+    pub redis_cluster_nodes: Vec<String>,
     pub redis_pool_size: usize,
     pub redis_key_prefix: String,
     pub jwt_secret: String,
@@ -92,6 +95,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("port", &self.port)
             .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("redis_cluster_nodes", &self.redis_cluster_nodes)
             .field("encryption", &self.encryption.is_some())
             .field("dev_mode", &self.dev_mode)
             .field("max_message_size", &self.max_message_size)
@@ -238,6 +242,7 @@ impl Config {
             database_url: env.url("DATABASE_URL", &["postgres", "postgresql"])?,
             database_max_connections: env.number("DATABASE_MAX_CONNECTIONS", 20, 1..=1000)?,
             redis_url: env.url("REDIS_URL", &["redis", "rediss"])?,
+            redis_cluster_nodes: env.cluster_nodes("REDIS_CLUSTER_NODES")?,
             redis_pool_size: env.number("REDIS_POOL_SIZE", 10, 1..=10_000)?,
             redis_key_prefix: env.key_prefix("REDIS_KEY_PREFIX", "mq:")?,
             jwt_secret: env.strong_secret("JWT_SECRET", dev_mode)?,
@@ -385,6 +390,29 @@ impl Env<'_> {
             variable: name,
             problem: "is required but not set".into(),
         })
+    }
+
+    /// `host:port,host:port,...` as `redis://host:port` URLs.
+    fn cluster_nodes(&self, name: &'static str) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .map(|node| {
+                let port = node.rsplit_once(':').and_then(|(host, port)| {
+                    (!host.is_empty() && !host.contains('/')).then(|| port.parse::<u16>().ok())?
+                });
+                match port {
+                    Some(port) if port > 0 => Ok(format!("redis://{node}")),
+                    _ => Err(ConfigError {
+                        variable: name,
+                        problem: format!("has '{node}', which is not host:port"),
+                    }),
+                }
+            })
+            .collect()
     }
 
     fn key_prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {

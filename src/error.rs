@@ -237,12 +237,22 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<deadpool_redis::redis::RedisError> for ApiError {
     fn from(error: deadpool_redis::redis::RedisError) -> Self {
+        use deadpool_redis::redis::ErrorKind;
         if error.is_io_error()
             || error.is_connection_dropped()
             || error.is_connection_refusal()
             || error.is_timeout()
-            || error.kind() == deadpool_redis::redis::ErrorKind::BusyLoadingError
-            || error.kind() == deadpool_redis::redis::ErrorKind::TryAgain
+            || matches!(
+                error.kind(),
+                // A cluster between a master's loss and its replica's promotion, or a write
+                // that reached a replica which was a master a moment ago.
+                ErrorKind::BusyLoadingError
+                    | ErrorKind::TryAgain
+                    | ErrorKind::ClusterDown
+                    | ErrorKind::MasterDown
+                    | ErrorKind::ReadOnly
+                    | ErrorKind::ClusterConnectionNotFound
+            )
         {
             tracing::warn!(error = %error, "redis unavailable");
             ApiError::unavailable("Redis")

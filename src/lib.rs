@@ -50,11 +50,12 @@ impl Application {
         let instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let broker = Broker::new(
             &config.redis_url,
+            &config.redis_cluster_nodes,
             config.redis_pool_size,
             &config.redis_key_prefix,
             &instance_id,
         )
-        .context("cannot set up the Redis pool (REDIS_URL)")?;
+        .context("cannot set up the Redis pool (REDIS_URL, REDIS_CLUSTER_NODES)")?;
         let metrics = Arc::new(Metrics::new(
             config.metrics_max_queue_series,
             config.metrics_tenant_queue_series,

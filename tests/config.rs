@@ -30,6 +30,10 @@ fn defaults_follow_the_contract() {
     let config = load(&valid_env()).unwrap();
     assert_eq!(config.port, 3010);
     assert_eq!(config.redis_key_prefix, "mq:");
+    assert!(
+        config.redis_cluster_nodes.is_empty(),
+        "a single Redis by default"
+    );
     assert_eq!(config.max_message_size, 1_048_576);
     assert_eq!(config.default_ttl_secs, 604_800);
     assert_eq!(config.max_queue_length, 10_000);
@@ -87,6 +91,8 @@ fn each_bad_value_names_its_variable() {
         ("QUEUE_MAX_SUBSCRIPTIONS", Some("-1")),
         ("METRICS_GAUGE_INTERVAL_MS", Some("1e3")),
         ("WEBHOOK_PROXY_URL", Some("socks5://proxy:1080")),
+        ("REDIS_CLUSTER_NODES", Some("10.0.0.1:7000,10.0.0.2")),
+        ("REDIS_CLUSTER_NODES", Some("redis://10.0.0.1:7000")),
     ];
     for (variable, value) in cases {
         let mut env = valid_env();
@@ -113,7 +119,12 @@ fn optional_values_parse() {
         "10.0.0.0/8, 169.254.0.0/16".into(),
     );
     env.insert("METRICS_ENABLED", "false".into());
+    env.insert("REDIS_CLUSTER_NODES", "10.0.0.1:7000, redis-2:7001,".into());
     let config = load(&env).unwrap();
+    assert_eq!(
+        config.redis_cluster_nodes,
+        ["redis://10.0.0.1:7000", "redis://redis-2:7001"]
+    );
     let ring = config.encryption.unwrap();
     assert_eq!(ring.active, "default");
     assert_eq!(ring.key("default").unwrap()[..4], *b"0123");

@@ -23,7 +23,7 @@ fn assert_unavailable(status: u16, body: &serde_json::Value, retry_after_header:
 async fn redis_down_is_503_and_reported_by_health() {
     let app = TestApp::spawn_with(|env| {
         // Nothing listens on port 1.
-        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
+        common::unreachable_redis(env);
     })
     .await;
     let (status, body) = app.get_anonymous("/api/v1/mq/health").await;

@@ -746,7 +746,7 @@ async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
 #[tokio::test]
 async fn redis_down_is_publish_failed_with_retry_after() {
     let app = TestApp::spawn_with(|env| {
-        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
+        common::unreachable_redis(env);
     })
     .await;
     app.create_queue(json!({"name": "q"})).await;

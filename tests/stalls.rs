@@ -588,9 +588,10 @@ async fn a_silent_wake_connection_is_noticed_and_replaced() {
     let target = common::url_socket_address(&redis_url(), 6379).await;
     let proxy = TcpProxy::start(target).await;
     let proxied = common::with_authority(&redis_url(), &proxy.address.to_string());
-    let publisher = TestApp::spawn().await;
+    let publisher = TestApp::spawn_with(common::single_redis).await;
     let consumer = publisher
         .spawn_sibling_with(|env| {
+            common::single_redis(env);
             env.insert("REDIS_URL".into(), proxied);
         })
         .await;

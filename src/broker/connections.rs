@@ -6,15 +6,21 @@
 //! with an I/O error marks every shared connection stale (they share the server and the
 //! network, so they are most likely gone too), and the next caller of each slot reconnects;
 //! the wake listener does the same the moment its own connection drops, so the first request
-//! after Redis comes back already succeeds. Commands that hold a connection while they wait
-//! (the recorder's blocking reads) take one from the pool instead, so they never stall the
-//! shared ones.
+//! after Redis comes back already succeeds.
+//!
+//! On a Redis Cluster (`REDIS_CLUSTER_NODES`), the redis crate's cluster connection takes
+//! their place: it keeps a multiplexed connection to each node, sends each command and each
+//! single-slot pipeline to its slot's master, follows MOVED and ASK, and reloads the slot map
+//! when a node fails, so a promoted replica is found without a restart. A pipeline must stay
+//! within one slot there; `scripts::run_chunked` and the other multi-queue callers send one
+//! queue's commands per pipeline on a cluster.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 /// Enough to keep two cores busy; more only splits the pipelining.
@@ -29,6 +35,13 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_PROBES: u32 = 3;
 /// Unacknowledged data on a connection for this long drops it (TCP_USER_TIMEOUT).
 const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(10);
+
+/// Retries of a cluster command (MOVED, ASK, a node lost) before it fails, and the waits
+/// between them: a request during a failover answers 503 within about a second rather than
+/// waiting out the redis crate's default of 16 retries.
+const CLUSTER_RETRIES: u32 = 3;
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 50;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 500;
 
 /// The TCP settings of every Redis connection the service makes itself.
 pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
@@ -163,5 +176,106 @@ impl ConnectionLike for SharedConnection {
 
     fn get_db(&self) -> i64 {
         self.inner.get_db()
+    }
+}
+
+/// The connections ordinary commands go over: shared ones to a single Redis, or one cluster
+/// connection.
+pub enum Connections {
+    Single(SharedConnections),
+    Cluster(ClusterConnections),
+}
+
+impl Connections {
+    pub async fn get(&self) -> redis::RedisResult<RedisConnection> {
+        match self {
+            Connections::Single(shared) => shared.get().await.map(RedisConnection::Single),
+            Connections::Cluster(cluster) => cluster.get().await.map(RedisConnection::Cluster),
+        }
+    }
+
+    /// Makes the connections reconnect before their next use (a cluster connection finds
+    /// its broken nodes itself).
+    pub fn suspect_all(&self) {
+        if let Connections::Single(shared) = self {
+            shared.suspect_all();
+        }
+    }
+}
+
+/// A cluster connection, made on first use so that a cluster that is down at start-up shows
+/// in health instead of stopping the service.
+pub struct ClusterConnections {
+    client: redis::cluster::ClusterClient,
+    current: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl ClusterConnections {
+    pub fn new(nodes: &[String], connect_timeout: Duration) -> redis::RedisResult<Self> {
+        let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
+            .connection_timeout(connect_timeout)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .tcp_settings(tcp_settings())
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+            .build()?;
+        Ok(ClusterConnections {
+            client,
+            current: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.current
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+/// One connection handle of either kind.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(SharedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConnection {
+    /// On a cluster, a pipeline must not span hash slots.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConnection::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
     }
 }

@@ -43,12 +43,14 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Broker {
-    /// For the commands that hold a connection while they wait (see `connections`).
+    /// Counted in the pool gauges of `/metrics`; commands go over `connections`.
     pool: Pool,
-    shared: std::sync::Arc<connections::SharedConnections>,
+    connections: std::sync::Arc<connections::Connections>,
     keys: KeyLayout,
-    /// For the dedicated Pub/Sub connection of wake-ups (`wake`), outside the pool.
-    client: redis::Client,
+    /// For the dedicated Pub/Sub connection of wake-ups (`wake`): the single Redis, or each
+    /// seed node of a cluster in turn (a cluster passes every PUBLISH to every node).
+    wake_nodes: std::sync::Arc<[redis::Client]>,
+    next_wake_node: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// This instance's id, as its announcements name it.
     origin: std::sync::Arc<str>,
 }
@@ -157,6 +159,10 @@ impl Broker {
     /// layout (queue-wide tags): `queues` are (queue id, partitions, consumer groups). Only a
     /// single Redis can rename across hash slots; returns the keys moved.
     pub async fn move_earlier_layout(&self, queues: &[(Uuid, u16, Vec<String>)]) -> ApiResult<u64> {
+        if self.is_cluster() {
+            // The earlier layout could not run on a cluster: there is nothing to move.
+            return Ok(0);
+        }
         let mut connection = self.connection().await?;
         let marker = self.keys.layout_marker();
         let done: Option<String> = redis::cmd("GET")
@@ -196,6 +202,7 @@ impl Broker {
     /// shows in health instead of stopping the service.
     pub fn new(
         url: &str,
+        cluster_nodes: &[String],
         pool_size: usize,
         key_prefix: &str,
         origin: &str,
@@ -211,21 +218,39 @@ impl Broker {
             ..PoolConfig::default()
         });
         let pool = config.create_pool(Some(Runtime::Tokio1))?;
+        let (connections, wake_nodes) = if cluster_nodes.is_empty() {
+            let shared =
+                connections::SharedConnections::new(redis::Client::open(url)?, POOL_TIMEOUT);
+            (
+                connections::Connections::Single(shared),
+                vec![redis::Client::open(url)?],
+            )
+        } else {
+            let cluster = connections::ClusterConnections::new(cluster_nodes, POOL_TIMEOUT)?;
+            let seeds = cluster_nodes
+                .iter()
+                .map(|node| redis::Client::open(node.as_str()))
+                .collect::<Result<_, _>>()?;
+            (connections::Connections::Cluster(cluster), seeds)
+        };
         Ok(Broker {
             pool,
             keys: KeyLayout::new(key_prefix),
-            shared: std::sync::Arc::new(connections::SharedConnections::new(
-                redis::Client::open(url)?,
-                POOL_TIMEOUT,
-            )),
-            client: redis::Client::open(url)?,
+            connections: std::sync::Arc::new(connections),
+            wake_nodes: wake_nodes.into(),
+            next_wake_node: std::sync::Arc::default(),
             origin: origin.into(),
         })
     }
 
-    /// A shared connection for ordinary commands (see `connections`).
-    async fn connection(&self) -> ApiResult<connections::SharedConnection> {
-        Ok(self.shared.get().await?)
+    /// A connection for ordinary commands (see `connections`).
+    async fn connection(&self) -> ApiResult<connections::RedisConnection> {
+        Ok(self.connections.get().await?)
+    }
+
+    /// Whether the messages live on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(*self.connections, connections::Connections::Cluster(_))
     }
 
     pub fn keys(&self) -> &KeyLayout {
@@ -299,21 +324,13 @@ impl Broker {
 
     /// Payload bytes the queues store now, summed (see `keys`: `stored`).
     pub async fn stored_bytes(&self, queue_ids: &[Uuid]) -> ApiResult<u64> {
-        let mut total = 0u64;
+        let commands = queue_ids
+            .iter()
+            .map(|queue_id| redis::Cmd::get(self.keys.stored(*queue_id)))
+            .collect();
         let mut connection = self.connection().await?;
-        for chunk in queue_ids.chunks(512) {
-            let mut pipeline = redis::pipe();
-            for queue_id in chunk {
-                pipeline.get(self.keys.stored(*queue_id));
-            }
-            let sizes: Vec<Option<i64>> = pipeline.query_async(&mut connection).await?;
-            total += sizes
-                .into_iter()
-                .flatten()
-                .map(|n| n.max(0) as u64)
-                .sum::<u64>();
-        }
-        Ok(total)
+        let sizes: Vec<Option<i64>> = scripts::run_commands(&mut connection, commands).await?;
+        Ok(sizes.into_iter().flatten().map(|n| n.max(0) as u64).sum())
     }
 
     /// Removes every stored and delayed message; returns how many.

@@ -231,29 +231,23 @@ impl Broker {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut pipeline = redis::pipe();
+        let mut commands = Vec::with_capacity(recorded.len() + entries.len() * 2);
         for (queue_id, message_id) in recorded {
-            pipeline
-                .hdel(&self.keys.partition(*queue_id, 0).unrecorded, *message_id)
-                .ignore();
+            commands.push(redis::Cmd::hdel(
+                &self.keys.partition(*queue_id, 0).unrecorded,
+                *message_id,
+            ));
         }
         for entry in entries {
-            pipeline
-                .cmd("XACK")
-                .arg(&entry.stream)
-                .arg(RECORDER_GROUP)
-                .arg(&entry.id)
-                .ignore();
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&entry.stream).arg(RECORDER_GROUP).arg(&entry.id);
+            commands.push(ack);
             if KeyLayout::is_journal(&entry.stream) {
-                pipeline
-                    .cmd("XDEL")
-                    .arg(&entry.stream)
-                    .arg(&entry.id)
-                    .ignore();
+                commands.push(redis::Cmd::xdel(&entry.stream, &[&entry.id]));
             }
         }
         let mut connection = self.connection().await?;
-        let () = pipeline.query_async(&mut connection).await?;
+        let _: Vec<redis::Value> = scripts::run_commands(&mut connection, commands).await?;
         Ok(())
     }
 }

@@ -1,6 +1,10 @@
 //! Lua scripts run by hash (EVALSHA), loaded on first use or after a Redis restart.
 
 use deadpool_redis::redis::{self, Pipeline};
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
+
+use super::connections::RedisConnection;
 
 /// Lua defining `prune_lapsed(ids, cancelled, expiring, now)`, which removes up to 100
 /// idempotency records and cancellation markers whose time has passed. Put before the body of
@@ -84,13 +88,39 @@ impl LuaScript {
 pub const PIPELINE_CHUNK: usize = 128;
 
 /// Runs `script` once per item (`add` adds one invocation to the pipeline), in pipelines of
-/// at most `PIPELINE_CHUNK`; the replies in item order.
+/// at most `PIPELINE_CHUNK`; the replies in item order. On a cluster, where a pipeline must
+/// stay within one hash slot, each invocation goes alone, `PIPELINE_CHUNK` of them at a time
+/// (the cluster connection pipelines concurrent commands to each node by itself).
 pub async fn run_chunked<T: redis::FromRedisValue, I>(
-    connection: &mut impl redis::aio::ConnectionLike,
+    connection: &mut RedisConnection,
     script: &LuaScript,
     items: impl IntoIterator<Item = I>,
     mut add: impl FnMut(&mut Pipeline, I),
 ) -> redis::RedisResult<Vec<T>> {
+    if connection.is_cluster() {
+        let mut replies = Vec::new();
+        let mut in_flight = FuturesOrdered::new();
+        for item in items {
+            let mut pipeline = redis::pipe();
+            add(&mut pipeline, item);
+            let mut connection = connection.clone();
+            in_flight.push_back(async move {
+                let mut reply: Vec<T> = run(&mut connection, &pipeline, &[script]).await?;
+                reply.pop().ok_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::TypeError, "no script reply"))
+                })
+            });
+            if in_flight.len() >= PIPELINE_CHUNK {
+                if let Some(reply) = in_flight.next().await {
+                    replies.push(reply?);
+                }
+            }
+        }
+        while let Some(reply) = in_flight.next().await {
+            replies.push(reply?);
+        }
+        return Ok(replies);
+    }
     let mut replies = Vec::new();
     let mut pipeline = redis::pipe();
     let mut queued = 0;
@@ -105,6 +135,41 @@ pub async fn run_chunked<T: redis::FromRedisValue, I>(
     }
     if queued > 0 {
         replies.extend(run::<Vec<T>>(connection, &pipeline, &[script]).await?);
+    }
+    Ok(replies)
+}
+
+/// Sends `commands` (of any hash slots, each replying with `T`), in pipelines of at most
+/// `PIPELINE_CHUNK` on a single Redis, each alone on a cluster; the replies in order.
+pub async fn run_commands<T: redis::FromRedisValue>(
+    connection: &mut RedisConnection,
+    commands: Vec<redis::Cmd>,
+) -> redis::RedisResult<Vec<T>> {
+    if connection.is_cluster() {
+        let mut replies = Vec::with_capacity(commands.len());
+        let mut in_flight = FuturesOrdered::new();
+        for command in commands {
+            let mut connection = connection.clone();
+            in_flight.push_back(async move { command.query_async::<T>(&mut connection).await });
+            if in_flight.len() >= PIPELINE_CHUNK {
+                if let Some(reply) = in_flight.next().await {
+                    replies.push(reply?);
+                }
+            }
+        }
+        while let Some(reply) = in_flight.next().await {
+            replies.push(reply?);
+        }
+        return Ok(replies);
+    }
+    let mut replies = Vec::with_capacity(commands.len());
+    let mut commands = commands.into_iter().peekable();
+    while commands.peek().is_some() {
+        let mut pipeline = redis::pipe();
+        for command in commands.by_ref().take(PIPELINE_CHUNK) {
+            pipeline.add_command(command);
+        }
+        replies.extend(pipeline.query_async::<Vec<T>>(connection).await?);
     }
     Ok(replies)
 }

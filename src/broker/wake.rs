@@ -1,12 +1,13 @@
 //! The Redis side of wake-ups between instances (`service::wake`): announcing on the wake
 //! channel, and listening to it on a connection of its own.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use deadpool_redis::redis;
 use futures_util::StreamExt;
 
-use super::connections::SharedConnections;
+use super::connections::Connections;
 use super::Broker;
 use crate::error::ApiResult;
 use crate::service::wake::Announcement;
@@ -14,7 +15,7 @@ use crate::service::wake::Announcement;
 /// A subscription to the wake channel.
 pub struct WakeListener {
     pubsub: redis::aio::PubSub,
-    shared: Arc<SharedConnections>,
+    connections: Arc<Connections>,
 }
 
 impl WakeListener {
@@ -23,7 +24,7 @@ impl WakeListener {
         let Some(message) = self.pubsub.on_message().next().await else {
             // The shared connections went the same way; have them reconnect now rather
             // than fail one request each.
-            self.shared.suspect_all();
+            self.connections.suspect_all();
             return None;
         };
         message.get_payload::<String>().ok().or(Some(String::new()))
@@ -32,7 +33,7 @@ impl WakeListener {
     /// The connection went silent (no heartbeat heard): it is dropped, and the shared
     /// connections, which most likely went the same way, reconnect too.
     pub fn abandon(self) {
-        self.shared.suspect_all();
+        self.connections.suspect_all();
     }
 }
 
@@ -53,13 +54,16 @@ impl Broker {
         Ok(())
     }
 
-    /// Opens a connection subscribed to the wake channel.
+    /// Opens a connection subscribed to the wake channel; on a cluster, to the next seed node
+    /// in turn, so that a node that is down is passed over at the next attempt.
     pub async fn listen_for_wakes(&self) -> ApiResult<WakeListener> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let turn = self.next_wake_node.fetch_add(1, Ordering::Relaxed);
+        let node = &self.wake_nodes[turn % self.wake_nodes.len()];
+        let mut pubsub = node.get_async_pubsub().await?;
         pubsub.subscribe(self.keys.wake_channel()).await?;
         Ok(WakeListener {
             pubsub,
-            shared: self.shared.clone(),
+            connections: self.connections.clone(),
         })
     }
 }

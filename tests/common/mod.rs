@@ -33,6 +33,79 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+/// The seed nodes of the Redis Cluster the suite runs against (`scripts/test.sh --cluster`),
+/// if it does.
+pub fn redis_cluster_nodes() -> Option<String> {
+    std::env::var("REDIS_CLUSTER_NODES")
+        .ok()
+        .filter(|nodes| !nodes.trim().is_empty())
+}
+
+/// For a test that puts a TCP proxy in front of Redis: the service uses the single Redis at
+/// `REDIS_URL` even when the suite runs on a cluster (a cluster client would follow the
+/// nodes' own addresses around the proxy).
+pub fn single_redis(env: &mut HashMap<String, String>) {
+    env.remove("REDIS_CLUSTER_NODES");
+}
+
+/// Points the service at a Redis where nothing listens (port 1): the single Redis, and on a
+/// cluster run the cluster's seed nodes as well.
+pub fn unreachable_redis(env: &mut HashMap<String, String>) {
+    env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
+    if redis_cluster_nodes().is_some() {
+        env.insert("REDIS_CLUSTER_NODES".into(), "127.0.0.1:1".into());
+    }
+}
+
+/// A test's own connection to the Redis the service uses: the single one, or the cluster.
+#[derive(Clone)]
+pub enum TestRedisConnection {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for TestRedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            TestRedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            TestRedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            TestRedisConnection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            TestRedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+fn cluster_client(nodes: &str) -> redis::cluster::ClusterClient {
+    redis::cluster::ClusterClient::new(
+        nodes
+            .split(',')
+            .map(|node| format!("redis://{}", node.trim()))
+            .collect::<Vec<_>>(),
+    )
+    .expect("valid REDIS_CLUSTER_NODES")
+}
+
 /// `url` with its host and port replaced by `authority` (credentials and path kept).
 pub fn with_authority(url: &str, authority: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("URL with a scheme");
@@ -150,6 +223,9 @@ impl Drop for TestDatabase {
 pub struct TestRedis {
     pub prefix: String,
     owned: bool,
+    /// The service was started on the single Redis (`single_redis`) though the suite runs
+    /// on a cluster: the test's own connection goes there too.
+    single: bool,
 }
 
 impl TestRedis {
@@ -157,6 +233,7 @@ impl TestRedis {
         TestRedis {
             prefix: format!("mqtest:{}:", Uuid::new_v4().simple()),
             owned: true,
+            single: false,
         }
     }
 
@@ -164,15 +241,26 @@ impl TestRedis {
         TestRedis {
             prefix: self.prefix.clone(),
             owned: false,
+            single: self.single,
         }
     }
 
-    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(redis_url())
-            .expect("valid REDIS_URL")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("tests need Redis: run scripts/test.sh, which starts it")
+    pub async fn connection(&self) -> TestRedisConnection {
+        if let Some(nodes) = redis_cluster_nodes().filter(|_| !self.single) {
+            return TestRedisConnection::Cluster(
+                cluster_client(&nodes)
+                    .get_async_connection()
+                    .await
+                    .expect("tests on a cluster need it: run scripts/test.sh --cluster"),
+            );
+        }
+        TestRedisConnection::Single(
+            redis::Client::open(redis_url())
+                .expect("valid REDIS_URL")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("tests need Redis: run scripts/test.sh, which starts it"),
+        )
     }
 
     /// Every key under this test's prefix.
@@ -195,21 +283,31 @@ impl Drop for TestRedis {
         }
         let pattern = format!("{}*", self.prefix);
         let _ = std::thread::spawn(move || {
-            let Ok(client) = redis::Client::open(redis_url()) else {
-                return;
-            };
-            let Ok(mut connection) = client.get_connection() else {
-                return;
-            };
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(&pattern)
-                .query(&mut connection)
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut connection);
+            // A test behind a proxy used the single Redis even on a cluster run: both are
+            // cleaned.
+            if let Ok(mut connection) =
+                redis::Client::open(redis_url()).and_then(|client| client.get_connection())
+            {
+                remove_matching(&mut connection, &pattern);
+            }
+            if let Some(nodes) = redis_cluster_nodes() {
+                if let Ok(mut connection) = cluster_client(&nodes).get_connection() {
+                    remove_matching(&mut connection, &pattern);
+                }
             }
         })
         .join();
+    }
+}
+
+/// Deletes the keys matching `pattern` (KEYS and DEL span every master of a cluster).
+fn remove_matching(connection: &mut impl redis::ConnectionLike, pattern: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query(connection)
+        .unwrap_or_default();
+    for chunk in keys.chunks(1000) {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(connection);
     }
 }
 
@@ -242,6 +340,10 @@ pub fn base_env(database_url: &str, redis_prefix: &str) -> HashMap<String, Strin
     [
         ("DATABASE_URL", database_url.to_owned()),
         ("REDIS_URL", redis_url()),
+        (
+            "REDIS_CLUSTER_NODES",
+            redis_cluster_nodes().unwrap_or_default(),
+        ),
         ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),
         ("JWT_SECRET", JWT_SECRET.to_owned()),
         ("INTERNAL_SERVICE_TOKEN", SERVICE_TOKEN.to_owned()),
@@ -309,6 +411,7 @@ impl TestApp {
         let proxy = proxy::TcpProxy::start(target).await;
         let proxied_url = with_authority(&redis_url(), &proxy.address.to_string());
         let app = Self::spawn_with(|env| {
+            single_redis(env);
             env.insert("REDIS_URL".into(), proxied_url);
         })
         .await;
@@ -347,12 +450,19 @@ impl TestApp {
 
     async fn start_with(
         database: TestDatabase,
-        redis: TestRedis,
+        mut redis: TestRedis,
         customize: impl FnOnce(&mut HashMap<String, String>),
     ) -> TestApp {
         let database_url = database.url.clone();
         let mut env = base_env(&database_url, &redis.prefix);
+        if redis.single {
+            // A sibling of a service on the single Redis uses it too.
+            single_redis(&mut env);
+        }
         customize(&mut env);
+        redis.single = env
+            .get("REDIS_CLUSTER_NODES")
+            .is_none_or(|nodes| nodes.is_empty());
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
         let application = Application::build(config).await.expect("service builds");
         let state = application.state().clone();
