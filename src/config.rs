@@ -19,6 +19,8 @@ pub struct Config {
     /// Seed nodes of a Redis Cluster (`redis://host:port` each); empty: the single Redis at
     /// `redis_url`.
     pub redis_cluster_nodes: Vec<String>,
+    /// Replicas that must confirm a publish (Redis `WAIT`) before it answers; 0: none.
+    pub redis_min_replicas_ack: u32,
     pub redis_pool_size: usize,
     pub redis_key_prefix: String,
     pub jwt_secret: String,
@@ -96,6 +98,7 @@ impl fmt::Debug for Config {
             .field("port", &self.port)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_cluster_nodes", &self.redis_cluster_nodes)
+            .field("redis_min_replicas_ack", &self.redis_min_replicas_ack)
             .field("encryption", &self.encryption.is_some())
             .field("dev_mode", &self.dev_mode)
             .field("max_message_size", &self.max_message_size)
@@ -243,6 +246,7 @@ impl Config {
             database_max_connections: env.number("DATABASE_MAX_CONNECTIONS", 20, 1..=1000)?,
             redis_url: env.url("REDIS_URL", &["redis", "rediss"])?,
             redis_cluster_nodes: env.cluster_nodes("REDIS_CLUSTER_NODES")?,
+            redis_min_replicas_ack: env.number("REDIS_MIN_REPLICAS_ACK", 0, 0..=16)?,
             redis_pool_size: env.number("REDIS_POOL_SIZE", 10, 1..=10_000)?,
             redis_key_prefix: env.key_prefix("REDIS_KEY_PREFIX", "mq:")?,
             jwt_secret: env.strong_secret("JWT_SECRET", dev_mode)?,

@@ -244,9 +244,12 @@ impl From<deadpool_redis::redis::RedisError> for ApiError {
             || error.is_timeout()
             || matches!(
                 error.kind(),
-                // A cluster between a master's loss and its replica's promotion, or a write
-                // that reached a replica which was a master a moment ago.
+                // A cluster between a master's loss and its replica's promotion, a write
+                // that reached a replica which was a master a moment ago, or slots still
+                // moving when the retries ran out.
                 ErrorKind::BusyLoadingError
+                    | ErrorKind::Moved
+                    | ErrorKind::Ask
                     | ErrorKind::TryAgain
                     | ErrorKind::ClusterDown
                     | ErrorKind::MasterDown

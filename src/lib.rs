@@ -51,6 +51,7 @@ impl Application {
         let broker = Broker::new(
             &config.redis_url,
             &config.redis_cluster_nodes,
+            config.redis_min_replicas_ack,
             config.redis_pool_size,
             &config.redis_key_prefix,
             &instance_id,

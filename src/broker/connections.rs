@@ -211,7 +211,10 @@ pub struct ClusterConnections {
 }
 
 impl ClusterConnections {
-    pub fn new(nodes: &[String], connect_timeout: Duration) -> redis::RedisResult<Self> {
+    pub fn new(
+        nodes: &[redis::ConnectionInfo],
+        connect_timeout: Duration,
+    ) -> redis::RedisResult<Self> {
         let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
             .connection_timeout(connect_timeout)
             .response_timeout(RESPONSE_TIMEOUT)

@@ -53,6 +53,8 @@ pub struct Broker {
     next_wake_node: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// This instance's id, as its announcements name it.
     origin: std::sync::Arc<str>,
+    /// Replicas that must confirm a publish before it answers (`REDIS_MIN_REPLICAS_ACK`).
+    replicas_to_confirm: u32,
 }
 
 /// The stats script's answer: length, delayed, pending, lag, oldest pending (ms, -1 for
@@ -203,6 +205,7 @@ impl Broker {
     pub fn new(
         url: &str,
         cluster_nodes: &[String],
+        replicas_to_confirm: u32,
         pool_size: usize,
         key_prefix: &str,
         origin: &str,
@@ -226,10 +229,21 @@ impl Broker {
                 vec![redis::Client::open(url)?],
             )
         } else {
-            let cluster = connections::ClusterConnections::new(cluster_nodes, POOL_TIMEOUT)?;
-            let seeds = cluster_nodes
+            // The cluster's nodes take the credentials of REDIS_URL.
+            let credentials = redis::IntoConnectionInfo::into_connection_info(url)?.redis;
+            let nodes = cluster_nodes
                 .iter()
-                .map(|node| redis::Client::open(node.as_str()))
+                .map(|node| {
+                    let mut info = redis::IntoConnectionInfo::into_connection_info(node.as_str())?;
+                    info.redis.username.clone_from(&credentials.username);
+                    info.redis.password.clone_from(&credentials.password);
+                    Ok(info)
+                })
+                .collect::<redis::RedisResult<Vec<_>>>()?;
+            let cluster = connections::ClusterConnections::new(&nodes, POOL_TIMEOUT)?;
+            let seeds = nodes
+                .into_iter()
+                .map(redis::Client::open)
                 .collect::<Result<_, _>>()?;
             (connections::Connections::Cluster(cluster), seeds)
         };
@@ -240,6 +254,7 @@ impl Broker {
             wake_nodes: wake_nodes.into(),
             next_wake_node: std::sync::Arc::default(),
             origin: origin.into(),
+            replicas_to_confirm,
         })
     }
 

@@ -284,6 +284,9 @@ pub enum PublishOutcome {
     QueueDeleted,
 }
 
+/// How long a publish waits for `REDIS_MIN_REPLICAS_ACK` replicas to confirm its write.
+const REPLICA_CONFIRM_TIMEOUT_MS: u64 = 1000;
+
 impl Broker {
     /// Stores `messages` (each already assigned to a partition) atomically, in one round trip.
     pub async fn publish(
@@ -376,9 +379,35 @@ impl Broker {
         }
         let mut pipeline = redis::pipe();
         PUBLISH.add_to(&mut pipeline, &keys, &args);
+        let replicas = self.replicas_to_confirm;
+        if replicas > 0 {
+            // Same connection, same node, in the same round trip: the write is confirmed by
+            // that many replicas before the producer hears it was stored.
+            pipeline
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(REPLICA_CONFIRM_TIMEOUT_MS);
+        }
         let mut connection = self.connection().await?;
-        let (reply,): (Vec<String>,) =
-            scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
+        let (reply, confirmed) = if replicas > 0 {
+            let (reply, confirmed): (Vec<String>, u32) =
+                scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
+            (reply, confirmed)
+        } else {
+            let (reply,): (Vec<String>,) =
+                scripts::run(&mut connection, &pipeline, &[&PUBLISH]).await?;
+            (reply, 0)
+        };
+        if replicas > 0 && confirmed < replicas && reply.first().is_some_and(|r| r == "ok") {
+            // Stored on the master, but a failover now could lose it: the producer retries
+            // (an idempotency key makes the retry a duplicate, not a second message).
+            tracing::warn!(
+                confirmed,
+                replicas,
+                "a publish was not confirmed by enough replicas"
+            );
+            return Err(ApiError::unavailable("Redis replication"));
+        }
         match reply.first().map(String::as_str) {
             Some("ok") if reply.len() == messages.len() + 1 => Ok(PublishOutcome::Stored(
                 reply[1..]

@@ -18,16 +18,18 @@ use crate::error::{ApiError, ApiResult};
 /// stream and journal and, on a sweep, what another recorder read and left unrecorded for
 /// longer than the given idle time. One slot, one round trip per pipeline of partitions.
 ///
-/// A script holds Redis while it runs, so it stops at a byte budget: 50 entries of 1 MB in
-/// one script held every other client for 70 ms. The first read takes one entry; each next
-/// read as many as the budget left holds at the average size seen so far, so small entries
-/// still come in two reads and large ones overshoot the budget by at most a chunk sized for
-/// the entries before them.
+/// A script holds Redis while it runs, so it stops at a byte budget per key: 50 entries of
+/// 1 MB in one script held every other client for 70 ms. The first read takes one entry;
+/// each next read at most as many as were read before it (the count doubles) and as many as
+/// the budget left holds at the average size seen so far. Small entries come in a handful of
+/// reads; a read overshoots the budget only when entries far larger than those before them
+/// follow, and then by at most as many entries as were read before. The stream and the
+/// journal each have the budget, so neither starves the other.
 static READ: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
 -- KEYS: stream, journal, deletion tombstone. ARGV: recorder group, consumer, most entries per
--- key, claim idle time in ms ('' = claim nothing), most bytes in all (at least one entry).
+-- key, claim idle time in ms ('' = claim nothing), most bytes per key (at least one entry).
 -- Returns {state, 1 if a key had more, stream entries, journal entries}; state 0: read,
 -- 1: the queue was deleted, 2: a key is not a stream (nothing can be read from it). Each entry
 -- is {id, {field, value, ...}}.
@@ -40,14 +42,17 @@ local function failed(reply) return type(reply) == 'table' and reply.err ~= nil 
 local function chunk(left)
   if counted == 0 then return 1 end
   local fits = math.floor((budget - bytes) * counted / math.max(bytes, 1))
-  return math.max(1, math.min(left, fits))
+  return math.max(1, math.min(left, fits, counted))
 end
 local function take(entries, found)
   for _, entry in ipairs(found) do
-    entries[#entries + 1] = entry
-    counted = counted + 1
-    bytes = bytes + #entry[1]
-    for _, value in ipairs(entry[2]) do bytes = bytes + #value end
+    -- (Redis 6.2 answers a claimed entry deleted meanwhile as nil.)
+    if entry then
+      entries[#entries + 1] = entry
+      counted = counted + 1
+      bytes = bytes + #entry[1]
+      for _, value in ipairs(entry[2]) do bytes = bytes + #value end
+    end
   end
 end
 local function full(entries) return #entries >= most or bytes >= budget end
@@ -58,6 +63,7 @@ local function read(key)
     return {}
   end
   local entries = {}
+  bytes, counted = 0, 0
   if ARGV[4] ~= '' then
     -- A claim scans at most ten pending entries per entry asked for: while it finds none
     -- idle (another recorder is recording them), it asks for twice as many.

@@ -462,7 +462,7 @@ impl TestApp {
         customize(&mut env);
         redis.single = env
             .get("REDIS_CLUSTER_NODES")
-            .is_none_or(|nodes| nodes.is_empty());
+            .is_none_or(|nodes| nodes.trim().is_empty());
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("valid test config");
         let application = Application::build(config).await.expect("service builds");
         let state = application.state().clone();

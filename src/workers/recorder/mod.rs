@@ -48,7 +48,8 @@ const STALE_AFTER_MS: u64 = 30_000;
 const TURN_PARTITIONS: usize = 64;
 /// Entries read per stream (and journal) per turn, at least.
 const MIN_PER_PARTITION: usize = 8;
-/// Entry bytes read per turn, about: a partition's share is read by one script.
+/// Entry bytes read per turn, about: a partition's share (for its stream, and again for its
+/// journal) is read by one script.
 const TURN_BYTES: usize = 4 << 20;
 const MIN_BYTES_PER_PARTITION: usize = 64 << 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
