@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, TestApp};
+use common::TestApp;
 use deadpool_redis::redis;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -29,7 +29,7 @@ impl PrivateCluster {
         std::fs::create_dir_all(&dir).expect("cluster directory");
         let nodes: Vec<(u16, Child)> = (0..9)
             .map(|_| {
-                let port = free_port();
+                let port = cluster_port();
                 let child = Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
@@ -133,8 +133,11 @@ impl PrivateCluster {
 
     /// The port of the master serving `key`'s slot.
     fn master_of(&self, key: &str) -> u16 {
-        let (port, _) = &self.nodes[0];
-        let slot: u16 = self.query(*port, &["CLUSTER", "KEYSLOT", key]).unwrap();
+        let slot: u16 = self
+            .nodes
+            .iter()
+            .find_map(|(port, _)| self.query(*port, &["CLUSTER", "KEYSLOT", key]).ok())
+            .expect("a node answers");
         for line in self.topology().lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if !fields.get(2).is_some_and(|flags| flags.contains("master")) {
@@ -156,6 +159,19 @@ impl PrivateCluster {
         let (_, child) = self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap();
         child.kill().expect("SIGKILL the master");
         let _ = child.wait();
+    }
+}
+
+/// A port that is free, and whose cluster bus port (10 000 above) is free too: taken from
+/// 20 000–29 999, below the ephemeral range, where `free_port` could give a port whose bus
+/// port does not exist.
+fn cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
     }
 }
 
