@@ -36,9 +36,10 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// Unacknowledged data on a connection for this long drops it (TCP_USER_TIMEOUT).
 const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(10);
 
-/// Retries of a cluster command (MOVED, ASK, a node lost) before it fails, and the waits
-/// between them: a request during a failover answers 503 within about a second rather than
-/// waiting out the redis crate's default of 16 retries.
+/// Retries of a cluster command (MOVED, ASK, a node lost) before it fails, and the bounds of
+/// the waits between them (about 50 ms with the crate's backoff factor): a request during a
+/// failover answers 503 within a fraction of a second rather than waiting out the redis
+/// crate's default of 16 retries with waits of over a second.
 const CLUSTER_RETRIES: u32 = 3;
 const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 50;
 const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 500;
