@@ -288,11 +288,11 @@ impl Drop for TestRedis {
             if let Ok(mut connection) =
                 redis::Client::open(redis_url()).and_then(|client| client.get_connection())
             {
-                remove_matching(&mut connection, &pattern);
+                remove_matching(&mut connection, &pattern, false);
             }
             if let Some(nodes) = redis_cluster_nodes() {
                 if let Ok(mut connection) = cluster_client(&nodes).get_connection() {
-                    remove_matching(&mut connection, &pattern);
+                    remove_matching(&mut connection, &pattern, true);
                 }
             }
         })
@@ -300,14 +300,20 @@ impl Drop for TestRedis {
     }
 }
 
-/// Deletes the keys matching `pattern` (KEYS and DEL span every master of a cluster).
-fn remove_matching(connection: &mut impl redis::ConnectionLike, pattern: &str) {
+/// Deletes the keys matching `pattern` (KEYS spans every master of a cluster; a DEL of keys
+/// in several slots is refused there, so a cluster's are deleted one at a time).
+fn remove_matching(
+    connection: &mut impl redis::ConnectionLike,
+    pattern: &str,
+    one_at_a_time: bool,
+) {
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(pattern)
         .query(connection)
         .unwrap_or_default();
-    for chunk in keys.chunks(1000) {
-        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(connection);
+    let chunk = if one_at_a_time { 1 } else { 1000 };
+    for keys in keys.chunks(chunk) {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(connection);
     }
 }
 
