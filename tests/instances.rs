@@ -415,3 +415,164 @@ async fn an_instance_killed_under_load_loses_nothing_it_acknowledged() {
         "every acknowledged message recorded"
     );
 }
+
+/// Publishes `count` messages, ids `<prefix>-<n>`, through the instances in turn; the ids
+/// answered 201, and every other answer (status, Retry-After present).
+async fn publish_through(
+    cluster: &Cluster,
+    prefix: &str,
+    count: usize,
+    pause: Duration,
+) -> (Vec<String>, Vec<(u16, bool)>) {
+    let (mut confirmed, mut refused) = (Vec::new(), Vec::new());
+    for n in 0..count {
+        let id = format!("{prefix}-{n}");
+        let port = cluster.instances[n % cluster.instances.len()].port;
+        let response = cluster
+            .client
+            .post(format!("http://127.0.0.1:{port}/api/v1/mq/publish"))
+            .bearer_auth(&cluster.token)
+            .json(&json!({"queue": "q", "payload": n, "messageId": id}))
+            .send()
+            .await
+            .expect("the instance answers");
+        match response.status().as_u16() {
+            201 => confirmed.push(id),
+            status => refused.push((status, response.headers().contains_key("retry-after"))),
+        }
+        tokio::time::sleep(pause).await;
+    }
+    (confirmed, refused)
+}
+
+/// How many of `ids` are in `message_records`.
+async fn recorded(cluster: &Cluster, ids: &[String]) -> i64 {
+    let mut db = cluster.database.connect().await;
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(DISTINCT message_id) FROM message_records WHERE message_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_thirty_second_postgres_outage_stops_no_publishing_and_records_catch_up() {
+    let target = common::url_socket_address(&common::postgres_server_url(), 5432).await;
+    let proxy = common::proxy::TcpProxy::start(target).await;
+    let address = proxy.address.to_string();
+    let cluster = Cluster::start_with(2, |env| {
+        let proxied = common::with_authority(&env["DATABASE_URL"], &address);
+        env.insert("DATABASE_URL".into(), proxied);
+    })
+    .await;
+    cluster.create_queue(0, json!({"name": "q"})).await;
+    let subscription = cluster.subscribe(1, "q", "g", json!({})).await;
+    let (before, _) = publish_through(&cluster, "before", 10, Duration::ZERO).await;
+    assert_eq!(before.len(), 10);
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    // 30 s of publishing through both instances, with PostgreSQL unreachable all along.
+    let (during, refused) =
+        publish_through(&cluster, "during", 150, Duration::from_millis(200)).await;
+    assert!(cut_at.elapsed() >= Duration::from_secs(30));
+    assert!(
+        refused.is_empty(),
+        "publishing needs no PostgreSQL: {refused:?}"
+    );
+    // Consumers go on too.
+    let seen = drain(&cluster, &subscription, 160, Duration::from_secs(30)).await;
+    let unseen: Vec<&String> = before
+        .iter()
+        .chain(&during)
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(
+        unseen.is_empty(),
+        "not delivered during the outage: {unseen:?}"
+    );
+    proxy.restore();
+
+    // The records written meanwhile catch up once PostgreSQL is back.
+    let all: Vec<String> = before.into_iter().chain(during).collect();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            recorded(&cluster, &all).await == all.len() as i64
+        })
+        .await,
+        "every message recorded after the outage: {} of {}",
+        recorded(&cluster, &all).await,
+        all.len()
+    );
+}
+
+#[tokio::test]
+async fn a_network_cut_to_redis_answers_503_and_heals_without_a_restart() {
+    let target = common::url_socket_address(&common::redis_url(), 6379).await;
+    let proxy = common::proxy::TcpProxy::start(target).await;
+    let address = proxy.address.to_string();
+    let cluster = Cluster::start_with(2, |env| {
+        // Through the proxy, so the single Redis even on a cluster run.
+        common::single_redis(env);
+        let proxied = common::with_authority(&common::redis_url(), &address);
+        env.insert("REDIS_URL".into(), proxied);
+    })
+    .await;
+    cluster.create_queue(0, json!({"name": "q"})).await;
+    let subscription = cluster.subscribe(1, "q", "g", json!({})).await;
+    let (before, _) = publish_through(&cluster, "before", 10, Duration::ZERO).await;
+    assert_eq!(before.len(), 10);
+
+    proxy.cut();
+    let (during, refused) = publish_through(&cluster, "during", 10, Duration::ZERO).await;
+    assert!(
+        during.is_empty(),
+        "nothing is confirmed without Redis: {during:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|(status, retry_after)| *status == 503 && *retry_after),
+        "503 with Retry-After while Redis is cut off: {refused:?}"
+    );
+    proxy.restore();
+
+    // Both processes heal on their own: publishing through each succeeds again.
+    let healed = Instant::now();
+    let mut after = Vec::new();
+    for round in 0.. {
+        if after.len() >= 10 {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(15),
+            "publishing did not resume within 15 s of the restore"
+        );
+        let (confirmed, _) = publish_through(
+            &cluster,
+            &format!("after-{round}"),
+            2,
+            Duration::from_millis(100),
+        )
+        .await;
+        after.extend(confirmed);
+    }
+    let expected: Vec<&String> = before.iter().chain(&after).collect();
+    let seen = drain(
+        &cluster,
+        &subscription,
+        expected.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let unseen: Vec<&&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        unseen.is_empty(),
+        "confirmed but never delivered: {unseen:?}"
+    );
+}

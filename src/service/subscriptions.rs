@@ -102,11 +102,18 @@ pub fn not_found(id: &str) -> ApiError {
 /// The tenant's subscription; any other id (another tenant's, or not a UUID) is not found.
 pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<Subscription> {
     let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
-    state
-        .store
-        .find_subscription(tenant_id, uuid)
-        .await?
-        .ok_or_else(|| not_found(id))
+    match state.store.find_subscription(tenant_id, uuid).await {
+        Ok(found) => found.ok_or_else(|| not_found(id)),
+        // PostgreSQL unreachable: the directory's copy (as of the outage) keeps consumers
+        // going, as the queue cache keeps producers going.
+        Err(error) if error.code == ErrorCode::ServiceUnavailable => state
+            .subscriptions
+            .find(&state.store, uuid)
+            .await
+            .filter(|subscription| subscription.tenant_id == tenant_id)
+            .ok_or(error),
+        Err(error) => Err(error),
+    }
 }
 
 /// 403 unless `principal` of `tenant_id` may consume from `queue`: the queue's own tenant's
