@@ -66,14 +66,20 @@ class Client:
 class Service:
     """The service on its own database and key prefix; `psql` runs SQL against that database."""
 
-    def __init__(self, binary: str, env: dict):
+    def __init__(self, binary: str, env: dict, share: "Service | None" = None):
         server_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
         self.server_url = server_url
-        self.database = f"measure_{uuid.uuid4().hex[:12]}"
-        self.database_url = f"{server_url.rsplit('/', 1)[0]}/{self.database}"
-        self.prefix = f"measure:{uuid.uuid4().hex[:12]}:"
+        # A second instance of one deployment shares the first's database and key prefix;
+        # the first removes them.
+        self.owner = share is None
+        if share is None:
+            self.database = f"measure_{uuid.uuid4().hex[:12]}"
+            self.database_url = f"{server_url.rsplit('/', 1)[0]}/{self.database}"
+            self.prefix = f"measure:{uuid.uuid4().hex[:12]}:"
+            subprocess.run(["psql", server_url, "-qc", f'CREATE DATABASE "{self.database}"'], check=True)
+        else:
+            self.database, self.database_url, self.prefix = share.database, share.database_url, share.prefix
         self.port = free_port()
-        subprocess.run(["psql", server_url, "-qc", f'CREATE DATABASE "{self.database}"'], check=True)
         full_env = dict(os.environ,
                         PORT=str(self.port), DATABASE_URL=self.database_url,
                         REDIS_URL=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
@@ -83,6 +89,14 @@ class Service:
                         RUST_LOG="error")
         full_env.update(env)
         self.process = subprocess.Popen([binary], env=full_env, stdout=subprocess.DEVNULL)
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def wait_healthy(self) -> None:
         for _ in range(150):
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
@@ -116,6 +130,8 @@ class Service:
 
     def remove(self) -> None:
         self.stop()
+        if not self.owner:
+            return
         subprocess.run(["psql", self.server_url, "-qc",
                         f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'])
         keys = subprocess.run(["redis-cli", "--scan", "--pattern", f"{self.prefix}*"],
@@ -125,8 +141,8 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(binary: str, env: dict | None = None):
-    running = Service(binary, env or {})
+def service(binary: str, env: dict | None = None, share: Service | None = None):
+    running = Service(binary, env or {}, share)
     try:
         yield running
     finally:

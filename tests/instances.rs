@@ -134,9 +134,21 @@ impl Cluster {
     }
 
     async fn call(&self, n: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_with(n, &self.token, method, path, body).await
+    }
+
+    /// `call` with another bearer token (another tenant's).
+    async fn call_with(
+        &self,
+        n: usize,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let url = format!("http://127.0.0.1:{}{path}", self.instances[n].port);
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.client.request(method, url).bearer_auth(&self.token);
+        let mut request = self.client.request(method, url).bearer_auth(token);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -541,9 +553,12 @@ async fn a_network_cut_to_redis_answers_503_and_heals_without_a_restart() {
 
     // Both processes heal on their own: publishing through each succeeds again.
     let healed = Instant::now();
-    let mut after = Vec::new();
+    // Publishes alternate between the instances: an id ending in -0 went through the
+    // first, -1 through the second; both must confirm again.
+    let mut after: Vec<String> = Vec::new();
     for round in 0.. {
-        if after.len() >= 10 {
+        let through = |instance: &str| after.iter().any(|id| id.ends_with(instance));
+        if after.len() >= 10 && through("-0") && through("-1") {
             break;
         }
         assert!(
@@ -574,5 +589,150 @@ async fn a_network_cut_to_redis_answers_503_and_heals_without_a_restart() {
     assert!(
         unseen.is_empty(),
         "confirmed but never delivered: {unseen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_made_private_on_one_instance_ends_guests_long_polls_on_the_others_within_two_seconds(
+) {
+    let cluster = Cluster::start(3).await;
+    cluster
+        .create_queue(0, json!({"name": "shared", "isPublic": true}))
+        .await;
+    let owner = cluster
+        .call(0, "GET", "/api/v1/mq/queues/shared", None)
+        .await
+        .1;
+    let guest = token_for(Uuid::new_v4(), "g");
+    let (status, created) = cluster
+        .call_with(
+            1,
+            &guest,
+            "POST",
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": "shared", "queueTenantId": owner["tenantId"],
+                        "consumerGroup": "guests", "consumerName": "g",
+                        "subscriptionType": "redis_consumer"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!(
+        "/api/v1/mq/subscriptions/{}/pull",
+        created["id"].as_str().unwrap()
+    );
+    let polls: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|n| {
+            let request = cluster
+                .client
+                .post(format!(
+                    "http://127.0.0.1:{}{path}",
+                    cluster.instances[n].port
+                ))
+                .bearer_auth(&guest)
+                .json(&json!({"maxMessages": 1, "waitMs": 15_000}))
+                .send();
+            tokio::spawn(async move { common::read(request.await.expect("answers")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        polls.iter().all(|poll| !poll.is_finished()),
+        "the guest's polls wait before the change"
+    );
+    let (status, body) = cluster
+        .call(
+            0,
+            "PUT",
+            "/api/v1/mq/queues/shared",
+            Some(json!({"isPublic": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for poll in polls {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(2), poll)
+            .await
+            .expect("the guest's poll ended within 2 s of the change")
+            .expect("the poll task");
+        assert_eq!(status, 403, "private now: {body}");
+    }
+}
+
+#[tokio::test]
+async fn the_retention_lease_is_held_by_one_live_instance_and_passes_on_when_it_dies() {
+    let mut cluster = Cluster::start_with(3, |env| {
+        // The lease lasts three intervals (1.5 s) and is renewed every interval.
+        env.insert("RETENTION_INTERVAL_MS".into(), "500".into());
+    })
+    .await;
+    let mut ids = Vec::new();
+    for instance in &cluster.instances {
+        let detailed: Value = cluster
+            .client
+            .get(format!(
+                "http://127.0.0.1:{}/internal/mq/health-detailed",
+                instance.port
+            ))
+            .header("x-service-token", common::SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(detailed["instanceId"].as_str().unwrap().to_owned());
+    }
+    let key = mq::broker::keys::KeyLayout::new(&cluster._redis.prefix).lease("retention");
+    let redis = cluster._redis.connection().await;
+    let holder = || {
+        let key = key.clone();
+        let mut redis = redis.clone();
+        async move {
+            let holder: Option<String> = deadpool_redis::redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            holder
+        }
+    };
+    let started = Instant::now();
+    let first = loop {
+        if let Some(first) = holder().await {
+            break first;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let n = ids
+        .iter()
+        .position(|id| *id == first)
+        .expect("the lease holder is one of the instances");
+    // The holder renews it; nobody else takes it meanwhile (three lease periods).
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(holder().await.as_deref(), Some(first.as_str()));
+    }
+    cluster.instances[n].process.kill().expect("kill -9");
+    cluster.instances[n].process.wait().expect("reaped");
+    let killed = Instant::now();
+    let next = loop {
+        if let Some(next) = holder().await.filter(|next| *next != first) {
+            break next;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "no other instance took the lease within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        ids.iter().enumerate().any(|(m, id)| m != n && *id == next),
+        "a live instance holds it now"
     );
 }

@@ -69,7 +69,7 @@ struct Consumer {
 }
 
 async fn consumer(state: &AppState, tenant: &Tenant, id: &str) -> ApiResult<Consumer> {
-    let subscription = subscriptions::require(state, tenant.tenant_id, id).await?;
+    let subscription = subscriptions::require_for_consuming(state, tenant.tenant_id, id).await?;
     if subscription.subscription_type != SubscriptionType::RedisConsumer {
         return Err(ApiError::validation(
             format!(

@@ -144,6 +144,11 @@ impl<T: Default + Patchable> Snapshot<T> {
         }
     }
 
+    /// The value as last read, reading nothing (for when PostgreSQL is down).
+    pub fn last(&self) -> Arc<T> {
+        self.lock().value.clone()
+    }
+
     /// Only `id` changed: the next `current_patched` reads it again (and only it).
     pub fn touch(&self, id: Uuid) {
         let mut cached = self.lock();
@@ -371,6 +376,12 @@ impl SubscriptionDirectory {
     /// cost one load per instance, not one query per waiting poll.
     pub async fn find(&self, store: &Store, id: Uuid) -> Option<Subscription> {
         self.current(store).await.get(id).cloned()
+    }
+
+    /// One subscription as the list last had it, reading nothing: for when PostgreSQL is
+    /// unreachable (a reload would only wait for it to fail).
+    pub fn last_known(&self, id: Uuid) -> Option<Subscription> {
+        self.snapshot.last().get(id).cloned()
     }
 
     /// Any subscription may have changed (this instance missed announcements): reload the

@@ -102,17 +102,32 @@ pub fn not_found(id: &str) -> ApiError {
 /// The tenant's subscription; any other id (another tenant's, or not a UUID) is not found.
 pub async fn require(state: &AppState, tenant_id: Uuid, id: &str) -> ApiResult<Subscription> {
     let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
-    match state.store.find_subscription(tenant_id, uuid).await {
-        Ok(found) => found.ok_or_else(|| not_found(id)),
-        // PostgreSQL unreachable: the directory's copy (as of the outage) keeps consumers
-        // going, as the queue cache keeps producers going.
-        Err(error) if error.code == ErrorCode::ServiceUnavailable => state
-            .subscriptions
-            .find(&state.store, uuid)
-            .await
-            .filter(|subscription| subscription.tenant_id == tenant_id)
-            .ok_or(error),
-        Err(error) => Err(error),
+    state
+        .store
+        .find_subscription(tenant_id, uuid)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
+/// `require` for pulling and settling: while PostgreSQL is unavailable, the subscription as
+/// the directory last had it, so consumers go on through an outage as producers do (the
+/// queue cache). Only these paths take the copy: a change made just before the outage may
+/// not be in it, which a consumer can live with for the outage, a change of settings not.
+pub async fn require_for_consuming(
+    state: &AppState,
+    tenant_id: Uuid,
+    id: &str,
+) -> ApiResult<Subscription> {
+    match require(state, tenant_id, id).await {
+        Err(error) if error.code == ErrorCode::ServiceUnavailable => {
+            let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
+            state
+                .subscriptions
+                .last_known(uuid)
+                .filter(|subscription| subscription.tenant_id == tenant_id)
+                .ok_or(error)
+        }
+        other => other,
     }
 }
 
