@@ -75,8 +75,8 @@ if [ $need_pg -eq 1 ] || [ $need_redis -eq 1 ]; then
     services=()
     [ $need_pg -eq 1 ] && services+=(postgres)
     [ $need_redis -eq 1 ] && services+=(redis)
-    echo "ensure-deps: docker compose up -d ${services[*]}" >&2
-    docker compose up -d "${services[@]}"
+    echo "ensure-deps: docker compose (development override) up -d ${services[*]}" >&2
+    docker compose -f docker-compose.yml -f docker-compose.dev.yml up -d "${services[@]}"
   else
     [ $need_redis -eq 1 ] && start_local_redis
     [ $need_pg -eq 1 ] && start_local_postgres

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the service on PORT (3010), with PostgreSQL and Redis brought up when needed.
 # Configuration: the environment first, then .env (created from .env.example on first run)
-# for whatever the environment does not set.
+# for whatever the environment does not set. Arguments go to the binary:
+#   scripts/run.sh token --tenant <uuid> --sub <name> [--ttl 1h]   # a development JWT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .env ] || cp .env.example .env
@@ -10,5 +11,6 @@ while IFS= read -r line || [ -n "$line" ]; do
   name=${BASH_REMATCH[1]}
   [ -n "${!name+set}" ] || export "$name=${BASH_REMATCH[2]}"
 done < .env
-scripts/ensure-deps.sh
-exec cargo run --release --bin message-queue-service
+# The token command needs neither PostgreSQL nor Redis.
+[ "${1:-}" = token ] || scripts/ensure-deps.sh
+exec cargo run --release --bin message-queue-service -- "$@"

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod crypto;
+pub mod dev_token;
 pub mod domain;
 pub mod error;
 pub mod faults;

@@ -11,7 +11,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).as_deref() != Some(std::ffi::OsStr::new("healthcheck")) {
+    let command = std::env::args().nth(1);
+    if command.as_deref() == Some("token") {
+        return token();
+    }
+    if command.as_deref() != Some("healthcheck") {
         mq::memory::start_with_allocator_settings();
     }
     mq::memory::configure_allocator();
@@ -106,6 +110,21 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown signal received; draining");
+}
+
+/// `message-queue-service token ...`: a development JWT on standard output (`dev_token`).
+fn token() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    match mq::dev_token::run(&args, |name| std::env::var(name).ok()) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `message-queue-service healthcheck`: exit 0 when the local service's health route answers
