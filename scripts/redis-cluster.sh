@@ -27,6 +27,7 @@ start() {
     return
   fi
   mkdir -p "$dir"
+  echo "redis-cluster: starting 6 nodes on ports $base-$((base + 5)) (logs in $dir)" >&2
   for port in $ports; do
     if ! timeout 2 redis-cli -p "$port" ping >/dev/null 2>&1; then
       rm -f "$dir/nodes-$port.conf"
@@ -43,10 +44,13 @@ start() {
       sleep 0.1
     done
   done
+  echo "redis-cluster: creating the cluster (3 masters, 3 replicas)" >&2
   # shellcheck disable=SC2046
   timeout 60 redis-cli --cluster create $(for port in $ports; do echo "127.0.0.1:$port"; done) \
     --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 || {
     cat "$dir/create.log" >&2
+    echo "redis-cluster: creating failed; 'scripts/redis-cluster.sh stop' and start again" \
+      "(a node left from an earlier cluster refuses to join a new one)" >&2
     exit 1
   }
   for _ in $(seq 1 100); do
@@ -56,7 +60,7 @@ start() {
     fi
     sleep 0.2
   done
-  echo "redis-cluster: the cluster did not become ready" >&2
+  echo "redis-cluster: the cluster did not become ready; see $dir/redis-$base.log" >&2
   exit 1
 }
 
