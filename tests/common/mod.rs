@@ -682,6 +682,9 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        // The workers (the recorder writing audit events, above all) would otherwise go on
+        // writing under the test's key prefix while its keys are being removed.
+        self.workers.abort_all();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
