@@ -30,12 +30,15 @@ start() {
   echo "redis-cluster: starting 6 nodes on ports $base-$((base + 5)) (logs in $dir)" >&2
   for port in $ports; do
     if ! timeout 2 redis-cli -p "$port" ping >/dev/null 2>&1; then
-      rm -f "$dir/nodes-$port.conf"
+      # A replica writes the snapshot it syncs from to its dbfilename even with --save '':
+      # a file per node, removed here, so a restarted node starts empty and can join.
+      rm -f "$dir/nodes-$port.conf" "$dir/dump-$port.rdb"
       # A node times out after 2 s: a failover in a test takes seconds, not the default 15.
       redis-server --daemonize yes --bind 127.0.0.1 --port "$port" \
         --cluster-enabled yes --cluster-config-file "$dir/nodes-$port.conf" \
         --cluster-node-timeout 2000 --save '' --appendonly no \
-        --dir "$dir" --pidfile "$dir/redis-$port.pid" --logfile "$dir/redis-$port.log"
+        --dir "$dir" --dbfilename "dump-$port.rdb" \
+        --pidfile "$dir/redis-$port.pid" --logfile "$dir/redis-$port.log"
     fi
   done
   for port in $ports; do
