@@ -98,28 +98,12 @@ pub async fn run_chunked<T: redis::FromRedisValue, I>(
     mut add: impl FnMut(&mut Pipeline, I),
 ) -> redis::RedisResult<Vec<T>> {
     if connection.is_cluster() {
-        let mut replies = Vec::new();
-        let mut in_flight = FuturesOrdered::new();
-        for item in items {
+        let alone = items.into_iter().map(|item| {
             let mut pipeline = redis::pipe();
             add(&mut pipeline, item);
-            let mut connection = connection.clone();
-            in_flight.push_back(async move {
-                let mut reply: Vec<T> = run(&mut connection, &pipeline, &[script]).await?;
-                reply.pop().ok_or_else(|| {
-                    redis::RedisError::from((redis::ErrorKind::TypeError, "no script reply"))
-                })
-            });
-            if in_flight.len() >= PIPELINE_CHUNK {
-                if let Some(reply) = in_flight.next().await {
-                    replies.push(reply?);
-                }
-            }
-        }
-        while let Some(reply) = in_flight.next().await {
-            replies.push(reply?);
-        }
-        return Ok(replies);
+            pipeline
+        });
+        return each_alone(connection, alone, &[script]).await;
     }
     let mut replies = Vec::new();
     let mut pipeline = redis::pipe();
@@ -146,21 +130,12 @@ pub async fn run_commands<T: redis::FromRedisValue>(
     commands: Vec<redis::Cmd>,
 ) -> redis::RedisResult<Vec<T>> {
     if connection.is_cluster() {
-        let mut replies = Vec::with_capacity(commands.len());
-        let mut in_flight = FuturesOrdered::new();
-        for command in commands {
-            let mut connection = connection.clone();
-            in_flight.push_back(async move { command.query_async::<T>(&mut connection).await });
-            if in_flight.len() >= PIPELINE_CHUNK {
-                if let Some(reply) = in_flight.next().await {
-                    replies.push(reply?);
-                }
-            }
-        }
-        while let Some(reply) = in_flight.next().await {
-            replies.push(reply?);
-        }
-        return Ok(replies);
+        let alone = commands.into_iter().map(|command| {
+            let mut pipeline = redis::pipe();
+            pipeline.add_command(command);
+            pipeline
+        });
+        return each_alone(connection, alone, &[]).await;
     }
     let mut replies = Vec::with_capacity(commands.len());
     let mut commands = commands.into_iter().peekable();
@@ -170,6 +145,35 @@ pub async fn run_commands<T: redis::FromRedisValue>(
             pipeline.add_command(command);
         }
         replies.extend(pipeline.query_async::<Vec<T>>(connection).await?);
+    }
+    Ok(replies)
+}
+
+/// Sends each single-slot pipeline (of one command) alone, `PIPELINE_CHUNK` in flight, as a
+/// cluster needs; the reply of each, in order.
+async fn each_alone<T: redis::FromRedisValue>(
+    connection: &RedisConnection,
+    pipelines: impl Iterator<Item = Pipeline>,
+    scripts: &[&LuaScript],
+) -> redis::RedisResult<Vec<T>> {
+    let mut replies = Vec::new();
+    let mut in_flight = FuturesOrdered::new();
+    for pipeline in pipelines {
+        let mut connection = connection.clone();
+        in_flight.push_back(async move {
+            let mut reply: Vec<T> = run(&mut connection, &pipeline, scripts).await?;
+            reply.pop().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::TypeError, "no reply in a pipeline"))
+            })
+        });
+        if in_flight.len() >= PIPELINE_CHUNK {
+            if let Some(reply) = in_flight.next().await {
+                replies.push(reply?);
+            }
+        }
+    }
+    while let Some(reply) = in_flight.next().await {
+        replies.push(reply?);
     }
     Ok(replies)
 }
