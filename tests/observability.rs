@@ -647,7 +647,7 @@ async fn openapi_describes_every_route_the_router_serves() {
     let app = TestApp::spawn().await;
     let (status, document) = app.get_anonymous("/api/v1/mq/openapi.json").await;
     assert_eq!(status, 200);
-    assert_eq!(document["openapi"], "3.0.3");
+    assert_eq!(document["openapi"], "3.1.0");
     let paths = document["paths"].as_object().unwrap();
     let documented: Vec<(String, String)> = paths
         .iter()

@@ -4,19 +4,25 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{ApiJson, ApiQuery};
+use super::monitoring::{status_code, status_word, worker_states};
 use crate::auth::ServiceCaller;
 use crate::domain::message::{trace_id_from_traceparent, PublishContext};
 use crate::error::{ApiError, ApiResult};
+use crate::service::health::{self, HealthReport};
+use crate::service::monitoring;
 use crate::service::system_queues::{
     self, AUDIT_LOGS, NOTIFICATIONS, USER_EVENTS, USER_NOTIFICATIONS,
 };
-use crate::service::{health, monitoring};
 use crate::state::AppState;
+use crate::workers::recorder::RecorderReport;
+use crate::workers::scheduler::SchedulerReport;
 
 /// The tenant of an internal call: body `tenantId` or header `X-Tenant-Id` (both given and
 /// different, or neither: 400). The `tenantId` is removed from the body.
@@ -145,9 +151,11 @@ pub async fn notifications(
     publish_to(&state, &caller, &headers, body, NOTIFICATIONS, "channel").await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct TenantQuery {
+    /// One tenant's queue; all tenants' when absent.
     tenant_id: Option<String>,
 }
 
@@ -193,37 +201,64 @@ pub async fn metrics(
     Ok(Json(monitoring::overview(&state, None).await?))
 }
 
+/// `GET /internal/mq/health-detailed`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DetailedHealth {
+    /// `ok` or `down` (503).
+    status: &'static str,
+    checks: HealthReport,
+    workers: BTreeMap<&'static str, &'static str>,
+    pools: Pools,
+    record_writer: RecorderReport,
+    scheduler: SchedulerReport,
+    instance_id: String,
+    version: &'static str,
+    uptime_seconds: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Pools {
+    redis: PoolUsage,
+    postgres: PoolUsage,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PoolUsage {
+    open: u64,
+    idle: u64,
+    max: u64,
+}
+
 pub async fn health_detailed(
     _caller: ServiceCaller,
     State(state): State<AppState>,
 ) -> impl IntoResponse {
     let report = health::check(&state).await;
-    let status = if report.all_up() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let workers: Map<String, Value> = state
-        .workers
-        .states()
-        .into_iter()
-        .map(|(name, worker)| (name.to_owned(), json!(worker.as_str())))
-        .collect();
+    let status = status_code(&report);
     let (redis_open, redis_idle) = state.broker.pool_usage();
     let (pg_open, pg_idle) = state.store.pool_usage();
-    let body = json!({
-        "status": if report.all_up() { "ok" } else { "down" },
-        "checks": report,
-        "workers": workers,
-        "pools": {
-            "redis": {"open": redis_open, "idle": redis_idle, "max": state.config.redis_pool_size},
-            "postgres": {"open": pg_open, "idle": pg_idle, "max": state.config.database_max_connections},
+    let body = DetailedHealth {
+        status: status_word(&report),
+        checks: report,
+        workers: worker_states(&state),
+        pools: Pools {
+            redis: PoolUsage {
+                open: redis_open as u64,
+                idle: redis_idle as u64,
+                max: state.config.redis_pool_size as u64,
+            },
+            postgres: PoolUsage {
+                open: u64::from(pg_open),
+                idle: pg_idle as u64,
+                max: u64::from(state.config.database_max_connections),
+            },
         },
-        "recordWriter": state.recorder.report(),
-        "scheduler": state.scheduler.report(),
-        "instanceId": state.instance_id,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptimeSeconds": state.started.elapsed().as_secs(),
-    });
+        record_writer: state.recorder.report(),
+        scheduler: state.scheduler.report(),
+        instance_id: state.instance_id.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+    };
     (status, Json(body))
 }

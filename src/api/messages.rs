@@ -4,6 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::extract::ApiQuery;
 use crate::auth::Tenant;
@@ -11,8 +12,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::service::messages::{self, MessageView};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct QueueParameter {
+    /// The queue the message was published to (required).
     queue: Option<String>,
 }
 

@@ -11,6 +11,8 @@ mod publish;
 mod queues;
 mod subscriptions;
 
+pub use openapi::description as openapi_description;
+
 use std::any::Any;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -50,7 +52,38 @@ pub struct Route {
     pub access: Access,
     /// The status of a successful answer.
     pub success: u16,
+    /// What the body must be, and what a successful answer carries (none: no body).
+    pub request: Option<openapi::Describe>,
+    pub response: Option<openapi::Describe>,
+    /// Query parameters.
+    pub query: Option<openapi::Parameters>,
+    /// Other answers that are not the error body: a duplicate publish (200), an unhealthy
+    /// health report (503).
+    pub other_answers: &'static [u16],
     handler: MethodRouter<AppState>,
+}
+
+impl Route {
+    fn accepts(mut self, describe: openapi::Describe) -> Self {
+        self.request = Some(describe);
+        self
+    }
+
+    fn answers(mut self, describe: openapi::Describe) -> Self {
+        self.response = Some(describe);
+        self
+    }
+
+    fn query(mut self, parameters: openapi::Parameters) -> Self {
+        self.query = Some(parameters);
+        self
+    }
+
+    /// The success body is also sent with these statuses.
+    fn also(mut self, statuses: &'static [u16]) -> Self {
+        self.other_answers = statuses;
+        self
+    }
 }
 
 fn route(
@@ -69,12 +102,28 @@ fn route(
         tag,
         access,
         success,
+        request: None,
+        response: None,
+        query: None,
+        other_answers: &[],
         handler,
     }
 }
 
 /// Every route the service serves.
 pub fn routes() -> Vec<Route> {
+    use crate::domain::message::MessageInput;
+    use crate::domain::queue::{CreateQueueRequest, Queue, QueueListQuery, UpdateQueueRequest};
+    use crate::domain::subscription::{
+        CreateSubscriptionRequest, Subscription, UpdateSubscriptionRequest,
+    };
+    use crate::service::consume::{AckRequest, PullRequest};
+    use crate::service::messages::MessageView;
+    use crate::service::monitoring::MetricsView;
+    use crate::service::publish::PublishResult;
+    use crate::service::queues::{Page, QueueStats, QueueWithStats};
+    use crate::service::subscriptions::{SubscriptionListQuery, SubscriptionWithStats};
+    use openapi::{params, schema};
     use Access::{Public, Service, Tenant};
     use Method as M;
     vec![
@@ -86,7 +135,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Create a queue",
             post(queues::create),
-        ),
+        )
+        .accepts(schema::<CreateQueueRequest>)
+        .answers(schema::<Queue>),
         route(
             M::GET,
             "/api/v1/mq/queues",
@@ -95,7 +146,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "List queues",
             get(queues::list),
-        ),
+        )
+        .query(params::<QueueListQuery>)
+        .answers(schema::<Page<Queue>>),
         route(
             M::GET,
             "/api/v1/mq/queues/{name}",
@@ -104,7 +157,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Get a queue with its stats",
             get(queues::get),
-        ),
+        )
+        .answers(schema::<QueueWithStats>),
         route(
             M::PUT,
             "/api/v1/mq/queues/{name}",
@@ -113,7 +167,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Update a queue",
             put(queues::update),
-        ),
+        )
+        .accepts(schema::<UpdateQueueRequest>)
+        .answers(schema::<Queue>),
         route(
             M::DELETE,
             "/api/v1/mq/queues/{name}",
@@ -131,7 +187,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Remove all stored and delayed messages",
             post(queues::purge),
-        ),
+        )
+        .answers(schema::<queues::Purged>),
         route(
             M::GET,
             "/api/v1/mq/queues/{name}/subscribers",
@@ -140,7 +197,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Every subscription to the queue, its guests' included, with lag",
             get(queues::subscribers),
-        ),
+        )
+        .answers(schema::<queues::Subscribers>),
         route(
             M::DELETE,
             "/api/v1/mq/queues/{name}/subscribers/{id}",
@@ -158,7 +216,10 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a message",
             post(publish::publish),
-        ),
+        )
+        .accepts(openapi::publish_body)
+        .answers(schema::<PublishResult>)
+        .also(&[200]),
         route(
             M::POST,
             "/api/v1/mq/publish/batch",
@@ -167,7 +228,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a batch of messages",
             post(publish::publish_batch),
-        ),
+        )
+        .accepts(schema::<publish::BatchRequest>)
+        .answers(schema::<publish::BatchPublished>),
         route(
             M::POST,
             "/api/v1/mq/publish/delayed",
@@ -176,7 +239,10 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a message after a delay",
             post(publish::publish_delayed),
-        ),
+        )
+        .accepts(openapi::delayed_publish_body)
+        .answers(schema::<PublishResult>)
+        .also(&[200]),
         route(
             M::POST,
             "/api/v1/mq/publish/scheduled",
@@ -185,7 +251,10 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a message at a time",
             post(publish::publish_scheduled),
-        ),
+        )
+        .accepts(openapi::scheduled_publish_body)
+        .answers(schema::<PublishResult>)
+        .also(&[200]),
         route(
             M::POST,
             "/api/v1/mq/topics/{name}/publish",
@@ -194,7 +263,10 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish to a queue named in the path",
             post(publish::publish_to_topic),
-        ),
+        )
+        .accepts(schema::<MessageInput>)
+        .answers(schema::<PublishResult>)
+        .also(&[200]),
         route(
             M::GET,
             "/api/v1/mq/messages/{messageId}",
@@ -203,7 +275,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Look up a message",
             get(messages::get),
-        ),
+        )
+        .query(params::<messages::QueueParameter>)
+        .answers(schema::<MessageView>),
         route(
             M::DELETE,
             "/api/v1/mq/messages/{messageId}",
@@ -212,7 +286,8 @@ pub fn routes() -> Vec<Route> {
             204,
             "Cancel a scheduled message",
             delete(messages::cancel),
-        ),
+        )
+        .query(params::<messages::QueueParameter>),
         route(
             M::POST,
             "/api/v1/mq/subscriptions",
@@ -221,7 +296,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Create a subscription",
             post(subscriptions::create),
-        ),
+        )
+        .accepts(schema::<CreateSubscriptionRequest>)
+        .answers(schema::<Subscription>),
         route(
             M::GET,
             "/api/v1/mq/subscriptions",
@@ -230,7 +307,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "List subscriptions",
             get(subscriptions::list),
-        ),
+        )
+        .query(params::<SubscriptionListQuery>)
+        .answers(schema::<Page<Subscription>>),
         route(
             M::GET,
             "/api/v1/mq/subscriptions/{id}",
@@ -239,7 +318,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Get a subscription with its stats",
             get(subscriptions::get),
-        ),
+        )
+        .answers(schema::<SubscriptionWithStats>),
         route(
             M::PUT,
             "/api/v1/mq/subscriptions/{id}",
@@ -248,7 +328,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Update a subscription",
             put(subscriptions::update),
-        ),
+        )
+        .accepts(schema::<UpdateSubscriptionRequest>)
+        .answers(schema::<Subscription>),
         route(
             M::DELETE,
             "/api/v1/mq/subscriptions/{id}",
@@ -266,7 +348,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Pause delivery",
             post(subscriptions::pause),
-        ),
+        )
+        .answers(schema::<Subscription>),
         route(
             M::POST,
             "/api/v1/mq/subscriptions/{id}/resume",
@@ -275,7 +358,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Resume delivery",
             post(subscriptions::resume),
-        ),
+        )
+        .answers(schema::<Subscription>),
         route(
             M::POST,
             "/api/v1/mq/subscriptions/{id}/pull",
@@ -284,7 +368,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Pull messages (long-poll with waitMs)",
             post(subscriptions::pull),
-        ),
+        )
+        .accepts(schema::<PullRequest>)
+        .answers(schema::<subscriptions::Pulled>),
         route(
             M::POST,
             "/api/v1/mq/subscriptions/{id}/ack",
@@ -293,7 +379,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Acknowledge pulled messages",
             post(subscriptions::ack),
-        ),
+        )
+        .accepts(schema::<AckRequest>)
+        .answers(schema::<subscriptions::Acked>),
         route(
             M::POST,
             "/api/v1/mq/subscriptions/{id}/nack",
@@ -302,7 +390,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Reject pulled messages for retry",
             post(subscriptions::nack),
-        ),
+        )
+        .accepts(schema::<AckRequest>)
+        .answers(schema::<subscriptions::Nacked>),
         route(
             M::GET,
             "/api/v1/mq/metrics",
@@ -311,7 +401,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "The tenant's streams, consumers and performance",
             get(monitoring::tenant_metrics),
-        ),
+        )
+        .answers(schema::<MetricsView>),
         route(
             M::GET,
             "/api/v1/mq/metrics/topics",
@@ -320,7 +411,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Per-queue depth, lag and rates",
             get(monitoring::topic_metrics),
-        ),
+        )
+        .answers(schema::<monitoring::TopicsBody>),
         route(
             M::GET,
             "/api/v1/mq/metrics/consumers",
@@ -329,7 +421,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Per-subscription lag and rates",
             get(monitoring::consumer_metrics),
-        ),
+        )
+        .answers(schema::<monitoring::ConsumersBody>),
         route(
             M::GET,
             "/api/v1/mq/health",
@@ -338,7 +431,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Dependency health (503 when one is down)",
             get(monitoring::health),
-        ),
+        )
+        .answers(schema::<monitoring::HealthBody>)
+        .also(&[503]),
         route(
             M::GET,
             "/api/v1/mq/status",
@@ -347,7 +442,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Version, workers and limits",
             get(monitoring::status),
-        ),
+        )
+        .answers(schema::<monitoring::StatusBody>),
         route(
             M::GET,
             "/api/v1/mq/openapi.json",
@@ -356,7 +452,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "This OpenAPI description",
             get(openapi::document),
-        ),
+        )
+        .answers(openapi::any_object),
         route(
             M::GET,
             "/metrics",
@@ -374,7 +471,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a user event",
             post(internal::user_events),
-        ),
+        )
+        .accepts(openapi::internal_event_body)
+        .answers(schema::<PublishResult>),
         route(
             M::POST,
             "/internal/mq/user-notifications",
@@ -383,7 +482,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a user notification",
             post(internal::user_notifications),
-        ),
+        )
+        .accepts(openapi::internal_event_body)
+        .answers(schema::<PublishResult>),
         route(
             M::POST,
             "/internal/mq/audit-logs",
@@ -392,7 +493,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish an audit log entry",
             post(internal::audit_logs),
-        ),
+        )
+        .accepts(openapi::internal_audit_body)
+        .answers(schema::<PublishResult>),
         route(
             M::POST,
             "/internal/mq/notifications",
@@ -401,7 +504,9 @@ pub fn routes() -> Vec<Route> {
             201,
             "Publish a notification",
             post(internal::notifications),
-        ),
+        )
+        .accepts(openapi::internal_notification_body)
+        .answers(schema::<PublishResult>),
         route(
             M::GET,
             "/internal/mq/audit-queue-status",
@@ -410,7 +515,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Stats of audit-logs queues",
             get(internal::audit_queue_status),
-        ),
+        )
+        .query(params::<internal::TenantQuery>)
+        .answers(schema::<QueueStats>),
         route(
             M::GET,
             "/internal/mq/notification-queue",
@@ -419,7 +526,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Stats of notifications queues",
             get(internal::notification_queue),
-        ),
+        )
+        .query(params::<internal::TenantQuery>)
+        .answers(schema::<QueueStats>),
         route(
             M::GET,
             "/internal/mq/metrics",
@@ -428,7 +537,8 @@ pub fn routes() -> Vec<Route> {
             200,
             "Metrics across all tenants",
             get(internal::metrics),
-        ),
+        )
+        .answers(schema::<MetricsView>),
         route(
             M::GET,
             "/internal/mq/health-detailed",
@@ -437,7 +547,9 @@ pub fn routes() -> Vec<Route> {
             200,
             "Health, workers, pools, latencies",
             get(internal::health_detailed),
-        ),
+        )
+        .answers(schema::<internal::DetailedHealth>)
+        .also(&[503]),
     ]
 }
 

@@ -4,8 +4,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use super::extract::{decode_value, ApiJson};
 use crate::auth::Tenant;
@@ -121,8 +122,9 @@ pub async fn publish_to_topic(
     Ok(respond(result))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct BatchRequest {
+    #[schema(example = "orders")]
     queue: Option<String>,
     messages: Option<Vec<MessageInput>>,
 }
@@ -151,7 +153,11 @@ pub async fn publish_batch(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "queue": queue, "count": results.len(), "results": results })),
+        Json(BatchPublished {
+            queue,
+            count: results.len(),
+            results,
+        }),
     ))
 }
 
@@ -169,4 +175,12 @@ fn with_batch_index(error: ApiError) -> ApiError {
         Some(index) => error.with_detail("index", json!(index)),
         None => error,
     }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchPublished {
+    queue: String,
+    count: usize,
+    /// One result per message, in the order sent.
+    results: Vec<PublishResult>,
 }

@@ -4,12 +4,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::extract::{ApiJson, ApiQuery};
 use crate::auth::Tenant;
 use crate::domain::queue::{CreateQueueRequest, QueueListQuery, UpdateQueueRequest};
 use crate::error::ApiResult;
+use crate::service::subscriptions::Subscriber;
 use crate::service::{queues, subscriptions};
 use crate::state::AppState;
 
@@ -63,7 +65,7 @@ pub async fn purge(
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let purged = queues::purge(&state, &tenant, &name).await?;
-    Ok(Json(json!({ "purged": purged })))
+    Ok(Json(Purged { purged }))
 }
 
 pub async fn subscribers(
@@ -72,7 +74,10 @@ pub async fn subscribers(
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let items = subscriptions::subscribers(&state, &tenant, &name).await?;
-    Ok(Json(json!({ "total": items.len(), "items": items })))
+    Ok(Json(Subscribers {
+        total: items.len(),
+        items,
+    }))
 }
 
 pub async fn revoke_subscriber(
@@ -82,4 +87,16 @@ pub async fn revoke_subscriber(
 ) -> ApiResult<StatusCode> {
     subscriptions::revoke(&state, &tenant, &name, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Purged {
+    /// Stored and delayed messages removed.
+    purged: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Subscribers {
+    total: usize,
+    items: Vec<Subscriber>,
 }

@@ -4,7 +4,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::extract::{ApiJson, ApiQuery};
 use crate::auth::Tenant;
@@ -12,7 +13,7 @@ use crate::domain::subscription::{
     CreateSubscriptionRequest, SubscriptionStatus, UpdateSubscriptionRequest,
 };
 use crate::error::ApiResult;
-use crate::service::consume::{self, AckRequest, PullRequest};
+use crate::service::consume::{self, AckRequest, PullRequest, PulledMessage};
 use crate::service::subscriptions::{self, SubscriptionListQuery};
 use crate::state::AppState;
 
@@ -92,7 +93,7 @@ pub async fn pull(
     ApiJson(request): ApiJson<PullRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let messages = consume::pull(&state, &tenant, &id, request).await?;
-    Ok(Json(json!({ "messages": messages })))
+    Ok(Json(Pulled { messages }))
 }
 
 pub async fn ack(
@@ -102,7 +103,7 @@ pub async fn ack(
     ApiJson(request): ApiJson<AckRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let acked = consume::ack(&state, &tenant, &id, request).await?;
-    Ok(Json(json!({ "acked": acked })))
+    Ok(Json(Acked { acked }))
 }
 
 pub async fn nack(
@@ -112,5 +113,21 @@ pub async fn nack(
     ApiJson(request): ApiJson<AckRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let nacked = consume::nack(&state, &tenant, &id, request).await?;
-    Ok(Json(json!({ "nacked": nacked })))
+    Ok(Json(Nacked { nacked }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Pulled {
+    messages: Vec<PulledMessage>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Acked {
+    /// Deliveries acknowledged (an unknown or already acknowledged id counts none).
+    acked: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Nacked {
+    nacked: usize,
 }

@@ -20,7 +20,7 @@ const MAX_HEADER_VALUE_CHARS: usize = 8192;
 const MAX_CONTENT_TYPE_CHARS: usize = 255;
 
 /// One message of a publish request (API.md "Message input").
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageInput {
     /// `None` for both an absent payload and `null`; both are refused.

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::validation::{holds_nul, is_free_text, is_valid_name, nullable, string_enum, Problems};
@@ -48,7 +49,7 @@ impl MessageFormat {
 string_enum!(Compression { None => "none", Gzip => "gzip", Zstd => "zstd" });
 string_enum!(QueueStatus { Active => "active", Paused => "paused", Archived => "archived" });
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Queue {
     pub id: Uuid,
@@ -95,7 +96,7 @@ pub struct QueueDefaults {
     pub encryption_available: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateQueueRequest {
     pub name: Option<String>,
@@ -116,7 +117,7 @@ pub struct CreateQueueRequest {
     pub status: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateQueueRequest {
     #[serde(default, deserialize_with = "nullable")]
@@ -524,7 +525,8 @@ pub struct QueueListFilter {
 }
 
 /// `GET /queues` query parameters as sent; empty values mean "not given".
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct QueueListQuery {
     pub limit: Option<String>,
     pub offset: Option<String>,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -40,7 +41,7 @@ string_enum!(OffsetReset { Latest => "latest", Earliest => "earliest" });
 string_enum!(SubscriptionStatus { Active => "active", Paused => "paused" });
 
 /// How the service pushes to a webhook. The secret is write-only: never serialized.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HandlerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,7 +67,7 @@ impl HandlerConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Subscription {
     pub id: Uuid,
@@ -116,7 +117,7 @@ pub struct SubscriptionDefaults {
     pub session_timeout_ms: u64,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSubscriptionRequest {
     pub queue: Option<String>,
@@ -136,7 +137,7 @@ pub struct CreateSubscriptionRequest {
     pub message_filter: Option<Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateSubscriptionRequest {
     pub max_poll_records: Option<i64>,
@@ -157,7 +158,7 @@ pub struct UpdateSubscriptionRequest {
     pub offset_reset_policy: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HandlerConfigInput {
     pub url: Option<String>,

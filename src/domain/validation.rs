@@ -77,6 +77,22 @@ macro_rules! string_enum {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         pub enum $name { $(#[serde(rename = $text)] $variant),+ }
 
+        // By hand: the derive does not see a `rename` whose text comes from a macro argument.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($name))
+            }
+        }
+
         impl $name {
             pub const ALL: &'static [&'static str] = &[$($text),+];
 

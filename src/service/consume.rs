@@ -32,21 +32,21 @@ const REPOLL: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_secs(1);
 const MAX_ACK_IDS: usize = 1000;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PullRequest {
     pub max_messages: Option<i64>,
     pub wait_ms: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AckRequest {
     pub ack_ids: Option<Vec<String>>,
     pub delay_ms: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PulledMessage {
     pub ack_id: String,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::error::ApiResult;
 use crate::state::AppState;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DependencyCheck {
     pub status: &'static str,
@@ -19,7 +19,7 @@ pub struct DependencyCheck {
     pub up: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HealthReport {
     pub redis: DependencyCheck,
     pub postgres: DependencyCheck,

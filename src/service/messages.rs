@@ -21,7 +21,7 @@ use crate::service::{publish, queues, subscriptions};
 use crate::state::AppState;
 use crate::store::records::{DeliveryRecord, MessageRecord, PayloadEncoding};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageView {
     pub message_id: String,
@@ -46,7 +46,7 @@ pub struct MessageView {
     pub deliveries: Vec<DeliveryView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryView {
     pub subscription_id: Uuid,

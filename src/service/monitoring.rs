@@ -22,7 +22,7 @@ use crate::service::subscriptions;
 use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsView {
     pub redis_streams: StreamTotals,
@@ -30,7 +30,7 @@ pub struct MetricsView {
     pub performance: PerformanceView,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamTotals {
     pub total_streams: u64,
@@ -39,7 +39,7 @@ pub struct StreamTotals {
     pub pending_messages: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerTotals {
     pub active_consumers: u64,
@@ -48,7 +48,7 @@ pub struct ConsumerTotals {
     pub error_rate: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PerformanceView {
     pub average_latency: f64,
@@ -57,7 +57,7 @@ pub struct PerformanceView {
     pub throughput: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicMetrics {
     pub name: String,
@@ -70,7 +70,7 @@ pub struct TopicMetrics {
     pub subscription_count: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerMetrics {
     pub subscription_id: Uuid,

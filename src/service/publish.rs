@@ -19,7 +19,7 @@ use crate::service::queue_cache::ResolvedQueue;
 use crate::service::{byte_quota, queues};
 use crate::state::AppState;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PublishResult {
     pub message_id: String,

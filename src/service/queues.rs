@@ -18,7 +18,7 @@ use crate::service::queue_cache::{Lookup, ResolvedQueue};
 use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStats {
     pub message_count: u64,
@@ -33,14 +33,14 @@ pub struct QueueStats {
     pub stored_bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct QueueWithStats {
     #[serde(flatten)]
     pub queue: Queue,
     pub stats: QueueStats,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub total: i64,

@@ -20,7 +20,7 @@ use crate::service::tenant_limits::{self, Budget};
 use crate::state::AppState;
 use crate::store::subscriptions::{SubscriptionListFilter, SubscriptionQuotas};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionStats {
     pub lag: u64,
@@ -36,7 +36,7 @@ pub struct SubscriptionStats {
     pub set_aside: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SubscriptionWithStats {
     #[serde(flatten)]
     pub subscription: Subscription,
@@ -44,8 +44,9 @@ pub struct SubscriptionWithStats {
 }
 
 /// `GET /subscriptions` query parameters as sent.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct SubscriptionListQuery {
     pub queue: Option<String>,
     pub consumer_group: Option<String>,
@@ -552,7 +553,7 @@ pub async fn positions(
 }
 
 /// One subscriber of a queue, as its owner sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Subscriber {
     pub subscription_id: Uuid,

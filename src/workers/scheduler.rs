@@ -48,7 +48,7 @@ pub struct SchedulerStatus {
     look_at_all: AtomicBool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchedulerReport {
     pub released: u64,

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod contract;
 pub mod proxy;
 pub mod receiver;
 
@@ -527,13 +528,11 @@ impl TestApp {
         self.client.request(method, self.url(path))
     }
 
-    /// Sends `method path` (with a JSON body when given) as the default tenant.
+    /// Sends `method path` (with a JSON body when given) as the default tenant; the answer
+    /// is checked against the OpenAPI description (`contract`).
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self.request(method, path);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        read(request.send().await.expect("request")).await
+        self.call_as(self.tenant, "tester", method, path, body)
+            .await
     }
 
     /// Sends `method path` (with a JSON body when given) as `principal` of `tenant`.
@@ -545,11 +544,13 @@ impl TestApp {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut request = self.request_as(tenant, principal, method, path);
+        let mut request = self.request_as(tenant, principal, method.clone(), path);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        read(request.send().await.expect("request")).await
+        let (status, answer) = read(request.send().await.expect("request")).await;
+        contract::check(method.as_str(), path, status, &answer);
+        (status, answer)
     }
 
     /// Publishes `body` (a message with its `queue`) as the default tenant; the status and
@@ -627,25 +628,23 @@ impl TestApp {
         (status, response.text().await.unwrap_or_default())
     }
 
-    /// `GET path` without credentials.
+    /// `GET path` without credentials, checked against the OpenAPI description.
     pub async fn get_anonymous(&self, path: &str) -> (u16, Value) {
-        read(
+        let (status, body) = read(
             self.anonymous(Method::GET, path)
                 .send()
                 .await
                 .expect("request"),
         )
-        .await
+        .await;
+        contract::check("GET", path, status, &body);
+        (status, body)
     }
 
     pub async fn create_queue(&self, body: Value) -> Value {
-        let response = self
-            .request(Method::POST, "/api/v1/mq/queues")
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let (status, body) = read(response).await;
+        let (status, body) = self
+            .call(Method::POST, "/api/v1/mq/queues", Some(body))
+            .await;
         assert_eq!(status, 201, "create queue: {body}");
         body
     }

@@ -66,7 +66,7 @@ pub struct RecorderStatus {
     last_error: Mutex<Option<String>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecorderReport {
     pub status: &'static str,
