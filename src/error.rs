@@ -27,6 +27,8 @@ pub enum ErrorCode {
     SubscriptionExists,
     QueueArchived,
     MessageNotCancellable,
+    /// A redrive of a message that is not a dead letter, or was redriven already.
+    MessageNotRedrivable,
     SubscriptionPaused,
     MessageTooLarge,
     SchemaViolation,
@@ -57,6 +59,7 @@ impl ErrorCode {
             ErrorCode::SubscriptionExists => "MQ_SUBSCRIPTION_EXISTS",
             ErrorCode::QueueArchived => "MQ_QUEUE_ARCHIVED",
             ErrorCode::MessageNotCancellable => "MQ_MESSAGE_NOT_CANCELLABLE",
+            ErrorCode::MessageNotRedrivable => "MQ_MESSAGE_NOT_REDRIVABLE",
             ErrorCode::SubscriptionPaused => "MQ_SUBSCRIPTION_PAUSED",
             ErrorCode::MessageTooLarge => "MQ_MESSAGE_TOO_LARGE",
             ErrorCode::SchemaViolation => "MQ_SCHEMA_VIOLATION",
@@ -83,6 +86,7 @@ impl ErrorCode {
             | ErrorCode::SubscriptionExists
             | ErrorCode::QueueArchived
             | ErrorCode::MessageNotCancellable
+            | ErrorCode::MessageNotRedrivable
             | ErrorCode::SubscriptionPaused => StatusCode::CONFLICT,
             ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::SchemaViolation => StatusCode::UNPROCESSABLE_ENTITY,

@@ -640,6 +640,8 @@ const CONTRACT: &[(&str, &str)] = &[
 const EXTENSIONS: &[(&str, &str)] = &[
     ("GET", "/api/v1/mq/queues/{name}/subscribers"),
     ("DELETE", "/api/v1/mq/queues/{name}/subscribers/{id}"),
+    ("GET", "/api/v1/mq/queues/{name}/messages"),
+    ("POST", "/api/v1/mq/queues/{name}/redrive"),
 ];
 
 #[tokio::test]

@@ -228,6 +228,21 @@ async fn every_route_answers_what_its_schema_describes() {
     seen.call(&app, Method::GET, "/api/v1/mq/metrics/consumers", None)
         .await;
 
+    seen.call(
+        &app,
+        Method::GET,
+        &format!("{queues}/orders/messages?limit=5"),
+        None,
+    )
+    .await;
+    seen.call(
+        &app,
+        Method::POST,
+        &format!("{queues}/orders/redrive"),
+        Some(json!({"messageIds": ["m-1"]})),
+    )
+    .await;
+
     let second = app.subscribe_pull("orders", "second").await;
     seen.call(
         &app,

@@ -118,7 +118,8 @@ pub fn routes() -> Vec<Route> {
         CreateSubscriptionRequest, Subscription, UpdateSubscriptionRequest,
     };
     use crate::service::consume::{AckRequest, PullRequest};
-    use crate::service::messages::MessageView;
+    use crate::service::dead_letters::{RedriveRequest, RedriveResult};
+    use crate::service::messages::{BrowseQuery, MessagePage, MessageView};
     use crate::service::monitoring::MetricsView;
     use crate::service::publish::PublishResult;
     use crate::service::queues::{Page, QueueStats, QueueWithStats};
@@ -199,6 +200,28 @@ pub fn routes() -> Vec<Route> {
             get(queues::subscribers),
         )
         .answers(schema::<queues::Subscribers>),
+        route(
+            M::GET,
+            "/api/v1/mq/queues/{name}/messages",
+            "queues",
+            Tenant,
+            200,
+            "Browse the queue's recorded messages, newest first, without consuming them",
+            get(queues::browse),
+        )
+        .query(params::<BrowseQuery>)
+        .answers(schema::<MessagePage>),
+        route(
+            M::POST,
+            "/api/v1/mq/queues/{name}/redrive",
+            "queues",
+            Tenant,
+            200,
+            "Send dead letters back to the queue they came from",
+            post(queues::redrive),
+        )
+        .accepts(schema::<RedriveRequest>)
+        .answers(schema::<RedriveResult>),
         route(
             M::DELETE,
             "/api/v1/mq/queues/{name}/subscribers/{id}",

@@ -11,6 +11,8 @@ use super::extract::{ApiJson, ApiQuery};
 use crate::auth::Tenant;
 use crate::domain::queue::{CreateQueueRequest, QueueListQuery, UpdateQueueRequest};
 use crate::error::ApiResult;
+use crate::service::dead_letters::{self, RedriveRequest};
+use crate::service::messages::{self, BrowseQuery};
 use crate::service::subscriptions::Subscriber;
 use crate::service::{queues, subscriptions};
 use crate::state::AppState;
@@ -87,6 +89,26 @@ pub async fn revoke_subscriber(
 ) -> ApiResult<StatusCode> {
     subscriptions::revoke(&state, &tenant, &name, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn browse(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(query): ApiQuery<BrowseQuery>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(messages::browse(&state, &tenant, &name, query).await?))
+}
+
+pub async fn redrive(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<RedriveRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        dead_letters::redrive(&state, &tenant, &name, request).await?,
+    ))
 }
 
 #[derive(Serialize, ToSchema)]

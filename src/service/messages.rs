@@ -1,4 +1,4 @@
-//! Looking up one message and cancelling a scheduled one.
+//! Looking up one message, browsing a queue's messages, and cancelling a scheduled one.
 //!
 //! The record in PostgreSQL is the message's history (written by the recorder within about a
 //! second of each change); what the recorder has not written yet is read from Redis — a
@@ -7,19 +7,24 @@
 //! acts on Redis, atomically with release.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::broker::scheduler::Cancellation;
 use crate::crypto::{Binding, SealedPayload, Sealer};
 use crate::domain::message::Envelope;
-use crate::domain::queue::Queue;
+use crate::domain::queue::{page_number, Queue};
+use crate::domain::validation::Problems;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::{publish, queues, subscriptions};
 use crate::state::AppState;
-use crate::store::records::{DeliveryRecord, MessageRecord, PayloadEncoding};
+use crate::store::records::{DeliveryRecord, MessageRecord, MessageSummaryRecord, PayloadEncoding};
+
+const DEFAULT_BROWSE_PAGE: i64 = 25;
+const MAX_BROWSE_PAGE: i64 = 100;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -55,6 +60,115 @@ pub struct DeliveryView {
     pub processing_ms: Option<i32>,
     pub error: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// `GET /queues/{name}/messages` query parameters as sent.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BrowseQuery {
+    /// Messages per page, 1-100 (25).
+    limit: Option<String>,
+    /// The `next` of the previous page.
+    before: Option<String>,
+}
+
+/// A message as a queue's browser lists it: its record without the payload.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageSummary {
+    pub message_id: String,
+    /// `scheduled`, `published`, `consumed`, `failed`, `dead_letter`, `expired`, `cancelled`
+    /// or `redriven`.
+    pub status: String,
+    pub partition: i32,
+    pub offset: Option<String>,
+    pub key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub headers: Value,
+    pub retry_count: i32,
+    pub published_at: DateTime<Utc>,
+    /// Size of the payload's JSON text.
+    pub payload_size: i32,
+}
+
+/// One page of a queue's messages, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessagePage {
+    pub items: Vec<MessageSummary>,
+    /// Pass as `before` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// The queue's recorded messages, newest first, without consuming them. A message shows here
+/// once the recorder wrote it (about a second after its publish).
+pub async fn browse(
+    state: &AppState,
+    tenant: &Tenant,
+    queue_name: &str,
+    query: BrowseQuery,
+) -> ApiResult<MessagePage> {
+    let mut problems = Problems::default();
+    let limit = page_number(
+        &mut problems,
+        "limit",
+        query.limit,
+        DEFAULT_BROWSE_PAGE,
+        1,
+        MAX_BROWSE_PAGE,
+    );
+    let before = query.before.filter(|b| !b.is_empty()).and_then(|cursor| {
+        let parsed = parse_cursor(&cursor);
+        problems.check(parsed.is_some(), "before", || {
+            "must be the next of an earlier page".into()
+        });
+        parsed
+    });
+    problems.into_result(())?;
+    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
+    // Headers are part of what a consumer reads: the consumer ACL applies.
+    subscriptions::authorize_consumer(&queue, tenant.tenant_id, &tenant.principal)?;
+    let records = state
+        .store
+        .list_message_summaries(queue.tenant_id, queue.id, before, limit)
+        .await?;
+    let next = (records.len() as i64 == limit)
+        .then(|| records.last().map(cursor))
+        .flatten();
+    Ok(MessagePage {
+        items: records.into_iter().map(summary).collect(),
+        next,
+    })
+}
+
+/// `<microseconds since the epoch>~<message id>` of the last message of a page.
+fn cursor(record: &MessageSummaryRecord) -> String {
+    format!(
+        "{}~{}",
+        record.published_at.timestamp_micros(),
+        record.message_id
+    )
+}
+
+fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
+    let (micros, message_id) = cursor.split_once('~')?;
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    can_exist(message_id).then(|| (at, message_id.to_owned()))
+}
+
+fn summary(record: MessageSummaryRecord) -> MessageSummary {
+    MessageSummary {
+        message_id: record.message_id,
+        status: record.status,
+        partition: record.partition,
+        offset: record.stream_offset,
+        key: record.message_key,
+        correlation_id: record.correlation_id,
+        headers: record.headers.0,
+        retry_count: record.retry_count,
+        published_at: record.published_at,
+        payload_size: record.payload_size,
+    }
 }
 
 /// No message can have an id that is empty, over 200 characters or holding NUL (which

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod byte_quota;
 pub mod changes;
 pub mod consume;
+pub mod dead_letters;
 pub mod due;
 pub mod health;
 pub mod messages;

@@ -187,6 +187,21 @@ pub struct MessageRecord {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// A message's record without its payload, for browsing a queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageSummaryRecord {
+    pub message_id: String,
+    pub partition: i32,
+    pub stream_offset: Option<String>,
+    pub message_key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub headers: sqlx::types::Json<serde_json::Value>,
+    pub status: String,
+    pub retry_count: i32,
+    pub published_at: DateTime<Utc>,
+    pub payload_size: i32,
+}
+
 /// One delivery attempt of a message to a subscription.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeliveryRecord {
@@ -301,6 +316,56 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(record)
+    }
+
+    /// A page of the queue's records, newest first, without their payloads: those published
+    /// before `before` (time, then message id, for ties).
+    pub async fn list_message_summaries(
+        &self,
+        tenant_id: Uuid,
+        topic_id: Uuid,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: i64,
+    ) -> ApiResult<Vec<MessageSummaryRecord>> {
+        let (before_at, before_id) = before.unzip();
+        let records = sqlx::query_as(
+            "SELECT message_id, partition_id AS partition, offset_value AS stream_offset, \
+                 message_key, correlation_id, headers, status, retry_count, published_at, \
+                 payload_size \
+             FROM message_records WHERE topic_id = $1 AND tenant_id = $2 \
+                 AND ($3::timestamptz IS NULL OR (published_at, message_id) < ($3, $4)) \
+             ORDER BY published_at DESC, message_id DESC LIMIT $5",
+        )
+        .bind(topic_id)
+        .bind(tenant_id)
+        .bind(before_at)
+        .bind(before_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(records)
+    }
+
+    /// Marks a dead letter redriven (a final status; see `change_record_statuses`).
+    pub async fn mark_redriven(
+        &self,
+        tenant_id: Uuid,
+        topic_id: Uuid,
+        partition: i32,
+        message_id: &str,
+    ) -> ApiResult<()> {
+        let change = RecordStatusChange {
+            topic_id,
+            tenant_id,
+            partition,
+            message_id: message_id.to_owned(),
+            status: "redriven",
+            retries: 0,
+            at: Utc::now(),
+        };
+        let mut connection = self.pool.acquire().await?;
+        change_record_statuses(&mut connection, &[change]).await?;
+        Ok(())
     }
 
     /// The delivery attempts of a message by subscriptions of `tenant_id` (the queue's
@@ -431,8 +496,9 @@ async fn insert_message_records(
 }
 
 /// Moves records to a later status (each message at most once per call), by rank:
-/// scheduled < published < failed < dead_letter < consumed; `expired` and `cancelled` only
-/// apply to a message not yet delivered. A message without a record yet (its record is still
+/// scheduled < published < failed < dead_letter < consumed < the final ones (`expired`,
+/// `cancelled`, `redriven`); `expired` and `cancelled` only apply to a message not yet
+/// delivered. A message without a record yet (its record is still
 /// on its way) gets a placeholder holding the status, which the record fills in.
 async fn change_record_statuses(
     connection: &mut PgConnection,
