@@ -2,6 +2,7 @@
 //! SQL appears below this module.
 
 mod body_limits;
+mod console;
 pub mod extract;
 mod internal;
 mod messages;
@@ -583,6 +584,7 @@ pub fn router(state: AppState) -> Router {
         router = router.route(route.path, route.handler);
     }
     router
+        .merge(console::router())
         .fallback(route_not_found)
         .method_not_allowed_fallback(route_not_found)
         .layer(DefaultBodyLimit::max(max_request_bytes))

@@ -35,21 +35,29 @@ pub fn any_object(_: &mut Components) -> Value {
 
 /// `POST /publish` reads `queue`, then the rest of the body as one message.
 pub fn publish_body(components: &mut Components) -> Value {
-    with_queue(components, &[])
+    with_queue(components, None)
 }
 
 pub fn delayed_publish_body(components: &mut Components) -> Value {
-    with_queue(components, &["delayMs"])
+    with_queue(components, Some(("delayMs", json!(60_000))))
 }
 
 pub fn scheduled_publish_body(components: &mut Components) -> Value {
-    with_queue(components, &["scheduledAt"])
+    with_queue(
+        components,
+        Some(("scheduledAt", json!("2030-01-01T09:00:00Z"))),
+    )
 }
 
-fn with_queue(components: &mut Components, required: &[&str]) -> Value {
+/// The message's schema with `queue` (and the route's time field, when it has one) required.
+fn with_queue(components: &mut Components, timing: Option<(&str, Value)>) -> Value {
     let message = schema::<MessageInput>(components);
-    let mut required: Vec<&str> = required.to_vec();
-    required.extend(["queue", "payload"]);
+    let mut required = vec!["queue", "payload"];
+    let mut example = json!({"queue": "orders", "payload": {"orderId": 42}, "key": "customer-7"});
+    if let Some((field, value)) = timing {
+        required.push(field);
+        example[field] = value;
+    }
     json!({
         "allOf": [
             message,
@@ -59,7 +67,7 @@ fn with_queue(components: &mut Components, required: &[&str]) -> Value {
                 "properties": {"queue": {"type": "string", "example": "orders"}}
             }
         ],
-        "example": {"queue": "orders", "payload": {"orderId": 42}, "key": "customer-7"}
+        "example": example
     })
 }
 
@@ -128,7 +136,13 @@ fn build() -> Value {
             .path
             .split('/')
             .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| {
+                let mut parameter = json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+                if name == "name" {
+                    parameter["example"] = json!("orders");
+                }
+                parameter
+            })
             .collect();
         if let Some(query) = route.query {
             parameters.extend(query().iter().filter_map(|p| serde_json::to_value(p).ok()));
