@@ -75,7 +75,8 @@ def main() -> int:
             "-H", f"Authorization: Bearer {harness.token(tenant)}",
             "-H", f"X-Service-Token: {harness.SERVICE_TOKEN}",
         ]
-        result = subprocess.run(command)
+        # schemathesis keeps a cache of its findings in its working directory.
+        result = subprocess.run(command, cwd=os.path.dirname(VENV))
         if service.process.poll() is not None:
             step("the service exited during the run")
             return 1
