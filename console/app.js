@@ -175,8 +175,15 @@ async function signInPage() {
 
 // ---- Queues -------------------------------------------------------------------------------
 
+// Lists show the first PAGE items; their captions say when there are more.
+const PAGE = 500;
+
+function counted(total, shown, noun) {
+  return shown < total ? `${total} ${noun}, the first ${shown} shown` : `${total} ${noun}`;
+}
+
 async function queuesPage() {
-  const [queues, topics] = await Promise.all([api("GET", "queues?limit=100"), api("GET", "metrics/topics")]);
+  const [queues, topics] = await Promise.all([api("GET", `queues?limit=${PAGE}`), api("GET", "metrics/topics")]);
   const metrics = new Map(topics.topics.map((t) => [t.name, t]));
   const rows = queues.items.map((queue) => {
     const m = metrics.get(queue.name) ?? {};
@@ -197,7 +204,7 @@ async function queuesPage() {
   const name = h("input", { id: "new-queue", name: "name", required: true, pattern: "[A-Za-z0-9._\\-]{1,200}" });
   return [
     h("h1", {}, "Queues"),
-    table(`${queues.total} queues; refreshed every ${REFRESH_MS / 1000} s`,
+    table(`${counted(queues.total, queues.items.length, "queues")}; refreshed every ${REFRESH_MS / 1000} s`,
       ["Name", { text: "Messages", numeric: true }, { text: "Lag", numeric: true }, { text: "Delayed", numeric: true },
         { text: "Publish/s", numeric: true }, { text: "Consume/s", numeric: true }, "Status", "Messages over time"],
       rows, "No queues yet."),
@@ -206,9 +213,10 @@ async function queuesPage() {
       class: "inline",
       onsubmit: async (event) => {
         event.preventDefault();
-        await act(() => api("POST", "queues", { name: name.value.trim() }), `Queue ${name.value.trim()} created.`);
+        const created = name.value.trim();
+        await act(() => api("POST", "queues", { name: created }), `Queue ${created} created.`, event.target);
       },
-    }, h("div", {}, h("label", { for: "new-queue" }, "Name"), name), h("button", { type: "submit", class: "primary" }, "Create")),
+    }, h("div", {}, h("label", { for: "new-queue" }, "Name"), name), h("button", { type: "submit", class: "primary", "data-key": "create-queue" }, "Create")),
   ];
 }
 
@@ -216,7 +224,8 @@ async function queuePage(name) {
   const [queue, subscribers, messages] = await Promise.all([
     api("GET", `queues/${enc(name)}`),
     api("GET", `queues/${enc(name)}/subscribers`),
-    api("GET", `queues/${enc(name)}/messages?limit=25`),
+    // Browsing takes the consumer ACL: a producer-only principal still sees the rest.
+    api("GET", `queues/${enc(name)}/messages?limit=25`).catch((error) => error),
   ]);
   const settings = ["topicType", "partitionCount", "retentionMs", "maxLength", "messageFormat", "compressionType",
     "encrypted", "isPublic", "allowedProducers", "allowedConsumers", "status", "createdAt"];
@@ -256,14 +265,17 @@ async function queuePage(name) {
         await act(async () => {
           const result = await api("POST", "publish", body);
           return `Published ${result.messageId} to partition ${result.partition}.`;
-        });
+        }, undefined, event.target);
       },
     },
     h("label", { for: "payload" }, "Payload (JSON)"), payload,
     h("label", { for: "key" }, "Key (optional)"), key,
-    h("p", {}, h("button", { type: "submit", class: "primary" }, "Publish"))),
+    h("p", {}, h("button", { type: "submit", class: "primary", "data-key": "publish" }, "Publish"))),
     h("h2", {}, "Messages"),
-    messageTable(name, messages, false),
+    messages instanceof Error ? h("p", { class: "muted" }, `Not shown: ${messages.message}`) : [
+      messageTable(name, messages, false),
+      h("p", {}, h("a", { href: `#/queues/${enc(name)}/messages` }, "Browse all messages")),
+    ],
   ];
 }
 
@@ -315,22 +327,46 @@ async function messagePage(queue, id) {
 // ---- Dead letters -------------------------------------------------------------------------
 
 async function deadLettersPage() {
-  const [queues, topics] = await Promise.all([api("GET", "queues?limit=100"), api("GET", "metrics/topics")]);
+  const [queues, subscriptions, topics] = await Promise.all([
+    api("GET", `queues?limit=${PAGE}`), api("GET", `subscriptions?limit=${PAGE}`), api("GET", "metrics/topics"),
+  ]);
   const metrics = new Map(topics.topics.map((t) => [t.name, t]));
-  const dead = queues.items.filter((q) => q.name.endsWith(".dlq"));
+  // Every subscription's dead-letter queue that exists, and any other queue named *.dlq.
+  const named = new Set(subscriptions.items.map((s) => s.deadLetterQueue));
+  const dead = queues.items.filter((q) => named.has(q.name) || q.name.endsWith(".dlq"));
   return [
     h("h1", {}, "Dead letters"),
     h("p", {}, "Messages whose retries ran out land in the subscription's dead-letter queue (by default <queue>.dlq)."),
     table("Dead-letter queues", ["Queue", { text: "Messages", numeric: true }],
       dead.map((q) => h("tr", {},
-        h("th", { scope: "row" }, h("a", { href: `#/dead-letters/${enc(q.name)}` }, q.name)),
+        h("th", { scope: "row" }, h("a", { href: `#/queues/${enc(q.name)}/messages` }, q.name)),
         h("td", { class: "num" }, number(metrics.get(q.name)?.messageCount)))),
       "No dead-letter queues: nothing has been dead-lettered."),
+    queues.items.length < queues.total ? h("p", { class: "muted" }, `Only the first ${PAGE} of ${queues.total} queues were looked at.`) : null,
   ];
 }
 
-async function deadLetterQueuePage(name) {
-  const page = await api("GET", `queues/${enc(name)}/messages?limit=100`);
+// Every recorded message of a queue, page by page; selected ones can be redriven (only a
+// dead letter goes, the others come back with the reason).
+async function browserPage(name) {
+  const first = await api("GET", `queues/${enc(name)}/messages?limit=100`);
+  const page = { items: [...first.items], next: first.next };
+  const rows = messageTable(name, page, true);
+  const older = h("button", {
+    type: "button",
+    onclick: async () => {
+      try {
+        const more = await api("GET", `queues/${enc(name)}/messages?limit=100&before=${enc(page.next)}`);
+        page.next = more.next;
+        const added = messageTable(name, more, true).querySelector("tbody");
+        rows.querySelector("tbody")?.append(...added.children);
+        older.hidden = !page.next;
+      } catch (error) {
+        if (error.status !== 401) say(error.message, "error");
+      }
+    },
+  }, "Show older messages");
+  older.hidden = !page.next;
   const form = h("form", {
     onsubmit: async (event) => {
       event.preventDefault();
@@ -338,16 +374,16 @@ async function deadLetterQueuePage(name) {
       if (ids.length === 0) return say("Select at least one message to redrive.", "error");
       await act(async () => {
         const result = await api("POST", `queues/${enc(name)}/redrive`, { messageIds: ids });
-        const failed = result.failed.map((f) => `${f.messageId}: ${f.message}`).join("; ");
+        const failed = result.failed.map((f) => f.message).join("; ");
         return `${result.redriven.length} redriven` + (failed ? `; not redriven: ${failed}` : ".");
       });
     },
   },
-  messageTable(name, page, true),
-  h("p", {}, h("button", { type: "submit", class: "primary" }, "Redrive selected")));
+  rows,
+  h("p", { class: "actions" }, older, h("button", { type: "submit", class: "primary" }, "Redrive selected")));
   return [
-    h("h1", {}, `Dead letters in ${name}`),
-    h("p", {}, "Redrive publishes the selected messages again to the queue they came from and marks them redriven here."),
+    h("h1", {}, `Messages in ${name}`),
+    h("p", {}, "Redrive publishes the selected dead letters again to the queue they came from and marks them redriven here."),
     form,
   ];
 }
@@ -355,7 +391,7 @@ async function deadLetterQueuePage(name) {
 // ---- Subscriptions ------------------------------------------------------------------------
 
 async function subscriptionsPage() {
-  const [subscriptions, consumers] = await Promise.all([api("GET", "subscriptions?limit=100"), api("GET", "metrics/consumers")]);
+  const [subscriptions, consumers] = await Promise.all([api("GET", `subscriptions?limit=${PAGE}`), api("GET", "metrics/consumers")]);
   const metrics = new Map(consumers.consumers.map((c) => [c.subscriptionId, c]));
   const rows = subscriptions.items.map((s) => {
     const m = metrics.get(s.id) ?? {};
@@ -372,18 +408,22 @@ async function subscriptionsPage() {
       h("td", {}, h("div", { class: "actions" },
         h("button", {
           type: "button",
+          "aria-label": `${paused ? "Resume" : "Pause"} ${s.consumerGroup} / ${s.consumerName}`,
+          "data-key": `toggle-${s.id}`,
           onclick: () => act(() => api("POST", `subscriptions/${s.id}/${paused ? "resume" : "pause"}`),
             `${s.consumerGroup} / ${s.consumerName} ${paused ? "resumed" : "paused"}.`),
         }, paused ? "Resume" : "Pause"),
         h("button", {
           type: "button", class: "danger",
+          "aria-label": `Delete ${s.consumerGroup} / ${s.consumerName}`,
+          "data-key": `delete-${s.id}`,
           onclick: () => confirm(`Delete the subscription ${s.consumerGroup} / ${s.consumerName}?`) &&
             act(() => api("DELETE", `subscriptions/${s.id}`), "Subscription deleted."),
         }, "Delete"))));
   });
   return [
     h("h1", {}, "Subscriptions"),
-    table(`${subscriptions.total} subscriptions`, ["Group / consumer", "Queue", "Type", "Status", { text: "Lag", numeric: true },
+    table(counted(subscriptions.total, subscriptions.items.length, "subscriptions"), ["Group / consumer", "Queue", "Type", "Status", { text: "Lag", numeric: true },
       { text: "Pending", numeric: true }, { text: "Processed/s", numeric: true }, { text: "Errors/s", numeric: true }, "Actions"],
     rows, "No subscriptions yet."),
   ];
@@ -391,8 +431,8 @@ async function subscriptionsPage() {
 
 // ---- Routing ------------------------------------------------------------------------------
 
-// Runs an action, says how it went, and redraws the page.
-async function act(action, success) {
+// Runs an action, says how it went, and redraws the page; a form it came from is reset.
+async function act(action, success, form) {
   try {
     const result = await action();
     say(typeof result === "string" ? result : success);
@@ -400,7 +440,8 @@ async function act(action, success) {
     if (error.status !== 401) say(error.message, "error");
     return;
   }
-  await render(false);
+  form?.reset();
+  await render(false, true);
 }
 
 function stopRefresh() {
@@ -408,21 +449,43 @@ function stopRefresh() {
   refreshTimer = null;
 }
 
+// What identifies a focusable element across a redraw.
+function focusKey(element) {
+  return element?.dataset?.key || element?.id || element?.getAttribute?.("href") || null;
+}
+
+// Whether the user is in the middle of something a redraw would undo: typing, or a form
+// holding what they typed.
+function busy() {
+  const active = document.activeElement;
+  if (view.contains(active) && active.matches("input, textarea, select")) return true;
+  return [...view.querySelectorAll("input, textarea")].some((field) =>
+    field.type === "checkbox" ? field.checked !== field.defaultChecked : field.value !== field.defaultValue);
+}
+
 const routes = [
   [/^#\/queues$/, queuesPage, true],
   [/^#\/queues\/([^/]+)$/, queuePage, true],
   [/^#\/messages\/([^/]+)\/([^/]+)$/, messagePage, false],
   [/^#\/dead-letters$/, deadLettersPage, false],
-  [/^#\/dead-letters\/([^/]+)$/, deadLetterQueuePage, false],
+  [/^#\/queues\/([^/]+)\/messages$/, browserPage, false],
   [/^#\/subscriptions$/, subscriptionsPage, false],
 ];
 
-async function render(moveFocus) {
+// Each render has a number; one that finishes after a newer one began is thrown away.
+let renders = 0;
+
+// Draws the page the hash names. `moveFocus`: a navigation (focus to the new heading);
+// `forced`: after an action of the user's, drawn even over a form in progress.
+async function render(moveFocus, forced = false) {
   stopRefresh();
+  const number = ++renders;
   const signedIn = Boolean(sessionStorage.getItem(TOKEN_KEY));
   document.getElementById("nav").hidden = !signedIn;
   if (!signedIn) {
-    view.replaceChildren(...await signInPage());
+    const content = await signInPage();
+    if (number !== renders) return;
+    view.replaceChildren(...content);
     if (moveFocus) view.focus();
     return;
   }
@@ -435,30 +498,35 @@ async function render(moveFocus) {
     return;
   }
   const [pattern, page, live] = found;
-  const args = hash.match(pattern).slice(1).map(decodeURIComponent);
   for (const link of document.querySelectorAll("nav a")) {
     if (hash.startsWith(link.getAttribute("href"))) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
+  const again = () => {
+    if (live && number === renders) refreshTimer = setTimeout(() => render(false), REFRESH_MS);
+  };
+  let content;
   try {
-    const content = await page(...args);
-    // A form being filled in is not redrawn under the user's hands.
-    if (!moveFocus && view.contains(document.activeElement) && document.activeElement.matches("input, textarea")) {
-      refreshTimer = setTimeout(() => render(false), REFRESH_MS);
-      return;
-    }
-    view.replaceChildren(...content.filter(Boolean));
+    const args = hash.match(pattern).slice(1).map(decodeURIComponent);
+    content = await page(...args);
   } catch (error) {
-    if (error.status === 401) return;
-    view.replaceChildren(h("h1", {}, "Not available"), h("p", { class: "error" }, error.message));
+    if (error.status === 401 || number !== renders) return;
+    content = [h("h1", {}, "Not available"), h("p", { class: "error" }, error.message)];
   }
+  if (number !== renders) return;
+  if (!moveFocus && !forced && busy()) return again();
+  const focused = view.contains(document.activeElement) ? focusKey(document.activeElement) : null;
+  view.replaceChildren(...content.flat().filter(Boolean));
   if (moveFocus) {
     // A screen reader announces the new page's heading; the keyboard continues from it.
     const heading = view.querySelector("h1");
     heading?.setAttribute("tabindex", "-1");
     heading?.focus();
+  } else if (focused) {
+    // A refresh leaves the keyboard where it was.
+    [...view.querySelectorAll("a, button, input, textarea")].find((e) => focusKey(e) === focused)?.focus();
   }
-  if (live) refreshTimer = setTimeout(() => render(false), REFRESH_MS);
+  again();
 }
 
 // `moveFocus`: after a navigation, focus goes to the new page's heading; on the first load

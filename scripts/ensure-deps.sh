@@ -25,12 +25,13 @@ redis_host=$(url_host "$REDIS_URL"); redis_port=$(url_port "$REDIS_URL" 6379)
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 wait_for() {
-  local name=$1 host=$2 port=$3
-  for _ in $(seq 1 60); do
+  local name=$1 host=$2 port=$3 hint=$4
+  for attempt in $(seq 1 60); do
     port_open "$host" "$port" && return 0
+    [ "$attempt" = 4 ] && echo "ensure-deps: waiting for $name on $host:$port (up to 30 s)" >&2
     sleep 0.5
   done
-  echo "ensure-deps: $name did not come up on $host:$port" >&2
+  echo "ensure-deps: $name did not come up on $host:$port; $hint" >&2
   exit 1
 }
 
@@ -81,8 +82,13 @@ if [ $need_pg -eq 1 ] || [ $need_redis -eq 1 ]; then
     [ $need_redis -eq 1 ] && start_local_redis
     [ $need_pg -eq 1 ] && start_local_postgres
   fi
-  wait_for PostgreSQL "$pg_host" "$pg_port"
-  wait_for Redis "$redis_host" "$redis_port"
+  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    hint="see \`docker compose logs\`"
+  else
+    hint="see .local/redis/redis.log for Redis, \`pg_lsclusters\` and /var/log/postgresql for PostgreSQL"
+  fi
+  wait_for PostgreSQL "$pg_host" "$pg_port" "$hint"
+  wait_for Redis "$redis_host" "$redis_port" "$hint"
 fi
 
 # The fault tests start a private redis-server of their own, so the test command needs the

@@ -44,18 +44,29 @@ async fn run() -> ExitCode {
         Ok(application) => application,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "start-up failed");
-            eprintln!("start-up failed: {error:#}");
+            eprintln!(
+                "start-up failed: {error:#}\n\
+                 check that PostgreSQL (DATABASE_URL) and Redis (REDIS_URL, or \
+                 REDIS_CLUSTER_NODES) answer; scripts/ensure-deps.sh starts both locally"
+            );
             return ExitCode::FAILURE;
         }
     };
     let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("cannot listen on port {port} (PORT): {error}");
+            eprintln!(
+                "cannot listen on port {port} (PORT): {error}\n\
+                 stop what holds the port, or set PORT to a free one"
+            );
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(port, "message-queue-service listening");
+    tracing::info!(
+        port,
+        console = format!("http://localhost:{port}/console"),
+        "message-queue-service listening"
+    );
     match application.serve(listener, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");

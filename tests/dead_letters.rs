@@ -128,10 +128,27 @@ async fn dead_letter(app: &TestApp, subscription: &str, id: &str) {
         )
         .await;
     assert_eq!(status, 201);
-    let pulled = pull_until(app, subscription, 1, WAIT).await;
-    assert_eq!(pulled.len(), 1);
+    nack_next(app, app.tenant, subscription).await;
+}
+
+/// Pulls one message of `tenant`'s subscription and nacks it.
+async fn nack_next(app: &TestApp, tenant: Uuid, subscription: &str) {
+    let pull = format!("/api/v1/mq/subscriptions/{subscription}/pull");
+    let (_, pulled) = app
+        .call_as(
+            tenant,
+            "tester",
+            Method::POST,
+            &pull,
+            Some(json!({"maxMessages": 1, "waitMs": 5000})),
+        )
+        .await;
+    let pulled = pulled["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pulled.len(), 1, "nothing to nack");
     let (status, body) = app
-        .call(
+        .call_as(
+            tenant,
+            "tester",
             Method::POST,
             &format!("/api/v1/mq/subscriptions/{subscription}/nack"),
             Some(json!({"ackIds": [pulled[0]["ackId"]]})),
@@ -140,26 +157,49 @@ async fn dead_letter(app: &TestApp, subscription: &str, id: &str) {
     assert_eq!((status, &body["nacked"]), (200, &json!(1)), "{body}");
 }
 
+/// A pull subscription to `queue` that dead-letters at the first nack.
+async fn failing_consumer(app: &TestApp, queue: &str) -> String {
+    app.subscribe(
+        json!({"queue": queue, "consumerGroup": "g", "consumerName": "c",
+                         "subscriptionType": "redis_consumer", "maxRetryAttempts": 0}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn listed(app: &TestApp, queue: &str, count: usize) {
+    assert!(
+        eventually(WAIT, || async { statuses(app, queue).await.len() == count }).await,
+        "{queue} never listed {count} messages"
+    );
+}
+
+fn failure_codes(result: &Value) -> Vec<(String, String)> {
+    result["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["messageId"].as_str().unwrap().to_owned(),
+                f["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn redriven_dead_letters_are_delivered_again_and_never_twice() {
     let app = TestApp::spawn().await;
     app.create_queue(json!({"name": "orders"})).await;
-    let subscription = app
-        .subscribe(
-            json!({"queue": "orders", "consumerGroup": "g", "consumerName": "c",
-                          "subscriptionType": "redis_consumer", "maxRetryAttempts": 0}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let subscription = failing_consumer(&app, "orders").await;
     dead_letter(&app, &subscription, "m-1").await;
-    assert!(
-        eventually(WAIT, || async {
-            statuses(&app, "orders.dlq").await == [("m-1".to_owned(), "published".to_owned())]
-        })
-        .await,
-        "the dead letter was never listed in orders.dlq"
+    listed(&app, "orders.dlq", 1).await;
+    assert_eq!(
+        statuses(&app, "orders.dlq").await,
+        [("m-1".to_owned(), "published".to_owned())]
     );
 
     let (status, result) = redrive(&app, "orders.dlq", json!(["m-1"])).await;
@@ -188,36 +228,22 @@ async fn redriven_dead_letters_are_delivered_again_and_never_twice() {
     );
 
     // A second redrive, a message that is no dead letter, and an unknown id all fail alone.
-    app.publish(json!({"queue": "orders.dlq", "payload": 1, "messageId": "plain"}))
-        .await;
-    assert!(
-        eventually(WAIT, || async {
-            statuses(&app, "orders.dlq").await.len() == 2
-        })
-        .await
-    );
+    app.publish(
+        json!({"queue": "orders.dlq", "payload": 1, "messageId": "plain",
+                       "headers": {"x-original-queue": "orders"}}),
+    )
+    .await;
+    listed(&app, "orders.dlq", 2).await;
     let (status, result) = redrive(&app, "orders.dlq", json!(["m-1", "plain", "unknown"])).await;
     assert_eq!(status, 200, "{result}");
     assert_eq!(result["redriven"], json!([]));
-    let codes: Vec<(&str, &str)> = result["failed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["messageId"].as_str().unwrap(),
-                f["code"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        codes,
-        [
-            ("m-1", "MQ_MESSAGE_NOT_REDRIVABLE"),
-            ("plain", "MQ_MESSAGE_NOT_REDRIVABLE"),
-            ("unknown", "MQ_MESSAGE_NOT_FOUND"),
-        ]
-    );
+    let expected = [
+        ("m-1", "MQ_MESSAGE_NOT_REDRIVABLE"),
+        ("plain", "MQ_MESSAGE_NOT_REDRIVABLE"),
+        ("unknown", "MQ_MESSAGE_NOT_FOUND"),
+    ]
+    .map(|(id, code)| (id.to_owned(), code.to_owned()));
+    assert_eq!(failure_codes(&result), expected);
     assert!(
         pull_until(&app, &subscription, 1, Duration::from_millis(500))
             .await
@@ -243,26 +269,40 @@ async fn redriven_dead_letters_are_delivered_again_and_never_twice() {
 }
 
 #[tokio::test]
-async fn a_redrive_needs_the_right_to_publish_to_the_original_queue() {
+async fn concurrent_redrives_of_one_message_publish_it_once() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "orders"})).await;
+    let subscription = failing_consumer(&app, "orders").await;
+    dead_letter(&app, &subscription, "m-1").await;
+    listed(&app, "orders.dlq", 1).await;
+    let results =
+        futures_util::future::join_all((0..4).map(|_| redrive(&app, "orders.dlq", json!(["m-1"]))))
+            .await;
+    let won = results
+        .iter()
+        .filter(|(status, result)| {
+            *status == 200 && result["redriven"].as_array().unwrap().len() == 1
+        })
+        .count();
+    assert_eq!(won, 1, "{results:?}");
+    assert_eq!(
+        pull_until(&app, &subscription, 2, Duration::from_secs(2))
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_refused_publish_gives_the_dead_letter_back() {
     let app = TestApp::spawn().await;
     app.create_queue(json!({"name": "orders", "allowedProducers": ["tester"]}))
         .await;
-    let subscription = app
-        .subscribe(
-            json!({"queue": "orders", "consumerGroup": "g", "consumerName": "c",
-                          "subscriptionType": "redis_consumer", "maxRetryAttempts": 0}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let subscription = failing_consumer(&app, "orders").await;
     dead_letter(&app, &subscription, "m-1").await;
-    assert!(
-        eventually(WAIT, || async {
-            statuses(&app, "orders.dlq").await.len() == 1
-        })
-        .await
-    );
+    dead_letter(&app, &subscription, "m-2").await;
+    listed(&app, "orders.dlq", 2).await;
+    // Not a producer of orders: refused there, and the dead letter stays as it was.
     let (status, result) = app
         .call_as(
             app.tenant,
@@ -273,10 +313,129 @@ async fn a_redrive_needs_the_right_to_publish_to_the_original_queue() {
         )
         .await;
     assert_eq!(status, 200, "{result}");
-    assert_eq!(result["failed"][0]["code"], "MQ_FORBIDDEN", "{result}");
     assert_eq!(
-        statuses(&app, "orders.dlq").await,
-        [("m-1".to_owned(), "published".to_owned())],
+        failure_codes(&result),
+        [("m-1".to_owned(), "MQ_FORBIDDEN".to_owned())]
+    );
+    // A message already holding the id the redrive would use: nothing is sent twice.
+    app.publish(json!({"queue": "orders", "payload": "ahead", "messageId": "m-2.redriven"}))
+        .await;
+    let (_, result) = redrive(&app, "orders.dlq", json!(["m-2"])).await;
+    assert_eq!(
+        failure_codes(&result),
+        [("m-2".to_owned(), "MQ_MESSAGE_NOT_REDRIVABLE".to_owned())]
+    );
+    let mut statuses = statuses(&app, "orders.dlq").await;
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            ("m-1".to_owned(), "published".to_owned()),
+            ("m-2".to_owned(), "published".to_owned())
+        ],
         "a refused redrive leaves the dead letter as it was"
     );
+    // Then, by a producer, it goes.
+    let (_, result) = redrive(&app, "orders.dlq", json!(["m-1"])).await;
+    assert_eq!(result["redriven"][0]["messageId"], "m-1", "{result}");
+}
+
+#[tokio::test]
+async fn a_guests_dead_letter_is_not_sent_to_a_queue_of_the_guest() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "news", "isPublic": true}))
+        .await;
+    let guest = Uuid::new_v4();
+    // The guest has a queue of the same name: the dead letter must not land there.
+    let (status, _) = app
+        .call_as(
+            guest,
+            "tester",
+            Method::POST,
+            "/api/v1/mq/queues",
+            Some(json!({"name": "news"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, subscription) = app
+        .call_as(
+            guest,
+            "tester",
+            Method::POST,
+            "/api/v1/mq/subscriptions",
+            Some(
+                json!({"queue": "news", "queueTenantId": app.tenant, "consumerGroup": "g",
+                             "consumerName": "c", "subscriptionType": "redis_consumer",
+                             "maxRetryAttempts": 0}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{subscription}");
+    app.publish(json!({"queue": "news", "payload": 1, "messageId": "n-1"}))
+        .await;
+    nack_next(&app, guest, subscription["id"].as_str().unwrap()).await;
+    let redrive_path = "/api/v1/mq/queues/news.dlq/redrive";
+    let listed_for_guest = eventually(WAIT, || async {
+        let (status, page) = app
+            .call_as(
+                guest,
+                "tester",
+                Method::GET,
+                "/api/v1/mq/queues/news.dlq/messages",
+                None,
+            )
+            .await;
+        status == 200
+            && page["items"]
+                .as_array()
+                .is_some_and(|items| items.len() == 1)
+    })
+    .await;
+    assert!(listed_for_guest);
+    let (status, result) = app
+        .call_as(
+            guest,
+            "tester",
+            Method::POST,
+            redrive_path,
+            Some(json!({"messageIds": ["n-1"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(
+        failure_codes(&result),
+        [("n-1".to_owned(), "MQ_MESSAGE_NOT_REDRIVABLE".to_owned())]
+    );
+    assert!(
+        result["failed"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another tenant"),
+        "{result}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_of_an_encrypted_queue_goes_back_in_plaintext() {
+    const KEY: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let app = TestApp::spawn_with(|env| {
+        env.insert("MQ_ENCRYPTION_KEY".into(), KEY.into());
+    })
+    .await;
+    app.create_queue(json!({"name": "orders", "encrypted": true}))
+        .await;
+    // An unencrypted dead-letter queue keeps the sealed form, never the plaintext.
+    app.create_queue(json!({"name": "orders.dlq"})).await;
+    let subscription = failing_consumer(&app, "orders").await;
+    dead_letter(&app, &subscription, "m-1").await;
+    listed(&app, "orders.dlq", 1).await;
+    let (_, stored) = app.lookup("orders.dlq", "m-1").await;
+    assert!(
+        stored["payload"].get("data").is_some(),
+        "the dead letter holds the sealed form: {stored}"
+    );
+    let (_, result) = redrive(&app, "orders.dlq", json!(["m-1"])).await;
+    assert_eq!(result["redriven"][0]["messageId"], "m-1", "{result}");
+    let again = pull_until(&app, &subscription, 1, WAIT).await;
+    assert_eq!(again[0]["payload"], json!({"id": "m-1"}));
 }

@@ -72,8 +72,16 @@ async fn every_route_answers_what_its_schema_describes() {
         None,
     )
     .await;
-    seen.call(&app, Method::GET, &format!("{queues}/orders"), None)
+    let queue = seen
+        .call(&app, Method::GET, &format!("{queues}/orders"), None)
         .await;
+    // A complete answer (a flattened allOf) with one field too many is refused.
+    let mut padded = queue.clone();
+    padded["surprise"] = json!(1);
+    let refused = std::panic::catch_unwind(|| {
+        contract::check("GET", "/api/v1/mq/queues/orders", 200, &padded)
+    });
+    assert!(refused.is_err(), "an undescribed field passed the check");
     seen.call(
         &app,
         Method::PUT,

@@ -1,23 +1,29 @@
-//! Redrive: dead letters sent back to the queue they came from (`x-original-queue`).
+//! Redrive: dead letters sent back to the queue they came from.
 //!
-//! A redriven message is published anew to its original queue (with the producer ACL of
-//! the caller there) and its record in the dead-letter queue is marked `redriven`, which is
-//! final: it is never redriven twice. The new message's id is derived from the dead letter's
-//! (`<id>.redriven`), so two redrives racing for one message publish it once (the second is
-//! a duplicate within the dedup window). The dead letter's entry itself stays in the
-//! dead-letter stream until its retention, as every consumed entry does.
+//! A dead letter names the subscription that gave up on it (`x-subscription-id`); the
+//! subscription must still exist, be the caller's tenant's, and have this queue as its
+//! dead-letter queue, and its queue is where the message goes back (never a name looked up
+//! anew: a guest's dead letter names another tenant's queue, which is refused). The record is
+//! claimed first (`redriven`, atomically, so two redrives racing publish once), then the
+//! message is published again through the normal path with the caller's producer ACL and
+//! limits, under the id `<id>.redriven`; a failed publish gives the claim back. The dead
+//! letter's entry stays in the dead-letter stream until its retention.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::auth::Tenant;
+use crate::crypto::{Binding, SealedPayload};
 use crate::domain::message::{MessageInput, PublishContext};
+use crate::domain::queue::Queue;
+use crate::domain::subscription::Subscription;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::messages::{self, MessageView};
-use crate::service::{publish, queues};
+use crate::service::tenant_limits::{self, Budget};
+use crate::service::{publish, queues, subscriptions};
 use crate::state::AppState;
 
 pub const MAX_REDRIVE: usize = 100;
@@ -79,17 +85,18 @@ pub async fn redrive(
         ));
     }
     // The queue itself must be the tenant's: a missing one fails the request as a whole.
-    queues::require(state, tenant.tenant_id, queue_name).await?;
+    let dead_letters = queues::require(state, tenant.tenant_id, queue_name).await?;
+    tenant_limits::admit(state, tenant.tenant_id, Budget::Changes).await?;
     let mut result = RedriveResult {
         redriven: Vec::new(),
         failed: Vec::new(),
     };
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for id in ids {
         if !seen.insert(id.clone()) {
             continue;
         }
-        match redrive_one(state, tenant, queue_name, &id).await {
+        match redrive_one(state, tenant, &dead_letters, &id).await {
             Ok(done) => result.redriven.push(done),
             // An outage fails the request: the caller retries it whole, which is safe.
             Err(error) if error.code.status().is_server_error() => return Err(error),
@@ -106,61 +113,162 @@ pub async fn redrive(
 async fn redrive_one(
     state: &AppState,
     tenant: &Tenant,
-    queue_name: &str,
+    dead_letters: &Queue,
     message_id: &str,
 ) -> ApiResult<Redriven> {
+    let not_redrivable = |why: String| {
+        ApiError::new(
+            ErrorCode::MessageNotRedrivable,
+            format!("message '{message_id}' {why}"),
+        )
+    };
     // The lookup applies the consumer ACL of the dead-letter queue.
-    let view = messages::get(state, tenant, queue_name, message_id).await?;
-    let not_redrivable = |why: String| ApiError::new(ErrorCode::MessageNotRedrivable, why);
+    let view = messages::get(state, tenant, &dead_letters.name, message_id).await?;
     if view.status == "redriven" {
-        return Err(not_redrivable(format!(
-            "message '{message_id}' was redriven already"
-        )));
+        return Err(not_redrivable("was redriven already".into()));
     }
-    let (original, input) =
-        redelivery(&view).map_err(|why| not_redrivable(format!("message '{message_id}' {why}")))?;
+    let subscription = giving_up_subscription(state, tenant, dead_letters, &view)
+        .await
+        .map_err(not_redrivable)?;
+    let original = queues::require(state, tenant.tenant_id, &subscription.queue)
+        .await
+        .map_err(|_| {
+            not_redrivable(format!(
+                "came from queue '{}', which no longer exists",
+                subscription.queue
+            ))
+        })?;
+    let payload = plaintext(state, &original, dead_letters, &view)
+        .await
+        .map_err(not_redrivable)?;
+    let input = redelivery(&view, payload).map_err(not_redrivable)?;
     let new_message_id = input.message_id.clone().unwrap_or_default();
+    let claimed = state
+        .store
+        .claim_redrive(dead_letters.tenant_id, dead_letters.id, message_id)
+        .await?
+        .ok_or_else(|| {
+            not_redrivable(
+                "was redriven meanwhile, or is not recorded yet (try again in a second)".into(),
+            )
+        })?;
     let context = PublishContext {
         now_ms: chrono::Utc::now().timestamp_millis(),
         trace_id: view.trace_id.clone(),
         producer_id: Some(tenant.principal.clone()).filter(|p| !p.is_empty()),
     };
     // The producer ACL of the original queue applies to the caller.
-    let published = publish::publish_one(state, tenant, &original, input, &context).await?;
-    let queue = queues::require(state, tenant.tenant_id, queue_name).await?;
-    state
-        .store
-        .mark_redriven(queue.tenant_id, queue.id, view.partition, message_id)
-        .await?;
+    let published = publish::publish_one(state, tenant, &original.name, input, &context).await;
+    let refusal = match published {
+        Ok(result) if !result.duplicate => None,
+        Ok(_) => Some(not_redrivable(format!(
+            "cannot go back: queue '{}' already holds a message '{new_message_id}'",
+            original.name
+        ))),
+        Err(error) => Some(error),
+    };
+    if let Some(error) = refusal {
+        state
+            .store
+            .release_redrive(dead_letters.id, message_id, &claimed)
+            .await?;
+        return Err(error);
+    }
     Ok(Redriven {
         message_id: message_id.to_owned(),
-        queue: published.queue,
+        queue: original.name,
         new_message_id,
     })
 }
 
-/// Where a dead letter goes back to, and the message to publish there; or why it cannot go.
-fn redelivery(view: &MessageView) -> Result<(String, MessageInput), String> {
-    let headers: BTreeMap<String, String> = match &view.headers {
-        Value::Object(map) => map
-            .iter()
-            .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
-            .collect(),
-        _ => BTreeMap::new(),
-    };
-    let original = headers
-        .get("x-original-queue")
-        .filter(|queue| !queue.is_empty())
-        .cloned()
-        .ok_or("is not a dead letter (no x-original-queue header)")?;
+fn text_header<'a>(view: &'a MessageView, name: &str) -> Option<&'a str> {
+    view.headers
+        .get(name)?
+        .as_str()
+        .filter(|text| !text.is_empty())
+}
+
+/// The subscription that dead-lettered the message into this queue: the caller's tenant's,
+/// on a queue of the same tenant.
+async fn giving_up_subscription(
+    state: &AppState,
+    tenant: &Tenant,
+    dead_letters: &Queue,
+    view: &MessageView,
+) -> Result<Subscription, String> {
+    let id = text_header(view, "x-subscription-id")
+        .ok_or("is not a dead letter (no x-subscription-id header)")?;
+    let subscription = subscriptions::require(state, tenant.tenant_id, id)
+        .await
+        .map_err(|_| {
+            format!("names subscription '{id}', which no longer exists: publish it again yourself")
+        })?;
+    if subscription.dead_letter_queue != dead_letters.name {
+        return Err(format!(
+            "is not a dead letter of subscription '{id}' (its dead-letter queue is '{}')",
+            subscription.dead_letter_queue
+        ));
+    }
+    if subscription.queue_tenant_id != tenant.tenant_id {
+        return Err(format!(
+            "came from another tenant's public queue '{}': only its owner publishes there",
+            subscription.queue
+        ));
+    }
+    Ok(subscription)
+}
+
+/// The dead letter's payload in plaintext. A dead letter of an encrypted queue kept in an
+/// unencrypted dead-letter queue holds the original sealed form, opened here with the
+/// original queue's key and binding.
+async fn plaintext(
+    state: &AppState,
+    original: &Queue,
+    dead_letters: &Queue,
+    view: &MessageView,
+) -> Result<Value, String> {
     if view.payload.is_null() {
         return Err(format!(
             "has no readable payload ({})",
             view.payload_error.as_deref().unwrap_or("not recorded yet")
         ));
     }
-    let mut headers = headers;
-    headers.retain(|name, _| !DEAD_LETTER_HEADERS.contains(&name.as_str()));
+    if !original.encrypted || dead_letters.encrypted {
+        return Ok(view.payload.clone());
+    }
+    let sealed: SealedPayload = serde_json::from_value(view.payload.clone())
+        .map_err(|_| "holds a plaintext payload of an encrypted queue: not sent back".to_owned())?;
+    let (sealer, tenant_id, queue_id, message_id) = (
+        state.sealer.clone(),
+        original.tenant_id,
+        original.id,
+        view.message_id.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let binding = Binding {
+            tenant_id,
+            queue_id,
+            message_id: &message_id,
+        };
+        sealer
+            .open(&sealed, binding)
+            .map_err(|error| error.to_string())
+    })
+    .await
+    .map_err(|error| format!("could not be opened: {error}"))?
+    .map_err(|error| format!("could not be opened: {error}"))
+}
+
+/// The message to publish again; or why it cannot go.
+fn redelivery(view: &MessageView, payload: Value) -> Result<MessageInput, String> {
+    let headers: BTreeMap<String, String> = match &view.headers {
+        Value::Object(map) => map
+            .iter()
+            .filter(|(name, _)| !DEAD_LETTER_HEADERS.contains(&name.as_str()))
+            .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
     let new_id = format!("{}{REDRIVEN_SUFFIX}", view.message_id);
     if new_id.chars().count() > MAX_ID_CHARS {
         return Err(format!(
@@ -168,17 +276,14 @@ fn redelivery(view: &MessageView) -> Result<(String, MessageInput), String> {
             MAX_ID_CHARS - REDRIVEN_SUFFIX.len()
         ));
     }
-    Ok((
-        original,
-        MessageInput {
-            payload: Some(view.payload.clone()),
-            headers: Some(headers),
-            key: view.key.clone(),
-            correlation_id: view.correlation_id.clone(),
-            message_id: Some(new_id),
-            ..MessageInput::default()
-        },
-    ))
+    Ok(MessageInput {
+        payload: Some(payload),
+        headers: Some(headers),
+        key: view.key.clone(),
+        correlation_id: view.correlation_id.clone(),
+        message_id: Some(new_id),
+        ..MessageInput::default()
+    })
 }
 
 #[cfg(test)]
@@ -213,8 +318,7 @@ mod tests {
             json!({"x-original-queue": "orders", "x-last-error": "boom", "eventType": "e"}),
             json!({"n": 1}),
         );
-        let (queue, input) = redelivery(&view).unwrap();
-        assert_eq!(queue, "orders");
+        let input = redelivery(&view, json!({"n": 1})).unwrap();
         assert_eq!(input.message_id.as_deref(), Some("m-1.redriven"));
         assert_eq!(input.payload, Some(json!({"n": 1})));
         assert_eq!(input.key.as_deref(), Some("k"));
@@ -225,12 +329,11 @@ mod tests {
     }
 
     #[test]
-    fn a_message_that_is_not_a_dead_letter_is_refused() {
-        let view = dead_letter(json!({"eventType": "e"}), json!(1));
-        assert!(redelivery(&view).unwrap_err().contains("not a dead letter"));
-        let unreadable = dead_letter(json!({"x-original-queue": "orders"}), Value::Null);
-        assert!(redelivery(&unreadable)
+    fn an_id_too_long_for_the_suffix_is_refused() {
+        let mut view = dead_letter(json!({}), json!(1));
+        view.message_id = "m".repeat(195);
+        assert!(redelivery(&view, json!(1))
             .unwrap_err()
-            .contains("no readable payload"));
+            .contains("too long"));
     }
 }

@@ -84,7 +84,9 @@ pub struct MessageSummary {
     pub offset: Option<String>,
     pub key: Option<String>,
     pub correlation_id: Option<String>,
+    /// Empty when they are larger than a list carries (`headersOmitted`): open the message.
     pub headers: Value,
+    pub headers_omitted: bool,
     pub retry_count: i32,
     pub published_at: DateTime<Utc>,
     /// Size of the payload's JSON text.
@@ -165,6 +167,7 @@ fn summary(record: MessageSummaryRecord) -> MessageSummary {
         key: record.message_key,
         correlation_id: record.correlation_id,
         headers: record.headers.0,
+        headers_omitted: record.headers_omitted,
         retry_count: record.retry_count,
         published_at: record.published_at,
         payload_size: record.payload_size,

@@ -196,11 +196,17 @@ pub struct MessageSummaryRecord {
     pub message_key: Option<String>,
     pub correlation_id: Option<String>,
     pub headers: sqlx::types::Json<serde_json::Value>,
+    /// The headers were larger than a summary carries (see `list_message_summaries`).
+    pub headers_omitted: bool,
     pub status: String,
     pub retry_count: i32,
     pub published_at: DateTime<Utc>,
     pub payload_size: i32,
 }
+
+/// Headers of a browsed message larger than this (as JSON text) are left out of its summary,
+/// so a page of 100 stays small whatever the producers sent.
+const MAX_SUMMARY_HEADER_BYTES: i32 = 4096;
 
 /// One delivery attempt of a message to a subscription.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -318,8 +324,9 @@ impl Store {
         Ok(record)
     }
 
-    /// A page of the queue's records, newest first, without their payloads: those published
-    /// before `before` (time, then message id, for ties).
+    /// A page of the queue's records, newest first, without their payloads (and without
+    /// headers over `MAX_SUMMARY_HEADER_BYTES`): those published before `before` (time, then
+    /// message id, for ties).
     pub async fn list_message_summaries(
         &self,
         tenant_id: Uuid,
@@ -330,8 +337,10 @@ impl Store {
         let (before_at, before_id) = before.unzip();
         let records = sqlx::query_as(
             "SELECT message_id, partition_id AS partition, offset_value AS stream_offset, \
-                 message_key, correlation_id, headers, status, retry_count, published_at, \
-                 payload_size \
+                 message_key, correlation_id, status, retry_count, published_at, payload_size, \
+                 CASE WHEN octet_length(headers::text) <= $6 THEN headers \
+                      ELSE '{}'::jsonb END AS headers, \
+                 octet_length(headers::text) > $6 AS headers_omitted \
              FROM message_records WHERE topic_id = $1 AND tenant_id = $2 \
                  AND ($3::timestamptz IS NULL OR (published_at, message_id) < ($3, $4)) \
              ORDER BY published_at DESC, message_id DESC LIMIT $5",
@@ -341,30 +350,56 @@ impl Store {
         .bind(before_at)
         .bind(before_id)
         .bind(limit)
+        .bind(MAX_SUMMARY_HEADER_BYTES)
         .fetch_all(&self.pool)
         .await?;
         Ok(records)
     }
 
-    /// Marks a dead letter redriven (a final status; see `change_record_statuses`).
-    pub async fn mark_redriven(
+    /// Claims a recorded dead letter for a redrive: marks it `redriven` unless it was already,
+    /// and answers its status before, or `None` when another redrive has it (or there is no
+    /// record yet). Concurrent claims of one message: one wins, the others wait for it and
+    /// then see `redriven`.
+    pub async fn claim_redrive(
         &self,
         tenant_id: Uuid,
         topic_id: Uuid,
-        partition: i32,
         message_id: &str,
+    ) -> ApiResult<Option<String>> {
+        let before = sqlx::query_scalar(
+            "WITH before AS ( \
+                 SELECT status FROM message_records \
+                 WHERE topic_id = $1 AND message_id = $2 AND tenant_id = $3 \
+                     AND status <> 'redriven' AND payload IS NOT NULL \
+                 FOR UPDATE) \
+             UPDATE message_records r SET status = 'redriven', updated_at = now() \
+             FROM before WHERE r.topic_id = $1 AND r.message_id = $2 \
+             RETURNING before.status",
+        )
+        .bind(topic_id)
+        .bind(message_id)
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(before)
+    }
+
+    /// Gives a claim back after the redrive's publish failed.
+    pub async fn release_redrive(
+        &self,
+        topic_id: Uuid,
+        message_id: &str,
+        before: &str,
     ) -> ApiResult<()> {
-        let change = RecordStatusChange {
-            topic_id,
-            tenant_id,
-            partition,
-            message_id: message_id.to_owned(),
-            status: "redriven",
-            retries: 0,
-            at: Utc::now(),
-        };
-        let mut connection = self.pool.acquire().await?;
-        change_record_statuses(&mut connection, &[change]).await?;
+        sqlx::query(
+            "UPDATE message_records SET status = $3, updated_at = now() \
+             WHERE topic_id = $1 AND message_id = $2 AND status = 'redriven'",
+        )
+        .bind(topic_id)
+        .bind(message_id)
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -497,8 +532,8 @@ async fn insert_message_records(
 
 /// Moves records to a later status (each message at most once per call), by rank:
 /// scheduled < published < failed < dead_letter < consumed < the final ones (`expired`,
-/// `cancelled`, `redriven`); `expired` and `cancelled` only apply to a message not yet
-/// delivered. A message without a record yet (its record is still
+/// `cancelled`, and `redriven`, which only a redrive sets); `expired` and `cancelled` only
+/// apply to a message not yet delivered. A message without a record yet (its record is still
 /// on its way) gets a placeholder holding the status, which the record fills in.
 async fn change_record_statuses(
     connection: &mut PgConnection,

@@ -151,8 +151,9 @@ fn strict(schema: &Value, in_all_of: bool) -> Value {
                     .collect(),
             ),
             ("items" | "additionalProperties", item @ Value::Object(_)) => strict(item, false),
+            // A branch stands for the schema holding it: open when that is a part of an allOf.
             ("oneOf" | "anyOf", Value::Array(parts)) => {
-                Value::Array(parts.iter().map(|part| strict(part, false)).collect())
+                Value::Array(parts.iter().map(|part| strict(part, in_all_of)).collect())
             }
             _ => value.clone(),
         };

@@ -110,6 +110,7 @@ try {
     await page.reload();
   }
   await dlq.click();
+  await page.getByRole("heading", { name: "Messages in orders.dlq" }).waitFor();
   const dead = page.locator(`tr[data-message="${pulled.messages[0].messageId}"]`);
   for (let look = 0; look < 20 && !(await dead.count()); look++) {
     await page.waitForTimeout(250);
@@ -137,6 +138,12 @@ try {
   await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Subscriptions" }).waitFor();
   assert.equal(await page.evaluate(() => document.activeElement.tagName), "H1");
+  // The live refresh of the queues page leaves the keyboard where it was.
+  await page.getByRole("link", { name: "Queues" }).click();
+  await page.getByRole("heading", { name: "Queues" }).waitFor();
+  await page.focus('tr[data-queue="orders"] a');
+  await page.waitForTimeout(2600);
+  assert.equal(await page.evaluate(() => document.activeElement.getAttribute("href")), "#/queues/orders");
 
   log("sign out");
   await page.getByRole("button", { name: "Sign out" }).click();
