@@ -24,16 +24,20 @@ const MAX_CONTENT_TYPE_CHARS: usize = 255;
 #[serde(rename_all = "camelCase")]
 pub struct MessageInput {
     /// `None` for both an absent payload and `null`; both are refused.
+    #[schema(required = true, value_type = Value)]
     pub payload: Option<Value>,
     pub headers: Option<BTreeMap<String, String>>,
     pub key: Option<String>,
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub content_type: Option<String>,
+    #[schema(minimum = 1)]
     pub ttl_ms: Option<i64>,
     /// Deliver after this many ms (delayed publish).
+    #[schema(minimum = 0)]
     pub delay_ms: Option<i64>,
     /// Deliver at this RFC 3339 time (scheduled publish); in the past means now.
+    #[schema(format = DateTime)]
     pub scheduled_at: Option<String>,
 }
 

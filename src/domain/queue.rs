@@ -99,21 +99,37 @@ pub struct QueueDefaults {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateQueueRequest {
+    #[schema(
+        required = true,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        example = "orders"
+    )]
     pub name: Option<String>,
+    #[schema(max_length = 200)]
     pub display_name: Option<String>,
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
+    #[schema(value_type = Option<TopicType>)]
     pub topic_type: Option<String>,
+    #[schema(minimum = 1, maximum = 64, example = 4)]
     pub partition_count: Option<i64>,
+    #[schema(minimum = 1, maximum = 10)]
     pub replication_factor: Option<i64>,
+    #[schema(minimum = 1000, maximum = 31_536_000_000_i64)]
     pub retention_ms: Option<i64>,
+    #[schema(minimum = 1, maximum = 100_000_000)]
     pub max_length: Option<i64>,
+    #[schema(value_type = Option<MessageFormat>)]
     pub message_format: Option<String>,
+    /// A JSON Schema every payload must satisfy.
     pub schema_definition: Option<Value>,
+    #[schema(value_type = Option<Compression>)]
     pub compression_type: Option<String>,
     pub encrypted: Option<bool>,
     pub is_public: Option<bool>,
     pub allowed_producers: Option<Vec<String>>,
     pub allowed_consumers: Option<Vec<String>>,
+    #[schema(value_type = Option<QueueStatus>)]
     pub status: Option<String>,
 }
 

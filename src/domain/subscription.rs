@@ -120,13 +120,31 @@ pub struct SubscriptionDefaults {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSubscriptionRequest {
+    #[schema(
+        required = true,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        example = "orders"
+    )]
     pub queue: Option<String>,
     /// The tenant owning `queue`, to subscribe to another tenant's public queue.
     pub queue_tenant_id: Option<Uuid>,
+    #[schema(
+        required = true,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        example = "billing"
+    )]
     pub consumer_group: Option<String>,
+    #[schema(
+        required = true,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        example = "worker-1"
+    )]
     pub consumer_name: Option<String>,
+    #[schema(required = true, value_type = SubscriptionType)]
     pub subscription_type: Option<String>,
+    #[schema(value_type = Option<OffsetReset>)]
     pub offset_reset_policy: Option<String>,
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_poll_records: Option<i64>,
     pub session_timeout_ms: Option<i64>,
     pub heartbeat_interval_ms: Option<i64>,

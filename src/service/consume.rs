@@ -35,7 +35,11 @@ const MAX_ACK_IDS: usize = 1000;
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PullRequest {
+    /// At most the subscription's `maxPollRecords`.
+    #[schema(minimum = 1, maximum = 1000, example = 10)]
     pub max_messages: Option<i64>,
+    /// Long poll: how long to wait for a first message.
+    #[schema(minimum = 0, maximum = 20000, example = 5000)]
     pub wait_ms: Option<i64>,
 }
 
