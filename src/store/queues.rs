@@ -5,6 +5,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::records::{lock_record_writers, DELETE_BATCH};
 use super::Store;
 use crate::domain::queue::{
     is_system_queue, Compression, MessageFormat, Queue, QueueListFilter, QueueStatus, TopicType,
@@ -246,12 +247,42 @@ impl Store {
         row.try_into().map(Some)
     }
 
-    /// Deletes the queue; its subscriptions and records go with it (ON DELETE CASCADE).
+    /// Deletes the queue; its subscriptions and records go with it. The records go first, a
+    /// bounded batch per transaction under the record writers' lock (a cascade of a large
+    /// queue would hold it, and every recorder, for as long as it takes); the cascade then
+    /// removes the rest.
     pub async fn delete_queue(&self, queue_id: Uuid) -> ApiResult<bool> {
+        for table in [
+            "consumption_records",
+            "record_quarantine",
+            "message_records",
+        ] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE ctid IN \
+                   (SELECT ctid FROM {table} WHERE topic_id = $1 LIMIT $2)"
+            );
+            loop {
+                let mut tx = self.pool.begin().await?;
+                lock_record_writers(&mut tx).await?;
+                let removed = sqlx::query(&sql)
+                    .bind(queue_id)
+                    .bind(DELETE_BATCH)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                if removed < DELETE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        lock_record_writers(&mut tx).await?;
         let result = sqlx::query("DELETE FROM message_topics WHERE id = $1")
             .bind(queue_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(result.rows_affected() > 0)
     }
 

@@ -228,9 +228,26 @@ pub struct QueuePartitions {
     pub retention_ms: i64,
 }
 
-/// The advisory lock the recorders' write transactions take ("mqrecord"); advisory locks
-/// are per database, so deployments on other databases do not share it.
+/// The advisory lock every multi-row writer of the record tables takes ("mqrecord"): the
+/// recorders' batches, record retention and queue deletion. Advisory locks are per database,
+/// so deployments on other databases do not share it.
 const RECORD_WRITER_LOCK: i64 = 0x6d71_7265_636f_7264;
+
+/// Rows a queue deletion removes per transaction, so the lock is held briefly each time.
+pub(super) const DELETE_BATCH: i64 = 5000;
+
+/// Takes the record writers' lock for the rest of `connection`'s transaction.
+///
+/// Several writers change the same record rows in orders of their own (a batch's order, a
+/// table scan's, a cascade's), and PostgreSQL found deadlocks between them under load. One
+/// at a time cannot deadlock; each holds the lock for one bounded batch.
+pub(super) async fn lock_record_writers(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(RECORD_WRITER_LOCK)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
 
 impl Store {
     /// Writes one recorder batch in one transaction: new records, delivery attempts (and the
@@ -242,12 +259,8 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         // Recorders of several instances touch the same records and subscriptions in batch
-        // order, which deadlocked PostgreSQL under load; one writer at a time, as within an
-        // instance, costs nothing measurable and cannot deadlock.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(RECORD_WRITER_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        // order; one writer at a time, as within an instance, costs nothing measurable.
+        lock_record_writers(&mut tx).await?;
         insert_message_records(&mut tx, &batch.records).await?;
         insert_consumption_records(&mut tx, &batch.attempts).await?;
         change_record_statuses(&mut tx, &batch.changes).await?;
@@ -300,7 +313,10 @@ impl Store {
                    LIMIT $1) \
                  DELETE FROM {table} WHERE ctid IN (SELECT row_id FROM doomed)"
             );
-            let result = sqlx::query(&sql).bind(batch).execute(&self.pool).await?;
+            let mut tx = self.pool.begin().await?;
+            lock_record_writers(&mut tx).await?;
+            let result = sqlx::query(&sql).bind(batch).execute(&mut *tx).await?;
+            tx.commit().await?;
             removed += result.rows_affected();
         }
         Ok(removed)
@@ -651,13 +667,18 @@ async fn insert_consumption_records(
     .bind(records.iter().map(|r| r.next_retry_at).collect::<Vec<_>>())
     .execute(&mut *connection)
     .await?;
-    // A subscription's last consumption is its latest acked attempt.
+    // A subscription's last consumption is its latest acked attempt. Its rows are locked in
+    // id order, as a subscription deletion locks its group's (never a cycle between them).
     sqlx::query(
-        "UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, r.at) \
-         FROM (SELECT subscription_id, max(created_at) AS at \
-               FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
-               WHERE status = 'acked' GROUP BY subscription_id) r \
-         WHERE s.id = r.subscription_id",
+        "WITH latest AS ( \
+           SELECT subscription_id, max(created_at) AS at \
+           FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
+           WHERE status = 'acked' GROUP BY subscription_id), \
+         locked AS ( \
+           SELECT s.id, latest.at FROM message_subscriptions s \
+           JOIN latest ON latest.subscription_id = s.id ORDER BY s.id FOR UPDATE OF s) \
+         UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, locked.at) \
+         FROM locked WHERE s.id = locked.id",
     )
     .bind(records.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())

@@ -313,7 +313,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let members: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM message_subscriptions \
-             WHERE topic_id = $1 AND tenant_id = $2 AND consumer_group = $3 FOR UPDATE",
+             WHERE topic_id = $1 AND tenant_id = $2 AND consumer_group = $3 \
+             ORDER BY id FOR UPDATE",
         )
         .bind(subscription.queue_id)
         .bind(subscription.tenant_id)
