@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The side-by-side, in one run on this machine: the Redis ceiling (redis-benchmark XADD at
-# -c 50) and the service's own figures, each printed with its ratio to that ceiling.
+# -c 50), the HTTP floor (benches/floor.rs: the least any HTTP service answering the same
+# publish does, under the same wrk load) and the service's own figures, each printed with
+# its ratio to both.
 #
 # Starts the service itself (release build, rate limits off, a database and Redis key prefix
 # of its own) and removes all of it afterwards. Nothing else should use the Redis meanwhile:
@@ -8,7 +10,7 @@
 #
 # Settings (environment): BENCH_PORT (3011), BENCH_LOAD_SECONDS (15, each wrk run),
 # BENCH_IDLE_COUNTS (0,100,1000,10000), BENCH_SKIP (space-separated steps to leave out:
-# ceiling wrk publish webhook consume cross idle).
+# ceiling floor wrk publish webhook consume cross idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +34,11 @@ summary=$work/summary
 say() { printf '\n== %s\n' "$*"; }
 wanted() { [[ $skip != *" $1 "* ]]; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f %%", 100 * a / b; else print "n/a" }'; }
+# A figure against both references: "x % of XADD, y of the floor".
+against() {
+  printf '%s of XADD, %s of the floor' "$(ratio "$1" "$ceiling")" \
+    "$(awk -v a="$1" -v b="$floor" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+}
 record() { printf '%s\n' "$*" | tee -a "$summary"; }
 
 scripts/ensure-deps.sh
@@ -47,12 +54,15 @@ fi
 
 say "building (release)"
 cargo build --release --locked --bin message-queue-service
-cargo bench --locked --no-run --bench publish --bench webhook --bench consume --bench idle 2>&1 | tail -1
+cargo bench --locked --no-run --bench publish --bench webhook --bench consume --bench idle \
+  --bench floor 2>"$work/build.log" || { cat "$work/build.log"; exit 1; }
+floor_binary=$(grep -o 'target/release/deps/floor-[0-9a-f]*' "$work/build.log" | tail -1)
 
 service_pid=
 sibling_pid=
+floor_pid=
 cleanup() {
-  for pid in $sibling_pid $service_pid; do
+  for pid in $floor_pid $sibling_pid $service_pid; do
     kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   done
   redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" 2>/dev/null |
@@ -110,9 +120,8 @@ if wanted ceiling; then
   redis-cli -h "$redis_host" -p "$redis_port" unlink "${prefix}ceiling" >/dev/null
 fi
 
-if wanted wrk; then
-  say "POST /publish, 256 B, 4 partitions, wrk -c 50 for ${load_seconds} s"
-  token=$(python3 - <<'EOF'
+# The same request for the floor and the service: 256 B of payload, one bearer token.
+token=$(python3 - <<'EOF'
 import base64, hashlib, hmac, json, os, time, uuid
 secret = os.environ.get("JWT_SECRET", "dev-only-jwt-secret-change-me-0123456789abcdef").encode()
 b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -122,23 +131,44 @@ sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
 print(f"{head}.{body}.{sig}")
 EOF
 )
-  curl -fs -o /dev/null -X POST "$url/api/v1/mq/queues" -H "authorization: Bearer $token" \
-    -H 'content-type: application/json' -d '{"name":"wrk","partitionCount":4,"maxLength":100000000}'
-  data=$(head -c 245 /dev/zero | tr '\0' x)
-  cat >"$work/publish.lua" <<EOF
+data=$(head -c 245 /dev/zero | tr '\0' x)
+cat >"$work/publish.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $token"
 wrk.body = '{"queue":"wrk","payload":{"data":"$data"}}'
 EOF
+# Runs wrk -c 50 against base URL $1, its report into $2.
+wrk_publish() {
+  wrk -t2 -c50 -d"${load_seconds}s" --latency -s "$work/publish.lua" "$1/api/v1/mq/publish" >"$2"
+}
+
+floor=0
+if wanted floor; then
+  say "floor: benches/floor.rs (JWT, JSON, one EVALSHA XADD, the same crates), wrk -c 50 for ${load_seconds} s"
+  floor_port=$((port + 2))
+  FLOOR_PORT=$floor_port FLOOR_PREFIX="${prefix}floor:" REDIS_URL=$redis_url "$floor_binary" >"$work/floor.log" 2>&1 &
+  floor_pid=$!
+  for _ in $(seq 50); do grep -q listening "$work/floor.log" && break; sleep 0.1; done
+  wrk_publish "http://127.0.0.1:$floor_port" "$work/floor.out"
+  kill -INT "$floor_pid" && wait "$floor_pid" 2>/dev/null || true
+  floor_pid=
+  floor=$(awk '/Requests\/sec/ { print $2 }' "$work/floor.out")
+  record "floor POST /publish wrk -c 50: $floor req/s = $(ratio "$floor" "$ceiling") of XADD; p50 $(awk '$1 == "50%" { print $2 }' "$work/floor.out") p99 $(awk '$1 == "99%" { print $2 }' "$work/floor.out"); non-2xx $(awk '/Non-2xx/ { print $NF }' "$work/floor.out")"
+fi
+
+if wanted wrk; then
+  say "POST /publish, 256 B, 4 partitions, wrk -c 50 for ${load_seconds} s"
+  curl -fs -o /dev/null -X POST "$url/api/v1/mq/queues" -H "authorization: Bearer $token" \
+    -H 'content-type: application/json' -d '{"name":"wrk","partitionCount":4,"maxLength":100000000}'
   sample_rss "$work/rss-wrk" & sampler=$!
-  wrk -t2 -c50 -d"${load_seconds}s" --latency -s "$work/publish.lua" "$url/api/v1/mq/publish" >"$work/wrk.out"
+  wrk_publish "$url" "$work/wrk.out"
   kill $sampler
   rps=$(awk '/Requests\/sec/ { print $2 }' "$work/wrk.out")
   p99=$(awk '$1 == "99%" { print $2 }' "$work/wrk.out")
   p50=$(awk '$1 == "50%" { print $2 }' "$work/wrk.out")
   non2xx=$(awk '/Non-2xx/ { print $NF }' "$work/wrk.out")
-  record "POST /publish wrk -c 50: $rps req/s = $(ratio "$rps" "$ceiling") of XADD; p50 $p50 p99 $p99; non-2xx ${non2xx:-0}; RSS max $(max_of "$work/rss-wrk") MB"
+  record "POST /publish wrk -c 50: $rps req/s = $(against "$rps"); p50 $p50 p99 $p99; non-2xx ${non2xx:-0}; RSS max $(max_of "$work/rss-wrk") MB"
 fi
 
 run_bench() {
@@ -153,7 +183,7 @@ if wanted publish; then
   for label in single "batch of"; do
     line=$(grep "^$label" "$work/publish.out")
     rate=$(sed -E 's/.* = ([0-9]+) msg\/s.*/\1/' <<<"$line")
-    record "bench publish $label: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD [${line#*; }]"
+    record "bench publish $label: $rate msg/s = $(against "$rate") [${line#*; }]"
   done
 fi
 
@@ -167,7 +197,7 @@ delivery_bench() {
   latency=$(grep "^$latency_line" "$work/$name.out")
   rate=$(grep "^$sustained_line" "$work/$name.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
   record "bench $name at 1000 msg/s: ${latency#*; }"
-  record "bench $name $label: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD; RSS max $(max_of "$work/rss-$name") MB"
+  record "bench $name $label: $rate msg/s = $(against "$rate"); RSS max $(max_of "$work/rss-$name") MB"
 }
 wanted webhook && delivery_bench webhook 'publish -> webhook' 'sustained delivery' sustained
 wanted consume && delivery_bench consume 'publish -> pull' 'sustained publish' 'sustained publish+pull+ack'
@@ -180,7 +210,7 @@ if wanted cross; then
   latency=$(grep '^publish -> pull' "$work/consume.out")
   rate=$(grep '^sustained publish' "$work/consume.out" | sed -E 's/.* = ([0-9]+) msg\/s.*/\1/')
   record "bench consume across instances at 1000 msg/s: ${latency#*; }"
-  record "bench consume across instances, sustained publish+pull+ack: $rate msg/s = $(ratio "$rate" "$ceiling") of XADD"
+  record "bench consume across instances, sustained publish+pull+ack: $rate msg/s = $(against "$rate")"
   kill "$sibling_pid" && wait "$sibling_pid" 2>/dev/null || true
   sibling_pid=
 fi
