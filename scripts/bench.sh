@@ -56,7 +56,7 @@ say "building (release)"
 cargo build --release --locked --bin message-queue-service
 cargo bench --locked --no-run --bench publish --bench webhook --bench consume --bench idle \
   --bench floor 2>"$work/build.log" || { cat "$work/build.log"; exit 1; }
-floor_binary=$(grep -o 'target/release/deps/floor-[0-9a-f]*' "$work/build.log" | tail -1)
+floor_binary=$(grep -o 'target/release/deps/floor-[0-9a-f]*' "$work/build.log" | tail -1 || true)
 
 service_pid=
 sibling_pid=
@@ -146,10 +146,18 @@ wrk_publish() {
 floor=0
 if wanted floor; then
   say "floor: benches/floor.rs (JWT, JSON, one EVALSHA XADD, the same crates), wrk -c 50 for ${load_seconds} s"
+  if [ -z "$floor_binary" ] || [ ! -x "$floor_binary" ]; then
+    echo "the floor's binary was not found in cargo's output (target/release/deps/floor-*): is CARGO_TARGET_DIR set? BENCH_SKIP=floor leaves it out" >&2
+    exit 1
+  fi
   floor_port=$((port + 2))
   FLOOR_PORT=$floor_port FLOOR_PREFIX="${prefix}floor:" REDIS_URL=$redis_url "$floor_binary" >"$work/floor.log" 2>&1 &
   floor_pid=$!
-  for _ in $(seq 50); do grep -q listening "$work/floor.log" && break; sleep 0.1; done
+  for _ in $(seq 50); do
+    grep -q listening "$work/floor.log" && break
+    kill -0 "$floor_pid" 2>/dev/null || { echo "the floor did not start:" >&2; cat "$work/floor.log" >&2; exit 1; }
+    sleep 0.1
+  done
   wrk_publish "http://127.0.0.1:$floor_port" "$work/floor.out"
   kill -INT "$floor_pid" && wait "$floor_pid" 2>/dev/null || true
   floor_pid=

@@ -119,6 +119,29 @@ async fn consume(app: Handle, subscription: String, stop: Arc<AtomicBool>) {
     }
 }
 
+/// One pull of `subscription`, acked.
+async fn settle_once(app: &Handle, subscription: &str) {
+    let (_, pulled) = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{subscription}/pull"),
+            Some(json!({"maxMessages": 20, "waitMs": 100})),
+        )
+        .await;
+    let ids: Vec<Value> = pulled["messages"]
+        .as_array()
+        .map(|messages| messages.iter().map(|m| m["ackId"].clone()).collect())
+        .unwrap_or_default();
+    if !ids.is_empty() {
+        app.call(
+            Method::POST,
+            &format!("/api/v1/mq/subscriptions/{subscription}/ack"),
+            Some(json!({"ackIds": ids})),
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_recording_instances_and_deletions_never_deadlock() {
     let first = TestApp::spawn_with(|env| {
@@ -175,7 +198,10 @@ async fn two_recording_instances_and_deletions_never_deadlock() {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let queue = &names[n % names.len()];
+                // A consumer of the same group that takes and settles a share, so the
+                // recorders write its attempts while it is deleted.
                 if let Some(id) = subscribe(&app, queue, &format!("churn{n}")).await {
+                    settle_once(&app, &id).await;
                     app.call(
                         Method::DELETE,
                         &format!("/api/v1/mq/subscriptions/{id}"),
@@ -197,6 +223,10 @@ async fn two_recording_instances_and_deletions_never_deadlock() {
                     Some(json!({"queue": scratch, "messages": messages})),
                 )
                 .await;
+                // Deleted with a subscription and delivery attempts of its own.
+                if let Some(id) = subscribe(&app, &scratch, "c").await {
+                    settle_once(&app, &id).await;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 app.call(
                     Method::DELETE,

@@ -5,7 +5,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::records::{lock_record_writers, DELETE_BATCH};
+use super::records::{delete_in_batches, lock_record_writers};
 use super::Store;
 use crate::domain::queue::{
     is_system_queue, Compression, MessageFormat, Queue, QueueListFilter, QueueStatus, TopicType,
@@ -257,24 +257,7 @@ impl Store {
             "record_quarantine",
             "message_records",
         ] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE ctid IN \
-                   (SELECT ctid FROM {table} WHERE topic_id = $1 LIMIT $2)"
-            );
-            loop {
-                let mut tx = self.pool.begin().await?;
-                lock_record_writers(&mut tx).await?;
-                let removed = sqlx::query(&sql)
-                    .bind(queue_id)
-                    .bind(DELETE_BATCH)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                tx.commit().await?;
-                if removed < DELETE_BATCH as u64 {
-                    break;
-                }
-            }
+            delete_in_batches(&self.pool, table, "topic_id", queue_id).await?;
         }
         let mut tx = self.pool.begin().await?;
         lock_record_writers(&mut tx).await?;

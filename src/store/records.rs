@@ -233,20 +233,51 @@ pub struct QueuePartitions {
 /// so deployments on other databases do not share it.
 const RECORD_WRITER_LOCK: i64 = 0x6d71_7265_636f_7264;
 
-/// Rows a queue deletion removes per transaction, so the lock is held briefly each time.
-pub(super) const DELETE_BATCH: i64 = 5000;
+/// Rows a deletion removes per transaction, so the lock is held briefly each time.
+const DELETE_BATCH: i64 = 5000;
 
 /// Takes the record writers' lock for the rest of `connection`'s transaction.
 ///
-/// Several writers change the same record rows in orders of their own (a batch's order, a
-/// table scan's, a cascade's), and PostgreSQL found deadlocks between them under load. One
-/// at a time cannot deadlock; each holds the lock for one bounded batch.
+/// Several writers change the same rows in orders of their own (a batch's order and its
+/// foreign-key checks, a table scan's, a cascade's): the recorders, record retention, and
+/// the deletion of a queue or a subscription (whose cascades reach the records and the
+/// subscriptions the recorders update). PostgreSQL found deadlocks between them under load.
+/// One at a time cannot deadlock; each holds the lock for one bounded batch.
 pub(super) async fn lock_record_writers(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(RECORD_WRITER_LOCK)
         .execute(connection)
         .await?;
     Ok(())
+}
+
+/// Deletes the rows of `table` whose `column` is `id`, a bounded batch per transaction under
+/// the record writers' lock, until none is left (a deletion's cascade then has little to do
+/// while it holds the lock). `table` and `column` are the callers' constants.
+pub(super) async fn delete_in_batches(
+    pool: &sqlx::PgPool,
+    table: &str,
+    column: &str,
+    id: Uuid,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid IN \
+           (SELECT ctid FROM {table} WHERE {column} = $1 LIMIT $2)"
+    );
+    loop {
+        let mut tx = pool.begin().await?;
+        lock_record_writers(&mut tx).await?;
+        let removed = sqlx::query(&sql)
+            .bind(id)
+            .bind(DELETE_BATCH)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        if removed == 0 {
+            return Ok(());
+        }
+    }
 }
 
 impl Store {
@@ -667,18 +698,13 @@ async fn insert_consumption_records(
     .bind(records.iter().map(|r| r.next_retry_at).collect::<Vec<_>>())
     .execute(&mut *connection)
     .await?;
-    // A subscription's last consumption is its latest acked attempt. Its rows are locked in
-    // id order, as a subscription deletion locks its group's (never a cycle between them).
+    // A subscription's last consumption is its latest acked attempt.
     sqlx::query(
-        "WITH latest AS ( \
-           SELECT subscription_id, max(created_at) AS at \
-           FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
-           WHERE status = 'acked' GROUP BY subscription_id), \
-         locked AS ( \
-           SELECT s.id, latest.at FROM message_subscriptions s \
-           JOIN latest ON latest.subscription_id = s.id ORDER BY s.id FOR UPDATE OF s) \
-         UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, locked.at) \
-         FROM locked WHERE s.id = locked.id",
+        "UPDATE message_subscriptions s SET last_consumed_at = GREATEST(s.last_consumed_at, r.at) \
+         FROM (SELECT subscription_id, max(created_at) AS at \
+               FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(subscription_id, status, created_at) \
+               WHERE status = 'acked' GROUP BY subscription_id) r \
+         WHERE s.id = r.subscription_id",
     )
     .bind(records.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())

@@ -5,6 +5,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::records::{delete_in_batches, lock_record_writers};
 use super::Store;
 use crate::domain::subscription::{
     delivery_group, HandlerConfig, OffsetReset, Subscription, SubscriptionStatus, SubscriptionType,
@@ -310,11 +311,20 @@ impl Store {
         subscription: &Subscription,
         before_delete: impl AsyncFnOnce(bool) -> ApiResult<()>,
     ) -> ApiResult<bool> {
+        // Its delivery attempts first, in bounded batches, and the rest under the record
+        // writers' lock: the cascade reaches rows the recorders write (`records`).
+        delete_in_batches(
+            &self.pool,
+            "consumption_records",
+            "subscription_id",
+            subscription.id,
+        )
+        .await?;
         let mut tx = self.pool.begin().await?;
+        lock_record_writers(&mut tx).await?;
         let members: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM message_subscriptions \
-             WHERE topic_id = $1 AND tenant_id = $2 AND consumer_group = $3 \
-             ORDER BY id FOR UPDATE",
+             WHERE topic_id = $1 AND tenant_id = $2 AND consumer_group = $3 FOR UPDATE",
         )
         .bind(subscription.queue_id)
         .bind(subscription.tenant_id)

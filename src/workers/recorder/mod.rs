@@ -53,11 +53,10 @@ const MIN_PER_PARTITION: usize = 8;
 const TURN_BYTES: usize = 4 << 20;
 const MIN_BYTES_PER_PARTITION: usize = 64 << 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A read cycle starts at most this often: under load the marks of many publishes are
-/// gathered into one cycle (one script per partition, one PostgreSQL transaction) instead
-/// of a cycle per publish, which cost the publish path more CPU than the records were worth
-/// on two cores (docs/PERFORMANCE.md, "The HTTP floor"). Records still follow within
-/// milliseconds.
+/// How long an idle recorder waits after the first mark before it reads: the marks of the
+/// publishes that follow are gathered into one cycle (one script per partition, one
+/// PostgreSQL transaction) instead of a cycle per publish. A recorder with work left never
+/// waits, so a backlog is read at full speed.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// What `/status` and `/health` show of the recorder.
@@ -142,12 +141,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut waiting: Vec<StreamEntry> = Vec::new();
     let mut owners = Owners::default();
     let mut backoff = Duration::from_millis(250);
-    let mut cycle_began = tokio::time::Instant::now() - GATHER;
 
     while !shutdown.is_cancelled() {
         if waiting.is_empty() {
-            pause(&shutdown, GATHER.saturating_sub(cycle_began.elapsed())).await;
-            cycle_began = tokio::time::Instant::now();
             let marks = state.unrecorded.count();
             for partition in state.unrecorded.take() {
                 visits.turns.due.push(partition.tenant_id, partition);
@@ -157,7 +153,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             }
             if visits.turns.is_empty() {
                 tokio::select! {
-                    () = state.unrecorded.marked_since(marks) => {}
+                    () = state.unrecorded.marked_since(marks) => pause(&shutdown, GATHER).await,
                     () = tokio::time::sleep(visits.until_sweep()) => {}
                     () = shutdown.cancelled() => {}
                 }
