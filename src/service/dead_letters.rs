@@ -92,11 +92,13 @@ pub async fn redrive(
         failed: Vec::new(),
     };
     let mut seen = HashSet::new();
+    // Dead letters of one request mostly share a subscription: looked up once.
+    let mut givers = Givers::new();
     for id in ids {
         if !seen.insert(id.clone()) {
             continue;
         }
-        match redrive_one(state, tenant, &dead_letters, &id).await {
+        match redrive_one(state, tenant, &dead_letters, &mut givers, &id).await {
             Ok(done) => result.redriven.push(done),
             // An outage fails the request: the caller retries it whole, which is safe.
             Err(error) if error.code.status().is_server_error() => return Err(error),
@@ -114,6 +116,7 @@ async fn redrive_one(
     state: &AppState,
     tenant: &Tenant,
     dead_letters: &Queue,
+    givers: &mut Givers,
     message_id: &str,
 ) -> ApiResult<Redriven> {
     let not_redrivable = |why: String| {
@@ -127,17 +130,19 @@ async fn redrive_one(
     if view.status == "redriven" {
         return Err(not_redrivable("was redriven already".into()));
     }
-    let subscription = giving_up_subscription(state, tenant, dead_letters, &view)
-        .await
+    let subscription = giving_up_subscription(state, tenant, dead_letters, givers, &view)
+        .await?
         .map_err(not_redrivable)?;
-    let original = queues::require(state, tenant.tenant_id, &subscription.queue)
-        .await
-        .map_err(|_| {
-            not_redrivable(format!(
+    // An outage fails the request (503); only a queue that is gone fails this message.
+    let original = match queues::require(state, tenant.tenant_id, &subscription.queue).await {
+        Err(error) if error.code == ErrorCode::QueueNotFound => {
+            return Err(not_redrivable(format!(
                 "came from queue '{}', which no longer exists",
                 subscription.queue
-            ))
-        })?;
+            )))
+        }
+        other => other?,
+    };
     let payload = plaintext(state, &original, dead_letters, &view)
         .await
         .map_err(not_redrivable)?;
@@ -188,34 +193,51 @@ fn text_header<'a>(view: &'a MessageView, name: &str) -> Option<&'a str> {
         .filter(|text| !text.is_empty())
 }
 
-/// The subscription that dead-lettered the message into this queue: the caller's tenant's,
-/// on a queue of the same tenant.
+/// The subscriptions a request's dead letters named, by the header's text (`None`: none such
+/// of the caller's tenant).
+type Givers = std::collections::HashMap<String, Option<Subscription>>;
+
+/// The subscription that dead-lettered the message into this queue, the caller's tenant's
+/// on a queue of the same tenant; or why the message is no dead letter that can go back. An
+/// outage is the outer error.
 async fn giving_up_subscription(
     state: &AppState,
     tenant: &Tenant,
     dead_letters: &Queue,
+    givers: &mut Givers,
     view: &MessageView,
-) -> Result<Subscription, String> {
-    let id = text_header(view, "x-subscription-id")
-        .ok_or("is not a dead letter (no x-subscription-id header)")?;
-    let subscription = subscriptions::require(state, tenant.tenant_id, id)
-        .await
-        .map_err(|_| {
-            format!("names subscription '{id}', which no longer exists: publish it again yourself")
-        })?;
+) -> ApiResult<Result<Subscription, String>> {
+    let Some(id) = text_header(view, "x-subscription-id") else {
+        return Ok(Err(
+            "is not a dead letter (no x-subscription-id header)".into()
+        ));
+    };
+    if !givers.contains_key(id) {
+        let found = match subscriptions::require(state, tenant.tenant_id, id).await {
+            Ok(subscription) => Some(subscription),
+            Err(error) if error.code == ErrorCode::SubscriptionNotFound => None,
+            Err(error) => return Err(error),
+        };
+        givers.insert(id.to_owned(), found);
+    }
+    let Some(subscription) = givers.get(id).cloned().flatten() else {
+        return Ok(Err(format!(
+            "names subscription '{id}', which no longer exists: publish it again yourself"
+        )));
+    };
     if subscription.dead_letter_queue != dead_letters.name {
-        return Err(format!(
+        return Ok(Err(format!(
             "is not a dead letter of subscription '{id}' (its dead-letter queue is '{}')",
             subscription.dead_letter_queue
-        ));
+        )));
     }
     if subscription.queue_tenant_id != tenant.tenant_id {
-        return Err(format!(
+        return Ok(Err(format!(
             "came from another tenant's public queue '{}': only its owner publishes there",
             subscription.queue
-        ));
+        )));
     }
-    Ok(subscription)
+    Ok(Ok(subscription))
 }
 
 /// The dead letter's payload in plaintext. A dead letter of an encrypted queue kept in an
