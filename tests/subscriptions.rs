@@ -388,6 +388,69 @@ async fn ack_nack_and_retry_spacing() {
     assert!(subscription["lastConsumedAt"].is_string());
 }
 
+/// One ack request settles its ids over every partition in batched script calls (100 a
+/// call): each delivery once, an id repeated in the request or already acked settles
+/// nothing, and the records and stats follow.
+#[tokio::test]
+async fn one_ack_settles_many_deliveries_across_partitions_once() {
+    let app = TestApp::spawn().await;
+    app.create_queue(json!({"name": "wide", "partitionCount": 4}))
+        .await;
+    let sub = consumer(&app, "wide", "g", "c", json!({})).await;
+    let messages: Vec<Value> = (0..250)
+        .map(|n| json!({"payload": {"n": n}, "key": format!("k{n}")}))
+        .collect();
+    let (status, reply) = app
+        .call(
+            Method::POST,
+            "/api/v1/mq/publish/batch",
+            Some(json!({"queue": "wide", "messages": messages})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let pulled = pull_all(&app, &sub, 250).await;
+    assert_eq!(pulled.len(), 250);
+    let partitions: BTreeSet<i64> = pulled
+        .iter()
+        .map(|m| m["partition"].as_i64().unwrap())
+        .collect();
+    assert!(
+        partitions.len() > 1,
+        "spread over partitions: {partitions:?}"
+    );
+
+    let mut ids = ack_ids(&pulled[..200]);
+    // The same delivery twice in one request, across the 100-settlement chunks.
+    ids.push(ids[0].clone());
+    ids.push(ids[150].clone());
+    assert_eq!(settle(&app, &sub, "ack", ids, json!({})).await, 200);
+    let mut rest = ack_ids(&pulled[200..]);
+    rest.extend(ack_ids(&pulled[..10]));
+    assert_eq!(
+        settle(&app, &sub, "ack", rest, json!({})).await,
+        50,
+        "the ten already acked settle nothing"
+    );
+    assert!(pull(&app, &sub, 100, 300).await.is_empty());
+    assert!(eventually(WAIT, || async { stats(&app, &sub).await["acked"] == 250 }).await);
+    assert_eq!(stats(&app, &sub).await["pending"], 0);
+    let id = pulled[120]["messageId"].as_str().unwrap().to_owned();
+    assert!(
+        eventually(WAIT, || async {
+            let (_, record) = app
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/mq/messages/{id}?queue=wide"),
+                    None,
+                )
+                .await;
+            record["status"] == "consumed"
+                && record["deliveries"].as_array().map(Vec::len) == Some(1)
+        })
+        .await
+    );
+}
+
 #[tokio::test]
 async fn nack_delay_overrides_the_schedule() {
     let app = TestApp::spawn().await;

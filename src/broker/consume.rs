@@ -165,24 +165,31 @@ return out
     )
 });
 
+/// Settlements per script call: a call holds Redis for its whole batch (about 10 µs each).
+const SETTLE_CHUNK: usize = 100;
+
 static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         r#"
--- KEYS: stream, inflight, retry, attempts, journal, deletion tombstone, `announced`.
--- ARGV: 1 group, 2 entry id, 3 outcome, 4 expected deadline ('' = any current delivery),
--- 5 required deliveries count ('' = any), 6 retry at (ms, outcome 'failed'), 7 recorder group,
--- 8 message id, 9 subscription id, 10 processing ms, 11 error, 12 now (ms), 13 consumer,
--- 14 wake channel, 15 this instance, 16 queue id, 17 announcement lifetime (ms), 18 the guest
--- tenant whose subscription settles ('' for the queue owner's: `gt` in the journal keeps a
--- guest's outcomes out of the owner's records).
+-- Settles a batch of deliveries of one queue (one call instead of one per delivery: the
+-- per-call cost in Redis is most of a lone settlement's).
+-- KEYS: 1 the deletion tombstone, 2 `announced`; then per settlement i = 1..N, from
+-- k = 2 + 5(i-1): k+1 stream, k+2 inflight, k+3 retry, k+4 attempts, k+5 journal.
+-- ARGV: 1 recorder group, 2 consumer, 3 wake channel, 4 this instance, 5 queue id,
+-- 6 announcement lifetime (ms), 7 the guest tenant whose subscription settles ('' for the
+-- queue owner's: `gt` in the journal keeps a guest's outcomes out of the owner's records);
+-- then per settlement i, from a = 7 + 11(i-1): a+1 group, a+2 entry id, a+3 outcome,
+-- a+4 expected deadline ('' = any current delivery), a+5 required deliveries count
+-- ('' = any), a+6 retry at (ms, outcome 'failed'), a+7 message id, a+8 subscription id,
+-- a+9 processing ms, a+10 error, a+11 now (ms).
 -- Outcomes: 'failed' schedules a retry; 'acked', 'filtered', 'expired', 'dead_letter',
 -- 'set_aside' finish. An ack also finishes an entry waiting for its retry (its late success
 -- still counts).
 -- A retry due sooner than any other of the group here is announced (`t`), so consumers
--- sleeping on other instances wake for it. Finishing the last delivery in flight of the group
--- here, with later entries in the stream, announces the queue ready (`r`) unless an
--- announcement stands: an in-order consumer it held back, on any instance, takes the next.
--- Returns 0 (not applied), 1 (applied) or 2 (applied, and the queue announced ready).
+-- sleeping on other instances wake for it. Finishing the last delivery in flight of a group
+-- on a partition, with later entries in its stream, announces the queue ready (`r`) unless
+-- an announcement stands: an in-order consumer it held back, on any instance, takes the next.
+-- Returns {applied 1, ..., applied N, announced}, each 1 or 0.
 local function id_before(a, b)
   local ams, aseq = string.match(a, '(%d+)-(%d+)')
   local bms, bseq = string.match(b, '(%d+)-(%d+)')
@@ -191,45 +198,77 @@ local function id_before(a, b)
   if ams ~= bms then return ams < bms end
   return tonumber(aseq) < tonumber(bseq)
 end
-local stream, inflight, retry, attempts, journal = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local id, outcome = ARGV[2], ARGV[3]
+local n = (#KEYS - 2) / 5
+local out = {}
+for i = 1, n + 1 do out[i] = 0 end
 -- The queue was deleted: nothing to settle, and no journal to bring back.
-if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
-local deadline = redis.call('ZSCORE', inflight, id)
-if ARGV[4] ~= '' then
-  if deadline ~= ARGV[4] then return 0 end
-elseif not deadline then
-  if outcome ~= 'acked' or not redis.call('ZSCORE', retry, id) then return 0 end
-end
-local deliveries = tonumber(redis.call('HGET', attempts, id)) or 1
-if ARGV[5] ~= '' and deliveries ~= tonumber(ARGV[5]) then return 0 end
-redis.call('ZREM', inflight, id)
-if outcome == 'failed' then
-  local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
-  redis.call('ZADD', retry, ARGV[6], id)
-  if not first[2] or tonumber(ARGV[6]) < tonumber(first[2]) then
-    redis.call('PUBLISH', ARGV[14], 't ' .. ARGV[15] .. ' ' .. ARGV[16] .. ' ' .. ARGV[6])
+if redis.call('EXISTS', KEYS[1]) == 1 then return out end
+local journals = {}
+-- Per inflight set a finishing settlement emptied: its stream and the lowest id finished.
+local finished, order = {}, {}
+for i = 1, n do
+  local k, a = 2 + 5 * (i - 1), 7 + 11 * (i - 1)
+  local stream, inflight, retry, attempts, journal = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
+    KEYS[k + 4], KEYS[k + 5]
+  local id, outcome, retry_at = ARGV[a + 2], ARGV[a + 3], ARGV[a + 6]
+  local deadline = redis.call('ZSCORE', inflight, id)
+  local current
+  if ARGV[a + 4] ~= '' then
+    current = deadline == ARGV[a + 4]
+  else
+    current = deadline or (outcome == 'acked' and redis.call('ZSCORE', retry, id))
   end
-else
-  redis.call('ZREM', retry, id)
-  redis.call('XACK', stream, ARGV[1], id)
-  redis.call('HDEL', attempts, id)
-end
-if redis.call('EXISTS', journal) == 0 then
-  redis.call('XGROUP', 'CREATE', journal, ARGV[7], '0', 'MKSTREAM')
-end
-redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[8], 'sub', ARGV[9],
-  'n', deliveries, 'ms', ARGV[10], 'err', ARGV[11], 't', ARGV[12], 'off', id, 'ra', ARGV[6],
-  'ci', ARGV[13], 'gt', ARGV[18])
-if outcome ~= 'failed' and redis.call('ZCARD', inflight) == 0 then
-  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
-  if last and id_before(id, last[1])
-      and redis.call('SET', KEYS[7], '1', 'NX', 'PX', ARGV[17]) then
-    redis.call('PUBLISH', ARGV[14], 'r ' .. ARGV[15] .. ' ' .. ARGV[16])
-    return 2
+  local deliveries = 0
+  if current then
+    deliveries = tonumber(redis.call('HGET', attempts, id)) or 1
+    if ARGV[a + 5] ~= '' and deliveries ~= tonumber(ARGV[a + 5]) then current = false end
+  end
+  if current then
+    out[i] = 1
+    redis.call('ZREM', inflight, id)
+    if outcome == 'failed' then
+      local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+      redis.call('ZADD', retry, retry_at, id)
+      if not first[2] or tonumber(retry_at) < tonumber(first[2]) then
+        redis.call('PUBLISH', ARGV[3], 't ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. retry_at)
+      end
+    else
+      redis.call('ZREM', retry, id)
+      redis.call('XACK', stream, ARGV[a + 1], id)
+      redis.call('HDEL', attempts, id)
+      local seen = finished[inflight]
+      if not seen then
+        finished[inflight] = {stream, id}
+        order[#order + 1] = inflight
+      elseif id_before(id, seen[2]) then
+        seen[2] = id
+      end
+    end
+    if not journals[journal] then
+      journals[journal] = true
+      if redis.call('EXISTS', journal) == 0 then
+        redis.call('XGROUP', 'CREATE', journal, ARGV[1], '0', 'MKSTREAM')
+      end
+    end
+    redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[a + 7],
+      'sub', ARGV[a + 8], 'n', deliveries, 'ms', ARGV[a + 9], 'err', ARGV[a + 10],
+      't', ARGV[a + 11], 'off', id, 'ra', retry_at, 'ci', ARGV[2], 'gt', ARGV[7])
   end
 end
-return 1
+for _, inflight in ipairs(order) do
+  if redis.call('ZCARD', inflight) == 0 then
+    local seen = finished[inflight]
+    local last = redis.call('XREVRANGE', seen[1], '+', '-', 'COUNT', 1)[1]
+    if last and id_before(seen[2], last[1]) then
+      if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[6]) then
+        redis.call('PUBLISH', ARGV[3], 'r ' .. ARGV[4] .. ' ' .. ARGV[5])
+        out[n + 1] = 1
+      end
+      break
+    end
+  end
+end
+return out
 "#,
     )
 });
@@ -582,64 +621,70 @@ impl Broker {
         if settlements.is_empty() {
             return Ok(Settled::default());
         }
-        let channel = self.keys.wake_channel();
-        let queue = queue_id.to_string();
-        let announced = self.keys.partition(queue_id, 0).announced;
-        let lifetime = super::ANNOUNCEMENT_LIFETIME_MS.to_string();
-        let guest = guest_tenant.map(|t| t.to_string()).unwrap_or_default();
+        let tombstone = self.keys.partition(queue_id, 0);
+        let (deleted, announced) = (&tombstone.deleted, &tombstone.announced);
+        let shared = [
+            RECORDER_GROUP.to_owned(),
+            consumer_instance.to_owned(),
+            self.keys.wake_channel(),
+            self.origin.to_string(),
+            queue_id.to_string(),
+            super::ANNOUNCEMENT_LIFETIME_MS.to_string(),
+            guest_tenant.map(|t| t.to_string()).unwrap_or_default(),
+        ];
         let mut pipeline = redis::pipe();
-        for s in settlements {
-            let keys = self.keys.partition(queue_id, s.partition);
-            let group_keys = self.keys.group(queue_id, s.partition, s.group);
-            let retry_at = match s.outcome {
-                Outcome::Failed { retry_at_ms } => retry_at_ms.to_string(),
-                _ => String::new(),
-            };
-            let args = [
-                s.group.to_owned(),
-                s.entry_id.to_owned(),
-                s.outcome.as_str().to_owned(),
-                s.expected_deadline.unwrap_or_default().to_owned(),
-                s.expected_attempt
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-                retry_at,
-                RECORDER_GROUP.to_owned(),
-                s.message_id.to_owned(),
-                s.subscription_id.to_string(),
-                s.processing_ms.map(|ms| ms.to_string()).unwrap_or_default(),
-                s.error.unwrap_or_default().chars().take(1000).collect(),
-                s.now_ms.to_string(),
-                consumer_instance.to_owned(),
-            ];
-            let mut args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-            args.extend([
-                channel.as_bytes(),
-                self.origin.as_bytes(),
-                queue.as_bytes(),
-                lifetime.as_bytes(),
-                guest.as_bytes(),
-            ]);
-            SETTLE.add_to(
-                &mut pipeline,
-                &[
-                    &keys.stream,
-                    &group_keys.inflight,
-                    &group_keys.retry,
-                    &group_keys.attempts,
-                    &keys.journal,
-                    &keys.deleted,
-                    &announced,
-                ],
-                &args,
-            );
+        for chunk in settlements.chunks(SETTLE_CHUNK) {
+            let mut keys: Vec<String> = Vec::with_capacity(2 + 5 * chunk.len());
+            let mut args: Vec<String> = Vec::with_capacity(shared.len() + 11 * chunk.len());
+            args.extend(shared.iter().cloned());
+            for s in chunk {
+                let partition = self.keys.partition(queue_id, s.partition);
+                let group = self.keys.group(queue_id, s.partition, s.group);
+                keys.extend([
+                    partition.stream,
+                    group.inflight,
+                    group.retry,
+                    group.attempts,
+                    partition.journal,
+                ]);
+                let retry_at = match s.outcome {
+                    Outcome::Failed { retry_at_ms } => retry_at_ms.to_string(),
+                    _ => String::new(),
+                };
+                args.extend([
+                    s.group.to_owned(),
+                    s.entry_id.to_owned(),
+                    s.outcome.as_str().to_owned(),
+                    s.expected_deadline.unwrap_or_default().to_owned(),
+                    s.expected_attempt
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                    retry_at,
+                    s.message_id.to_owned(),
+                    s.subscription_id.to_string(),
+                    s.processing_ms.map(|ms| ms.to_string()).unwrap_or_default(),
+                    s.error.unwrap_or_default().chars().take(1000).collect(),
+                    s.now_ms.to_string(),
+                ]);
+            }
+            let keys: Vec<&str> = [deleted.as_str(), announced.as_str()]
+                .into_iter()
+                .chain(keys.iter().map(String::as_str))
+                .collect();
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            SETTLE.add_to(&mut pipeline, &keys, &args);
         }
         let mut connection = self.connection().await?;
-        let replies: Vec<i64> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
-        Ok(Settled {
-            announced_ready: replies.contains(&2),
-            applied: replies.into_iter().map(|a| a >= 1).collect(),
-        })
+        let replies: Vec<Vec<i64>> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
+        let mut settled = Settled::default();
+        for (chunk, mut reply) in settlements.chunks(SETTLE_CHUNK).zip(replies) {
+            if reply.len() != chunk.len() + 1 {
+                return Err(unexpected("settle reply"));
+            }
+            settled.announced_ready |= reply.pop() == Some(1);
+            settled.applied.extend(reply.into_iter().map(|a| a == 1));
+        }
+        Ok(settled)
     }
 
     /// Deliveries of each of `groups` whose ack deadline passed by `now_ms`, up to `limit`

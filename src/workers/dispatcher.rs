@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -198,6 +198,7 @@ async fn serve(
     let filter = subscription.filter();
     let consumer = subscription.id.to_string();
     let mut pushes = JoinSet::new();
+    let (acks, settling) = start_settling(state.clone(), subscription.clone());
     let mut first_partition = 0u16;
     let mut denied = false;
     // A tenant permit this task waited for, kept for its next take.
@@ -334,7 +335,7 @@ async fn serve(
                         delivery,
                         envelope,
                         timeout,
-                        permits,
+                        (permits, acks.clone()),
                     ));
                 }
             }
@@ -348,6 +349,8 @@ async fn serve(
     }
     // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
     while pushes.join_next().await.is_some() {}
+    drop(acks);
+    let _ = settling.await;
     subscription.id
 }
 
@@ -417,6 +420,65 @@ async fn idle(
     }
 }
 
+/// Settlements of successful pushes gathered per call: a serving task has at most
+/// `concurrency` pushes, so this only bounds one script call's length.
+const ACKS_PER_SETTLE: usize = 256;
+
+/// A successful push, waiting for its settlement; `settled` says it was settled (or settling
+/// failed: then the reclaimer settles it when its deadline passes).
+struct Ack {
+    queue: Arc<crate::domain::queue::Queue>,
+    delivery: Delivery,
+    message_id: String,
+    published_at_ms: i64,
+    elapsed_ms: i64,
+    settled: oneshot::Sender<()>,
+}
+
+/// Starts the task that settles a serving task's successful pushes: the acks that finish
+/// while one settle call is out go together in the next, one script call for all of them
+/// (a settle per push cost Redis more than the push's own work). It ends when every sender
+/// is dropped.
+fn start_settling(
+    state: AppState,
+    subscription: Subscription,
+) -> (mpsc::UnboundedSender<Ack>, tokio::task::JoinHandle<()>) {
+    let (acks, mut arriving) = mpsc::unbounded_channel::<Ack>();
+    let task = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while arriving.recv_many(&mut batch, ACKS_PER_SETTLE).await > 0 {
+            let settlements: Vec<Settlement> = batch
+                .iter()
+                .map(|ack| Settlement {
+                    group: &subscription.delivery_group,
+                    partition: ack.delivery.partition,
+                    entry_id: &ack.delivery.entry_id,
+                    outcome: Outcome::Acked,
+                    expected_deadline: Some(&ack.delivery.deadline),
+                    expected_attempt: None,
+                    message_id: &ack.message_id,
+                    subscription_id: subscription.id,
+                    processing_ms: Some(ack.elapsed_ms),
+                    error: None,
+                    now_ms: Utc::now().timestamp_millis(),
+                    published_at_ms: Some(ack.published_at_ms),
+                })
+                .collect();
+            // The queue as the latest push saw it (its id is the subscription's).
+            let queue = batch[batch.len() - 1].queue.clone();
+            if let Err(error) = settle(&state, &subscription, &queue, &settlements).await {
+                // Left in flight: the reclaimer settles them when their deadline passes.
+                tracing::warn!(error = %error, subscription = %subscription.id, "settling pushes failed");
+            }
+            drop(settlements);
+            for ack in batch.drain(..) {
+                let _ = ack.settled.send(());
+            }
+        }
+    });
+    (acks, task)
+}
+
 /// One push and its settlement.
 async fn push(
     state: AppState,
@@ -425,7 +487,7 @@ async fn push(
     delivery: Delivery,
     envelope: Envelope,
     timeout: Duration,
-    _permits: PushPermits,
+    (_permits, acks): (PushPermits, mpsc::UnboundedSender<Ack>),
 ) {
     let books = Books::of(&subscription, &queue);
     state
@@ -437,23 +499,20 @@ async fn push(
         .await;
     let settled = match outcome {
         PushOutcome::Delivered { elapsed_ms } => {
-            let settlement = Settlement {
-                group: &subscription.delivery_group,
-                partition: delivery.partition,
-                entry_id: &delivery.entry_id,
-                outcome: Outcome::Acked,
-                expected_deadline: Some(&delivery.deadline),
-                expected_attempt: None,
-                message_id: &envelope.message_id,
-                subscription_id: subscription.id,
-                processing_ms: Some(elapsed_ms),
-                error: None,
-                now_ms: Utc::now().timestamp_millis(),
-                published_at_ms: Some(envelope.published_at),
+            let (settled, settling) = oneshot::channel();
+            let ack = Ack {
+                queue,
+                message_id: envelope.message_id,
+                published_at_ms: envelope.published_at,
+                delivery,
+                elapsed_ms,
+                settled,
             };
-            settle(&state, &subscription, &queue, &[settlement])
-                .await
-                .map(|_| ())
+            // The permits are held until the settlement is done, as for a lone settle.
+            if acks.send(ack).is_ok() {
+                let _ = settling.await;
+            }
+            Ok(())
         }
         PushOutcome::Failed {
             error,
