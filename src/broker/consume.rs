@@ -676,6 +676,9 @@ impl Broker {
         }
         let mut connection = self.connection().await?;
         let replies: Vec<Vec<i64>> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
+        if replies.len() != settlements.len().div_ceil(SETTLE_CHUNK) {
+            return Err(unexpected("settle replies"));
+        }
         let mut settled = Settled::default();
         for (chunk, mut reply) in settlements.chunks(SETTLE_CHUNK).zip(replies) {
             if reply.len() != chunk.len() + 1 {

@@ -14,7 +14,8 @@
 //! Several instances may serve one subscription: a message is taken by one of them at a time
 //! (the group's delivery state in Redis), and an instance that dies leaves its in-flight
 //! deliveries to be reclaimed after their deadline. At shutdown a serving task stops taking,
-//! lets in-flight pushes finish (each bounded by its timeout) and leaves the rest pending.
+//! lets in-flight pushes finish (each bounded by its timeout and its settlement's Redis
+//! call) and leaves the rest pending.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -347,7 +348,8 @@ async fn serve(
             }
         }
     }
-    // Let in-flight pushes finish (each is bounded by its timeout); the rest stays pending.
+    // Let in-flight pushes finish (each is bounded by its timeout and its settlement's Redis
+    // call); the rest stays pending.
     while pushes.join_next().await.is_some() {}
     drop(acks);
     let _ = settling.await;
@@ -424,14 +426,40 @@ async fn idle(
 /// `concurrency` pushes, so this only bounds one script call's length.
 const ACKS_PER_SETTLE: usize = 256;
 
-/// A successful push, waiting for its settlement; `settled` says it was settled (or settling
-/// failed: then the reclaimer settles it when its deadline passes).
-struct Ack {
+/// A successful push, to be settled.
+#[derive(Clone)]
+struct Pushed {
     queue: Arc<crate::domain::queue::Queue>,
+    /// Without its envelope: settling needs only where it is and which delivery it was.
     delivery: Delivery,
     message_id: String,
     published_at_ms: i64,
     elapsed_ms: i64,
+}
+
+impl Pushed {
+    fn settlement<'a>(&'a self, subscription: &'a Subscription) -> Settlement<'a> {
+        Settlement {
+            group: &subscription.delivery_group,
+            partition: self.delivery.partition,
+            entry_id: &self.delivery.entry_id,
+            outcome: Outcome::Acked,
+            expected_deadline: Some(&self.delivery.deadline),
+            expected_attempt: None,
+            message_id: &self.message_id,
+            subscription_id: subscription.id,
+            processing_ms: Some(self.elapsed_ms),
+            error: None,
+            now_ms: Utc::now().timestamp_millis(),
+            published_at_ms: Some(self.published_at_ms),
+        }
+    }
+}
+
+/// A successful push waiting for the settler; `settled` says it was settled (or settling
+/// failed: then the reclaimer settles it when its deadline passes).
+struct Ack {
+    pushed: Pushed,
     settled: oneshot::Sender<()>,
 }
 
@@ -449,23 +477,10 @@ fn start_settling(
         while arriving.recv_many(&mut batch, ACKS_PER_SETTLE).await > 0 {
             let settlements: Vec<Settlement> = batch
                 .iter()
-                .map(|ack| Settlement {
-                    group: &subscription.delivery_group,
-                    partition: ack.delivery.partition,
-                    entry_id: &ack.delivery.entry_id,
-                    outcome: Outcome::Acked,
-                    expected_deadline: Some(&ack.delivery.deadline),
-                    expected_attempt: None,
-                    message_id: &ack.message_id,
-                    subscription_id: subscription.id,
-                    processing_ms: Some(ack.elapsed_ms),
-                    error: None,
-                    now_ms: Utc::now().timestamp_millis(),
-                    published_at_ms: Some(ack.published_at_ms),
-                })
+                .map(|ack: &Ack| ack.pushed.settlement(&subscription))
                 .collect();
             // The queue as the latest push saw it (its id is the subscription's).
-            let queue = batch[batch.len() - 1].queue.clone();
+            let queue = batch[batch.len() - 1].pushed.queue.clone();
             if let Err(error) = settle(&state, &subscription, &queue, &settlements).await {
                 // Left in flight: the reclaimer settles them when their deadline passes.
                 tracing::warn!(error = %error, subscription = %subscription.id, "settling pushes failed");
@@ -477,6 +492,35 @@ fn start_settling(
         }
     });
     (acks, task)
+}
+
+/// Settles a successful push through the serving task's settler, or alone if the settler is
+/// gone (it panicked): a success is never left to be reclaimed as a failure. Returns once
+/// settled, so the push keeps its permits until then.
+async fn settle_pushed(
+    state: &AppState,
+    subscription: &Subscription,
+    acks: &mpsc::UnboundedSender<Ack>,
+    pushed: Pushed,
+) -> crate::error::ApiResult<()> {
+    let (settled, settling) = oneshot::channel();
+    let ack = Ack {
+        pushed: pushed.clone(),
+        settled,
+    };
+    match acks.send(ack) {
+        Ok(()) if settling.await.is_ok() => return Ok(()),
+        _ => {}
+    }
+    tracing::warn!(subscription = %subscription.id, "the settler of this webhook is gone; settling the push alone");
+    settle(
+        state,
+        subscription,
+        &pushed.queue,
+        &[pushed.settlement(subscription)],
+    )
+    .await
+    .map(|_| ())
 }
 
 /// One push and its settlement.
@@ -499,20 +543,17 @@ async fn push(
         .await;
     let settled = match outcome {
         PushOutcome::Delivered { elapsed_ms } => {
-            let (settled, settling) = oneshot::channel();
-            let ack = Ack {
+            let pushed = Pushed {
                 queue,
                 message_id: envelope.message_id,
                 published_at_ms: envelope.published_at,
-                delivery,
+                delivery: Delivery {
+                    envelope: None,
+                    ..delivery
+                },
                 elapsed_ms,
-                settled,
             };
-            // The permits are held until the settlement is done, as for a lone settle.
-            if acks.send(ack).is_ok() {
-                let _ = settling.await;
-            }
-            Ok(())
+            settle_pushed(&state, &subscription, &acks, pushed).await
         }
         PushOutcome::Failed {
             error,

@@ -46,6 +46,10 @@ const FIRST_SWEEP: Duration = Duration::from_secs(3);
 const STALE_AFTER_MS: u64 = 30_000;
 /// Partitions read per turn, at most.
 const TURN_PARTITIONS: usize = 64;
+/// Entries read per turn, about (or `MESSAGE_BATCH_SIZE`, if larger): a cycle's fixed cost
+/// (a script round trip, a transaction, the acks) is spread over this many rows. At 50 a
+/// cycle, the recorder fell behind a saturating publish load on two cores.
+const TURN_ENTRIES: usize = 500;
 /// Entries read per stream (and journal) per turn, at least.
 const MIN_PER_PARTITION: usize = 8;
 /// Entry bytes read per turn, about: a partition's share (for its stream, and again for its
@@ -265,9 +269,10 @@ impl Visits {
                 claim_idle_ms: self.claiming.contains(partition).then_some(STALE_AFTER_MS),
             })
             .collect();
-        // A turn's entries are one batch: about `message_batch_size` in all, and about
+        // A turn's entries are one batch: about `TURN_ENTRIES` in all, and about
         // `TURN_BYTES`, so that no script holds Redis long and no batch is huge.
-        let most = (state.config.message_batch_size / turn.len().max(1)).max(MIN_PER_PARTITION);
+        let entries = TURN_ENTRIES.max(state.config.message_batch_size);
+        let most = (entries / turn.len().max(1)).max(MIN_PER_PARTITION);
         let budget = (TURN_BYTES / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
         let reads = match state
             .broker
