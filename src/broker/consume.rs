@@ -135,12 +135,20 @@ for slot = 1, #partitions do
           return redis.error_reply(read.err)
         end
         local entries = (read and read[1][2]) or {}
+        local deadlines = {}
         for _, entry in ipairs(entries) do
-          redis.call('ZADD', inflight, ARGV[5], entry[1])
+          deadlines[#deadlines + 1] = ARGV[5]
+          deadlines[#deadlines + 1] = entry[1]
+          -- Bounded, as `unpack` is by the Lua stack.
+          if #deadlines >= 2000 then
+            redis.call('ZADD', inflight, unpack(deadlines))
+            deadlines = {}
+          end
           out[#out + 1] = {partitions[slot], entry[1], entry[2], 1}
           bytes = bytes + size(entry[2])
           got = got + 1
         end
+        if #deadlines > 0 then redis.call('ZADD', inflight, unpack(deadlines)) end
         remaining = remaining - #entries
         if #entries < count then break end
       end
@@ -189,6 +197,7 @@ static SETTLE: LazyLock<LuaScript> = LazyLock::new(|| {
 -- sleeping on other instances wake for it. Finishing the last delivery in flight of a group
 -- on a partition, with later entries in its stream, announces the queue ready (`r`) unless
 -- an announcement stands: an in-order consumer it held back, on any instance, takes the next.
+-- One delivery (group, partition, entry) appears at most once in a call.
 -- Returns {applied 1, ..., applied N, announced}, each 1 or 0.
 local function id_before(a, b)
   local ams, aseq = string.match(a, '(%d+)-(%d+)')
@@ -204,6 +213,20 @@ for i = 1, n + 1 do out[i] = 0 end
 -- The queue was deleted: nothing to settle, and no journal to bring back.
 if redis.call('EXISTS', KEYS[1]) == 1 then return out end
 local journals = {}
+-- Removals are made once per key at the end, not once per settlement: the caller never puts
+-- one delivery twice into a call, so no settlement here reads what another removes.
+local removals, removal_order = {}, {}
+local function later(command, key, extra, member)
+  local name = command .. ' ' .. key
+  local removal = removals[name]
+  if not removal then
+    removal = {command, key, extra, {}}
+    removals[name] = removal
+    removal_order[#removal_order + 1] = name
+  end
+  local members = removal[4]
+  members[#members + 1] = member
+end
 -- Per inflight set a finishing settlement emptied: its stream and the lowest id finished.
 local finished, order = {}, {}
 for i = 1, n do
@@ -225,17 +248,20 @@ for i = 1, n do
   end
   if current then
     out[i] = 1
-    redis.call('ZREM', inflight, id)
+    later('ZREM', inflight, nil, id)
     if outcome == 'failed' then
       local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
       redis.call('ZADD', retry, retry_at, id)
-      if not first[2] or tonumber(retry_at) < tonumber(first[2]) then
+      -- (With removals from this retry set still to come, `first` may be one of them:
+      -- announcing then is at worst one wake-up too many.)
+      if not first[2] or tonumber(retry_at) < tonumber(first[2])
+          or removals['ZREM ' .. retry] then
         redis.call('PUBLISH', ARGV[3], 't ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. retry_at)
       end
     else
-      redis.call('ZREM', retry, id)
-      redis.call('XACK', stream, ARGV[a + 1], id)
-      redis.call('HDEL', attempts, id)
+      later('ZREM', retry, nil, id)
+      later('XACK', stream, ARGV[a + 1], id)
+      later('HDEL', attempts, nil, id)
       local seen = finished[inflight]
       if not seen then
         finished[inflight] = {stream, id}
@@ -253,6 +279,14 @@ for i = 1, n do
     redis.call('XADD', journal, '*', 'k', 'delivery', 'o', outcome, 'id', ARGV[a + 7],
       'sub', ARGV[a + 8], 'n', deliveries, 'ms', ARGV[a + 9], 'err', ARGV[a + 10],
       't', ARGV[a + 11], 'off', id, 'ra', retry_at, 'ci', ARGV[2], 'gt', ARGV[7])
+  end
+end
+for _, name in ipairs(removal_order) do
+  local removal = removals[name]
+  if removal[3] then
+    redis.call(removal[1], removal[2], removal[3], unpack(removal[4]))
+  else
+    redis.call(removal[1], removal[2], unpack(removal[4]))
   end
 end
 for _, inflight in ipairs(order) do
@@ -632,8 +666,9 @@ impl Broker {
             super::ANNOUNCEMENT_LIFETIME_MS.to_string(),
             guest_tenant.map(|t| t.to_string()).unwrap_or_default(),
         ];
+        let chunks = settle_chunks(settlements);
         let mut pipeline = redis::pipe();
-        for chunk in settlements.chunks(SETTLE_CHUNK) {
+        for &chunk in &chunks {
             let mut keys: Vec<String> = Vec::with_capacity(2 + 5 * chunk.len());
             let mut args: Vec<String> = Vec::with_capacity(shared.len() + 11 * chunk.len());
             args.extend(shared.iter().cloned());
@@ -676,11 +711,11 @@ impl Broker {
         }
         let mut connection = self.connection().await?;
         let replies: Vec<Vec<i64>> = scripts::run(&mut connection, &pipeline, &[&SETTLE]).await?;
-        if replies.len() != settlements.len().div_ceil(SETTLE_CHUNK) {
+        if replies.len() != chunks.len() {
             return Err(unexpected("settle replies"));
         }
         let mut settled = Settled::default();
-        for (chunk, mut reply) in settlements.chunks(SETTLE_CHUNK).zip(replies) {
+        for (chunk, mut reply) in chunks.iter().zip(replies) {
             if reply.len() != chunk.len() + 1 {
                 return Err(unexpected("settle reply"));
             }
@@ -844,6 +879,29 @@ impl Broker {
     }
 }
 
+/// Splits settlements, in order, into script calls of at most `SETTLE_CHUNK`, each naming a
+/// delivery (group, partition, entry) at most once: the script defers its removals to the
+/// end, so a delivery named twice (an ack request repeating an id) goes to the next call,
+/// which sees the first one's effect, as settling them one by one would.
+fn settle_chunks<'s, 'a>(settlements: &'s [Settlement<'a>]) -> Vec<&'s [Settlement<'a>]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut named = std::collections::HashSet::new();
+    for (at, s) in settlements.iter().enumerate() {
+        let delivery = (s.group, s.partition, s.entry_id);
+        if at - start == SETTLE_CHUNK || named.contains(&delivery) {
+            chunks.push(&settlements[start..at]);
+            start = at;
+            named.clear();
+        }
+        named.insert(delivery);
+    }
+    if start < settlements.len() {
+        chunks.push(&settlements[start..]);
+    }
+    chunks
+}
+
 fn unexpected(what: &str) -> ApiError {
     ApiError::internal(format!("unexpected Redis reply: {what}"))
 }
@@ -897,4 +955,43 @@ fn parse_range_envelope(reply: &redis::Value) -> Option<String> {
         FromRedisValue::from_redis_value(reply).ok()?;
     let (_, fields) = entries.into_iter().next()?;
     envelope_field(&fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked<'a>(group: &'a str, partition: u16, entry_id: &'a str) -> Settlement<'a> {
+        Settlement {
+            group,
+            partition,
+            entry_id,
+            outcome: Outcome::Acked,
+            expected_deadline: None,
+            expected_attempt: None,
+            message_id: "m",
+            subscription_id: Uuid::nil(),
+            processing_ms: None,
+            error: None,
+            now_ms: 0,
+            published_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_call_names_each_delivery_once_and_holds_at_most_a_chunk() {
+        let ids: Vec<String> = (0..250).map(|n| format!("1-{n}")).collect();
+        let mut settlements: Vec<Settlement> = ids.iter().map(|id| acked("g", 0, id)).collect();
+        // The same entry of another group or partition is another delivery.
+        settlements.insert(3, acked("h", 0, &ids[0]));
+        settlements.insert(4, acked("g", 1, &ids[0]));
+        // Repeated: goes to the next call.
+        settlements.insert(5, acked("g", 0, &ids[1]));
+        let sizes: Vec<usize> = settle_chunks(&settlements)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, vec![5, 100, 100, 48]);
+        assert!(settle_chunks(&[]).is_empty());
+    }
 }

@@ -14,6 +14,9 @@ use super::scripts::{self, LuaScript};
 use super::{Broker, RECORDER_GROUP};
 use crate::error::{ApiError, ApiResult};
 
+/// Ids one acknowledging command names at most.
+const IDS_PER_COMMAND: usize = 500;
+
 /// Reads one partition for the recorder: what the recorder group has not read yet from its
 /// stream and journal and, on a sweep, what another recorder read and left unrecorded for
 /// longer than the given idle time. One slot, one round trip per pipeline of partitions.
@@ -237,19 +240,33 @@ impl Broker {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut commands = Vec::with_capacity(recorded.len() + entries.len() * 2);
+        // One command per key (ids in chunks), not one per entry: Redis spent more on
+        // the commands than on the entries.
+        let mut unrecorded: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for (queue_id, message_id) in recorded {
-            commands.push(redis::Cmd::hdel(
-                &self.keys.partition(*queue_id, 0).unrecorded,
-                *message_id,
-            ));
+            unrecorded
+                .entry(self.keys.partition(*queue_id, 0).unrecorded)
+                .or_default()
+                .push(message_id);
         }
+        let mut read: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for entry in entries {
-            let mut ack = redis::cmd("XACK");
-            ack.arg(&entry.stream).arg(RECORDER_GROUP).arg(&entry.id);
-            commands.push(ack);
-            if KeyLayout::is_journal(&entry.stream) {
-                commands.push(redis::Cmd::xdel(&entry.stream, &[&entry.id]));
+            read.entry(&entry.stream).or_default().push(&entry.id);
+        }
+        let mut commands = Vec::new();
+        for (index, message_ids) in &unrecorded {
+            for chunk in message_ids.chunks(IDS_PER_COMMAND) {
+                commands.push(redis::Cmd::hdel(index, chunk));
+            }
+        }
+        for (stream, ids) in &read {
+            for chunk in ids.chunks(IDS_PER_COMMAND) {
+                let mut ack = redis::cmd("XACK");
+                ack.arg(*stream).arg(RECORDER_GROUP).arg(chunk);
+                commands.push(ack);
+                if KeyLayout::is_journal(stream) {
+                    commands.push(redis::Cmd::xdel(*stream, chunk));
+                }
             }
         }
         let mut connection = self.connection().await?;
