@@ -215,9 +215,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return out end
 local journals = {}
 -- Removals are made once per key at the end, not once per settlement: the caller never puts
 -- one delivery twice into a call, so no settlement here reads what another removes.
-local removals, removal_order = {}, {}
+local removals, removal_order, leaving_retry = {}, {}, {}
 local function later(command, key, extra, member)
-  local name = command .. ' ' .. key
+  local name = command .. ' ' .. key .. (extra and (' ' .. extra) or '')
   local removal = removals[name]
   if not removal then
     removal = {command, key, extra, {}}
@@ -255,11 +255,14 @@ for i = 1, n do
       -- (With removals from this retry set still to come, `first` may be one of them:
       -- announcing then is at worst one wake-up too many.)
       if not first[2] or tonumber(retry_at) < tonumber(first[2])
-          or removals['ZREM ' .. retry] then
+          or leaving_retry[retry] then
         redis.call('PUBLISH', ARGV[3], 't ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. retry_at)
       end
     else
       later('ZREM', retry, nil, id)
+      -- Finished while waiting for its retry: it is still first in the retry set until the
+      -- removals at the end.
+      if not deadline then leaving_retry[retry] = true end
       later('XACK', stream, ARGV[a + 1], id)
       later('HDEL', attempts, nil, id)
       local seen = finished[inflight]
