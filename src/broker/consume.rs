@@ -676,15 +676,9 @@ impl Broker {
             let mut args: Vec<String> = Vec::with_capacity(shared.len() + 11 * chunk.len());
             args.extend(shared.iter().cloned());
             for s in chunk {
-                let partition = self.keys.partition(queue_id, s.partition);
+                let (stream, journal) = self.keys.stream_and_journal(queue_id, s.partition);
                 let group = self.keys.group(queue_id, s.partition, s.group);
-                keys.extend([
-                    partition.stream,
-                    group.inflight,
-                    group.retry,
-                    group.attempts,
-                    partition.journal,
-                ]);
+                keys.extend([stream, group.inflight, group.retry, group.attempts, journal]);
                 let retry_at = match s.outcome {
                     Outcome::Failed { retry_at_ms } => retry_at_ms.to_string(),
                     _ => String::new(),

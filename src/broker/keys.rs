@@ -216,6 +216,18 @@ impl KeyLayout {
         keys
     }
 
+    /// A partition's `stream` and `journal` alone (the names `partition` gives), for paths
+    /// that run per delivery and need no other key.
+    pub fn stream_and_journal(&self, queue_id: Uuid, partition: u16) -> (String, String) {
+        let part = format!("{}:{partition}", self.tag(queue_id));
+        (format!("{part}:stream"), format!("{part}:journal"))
+    }
+
+    /// The queue's `unrecorded` index (the name `partition` gives).
+    pub fn unrecorded(&self, queue_id: Uuid) -> String {
+        format!("{}:unrecorded", self.tag(queue_id))
+    }
+
     /// Payload bytes the queue stores now (the `stored` of its partitions' keys).
     pub fn stored(&self, queue_id: Uuid) -> String {
         format!("{}:stored", self.tag(queue_id))
@@ -330,6 +342,18 @@ mod tests {
             tags[0]
         );
         assert_ne!(layout.partition(id, 4).stream, keys.stream);
+    }
+
+    #[test]
+    fn single_key_helpers_name_the_partition_keys() {
+        let layout = KeyLayout::new("mq:");
+        let id = Uuid::from_u128(7);
+        let keys = layout.partition(id, 2);
+        assert_eq!(
+            layout.stream_and_journal(id, 2),
+            (keys.stream, keys.journal)
+        );
+        assert_eq!(layout.unrecorded(id), keys.unrecorded);
     }
 
     #[test]

@@ -242,21 +242,19 @@ impl Broker {
         }
         // One command per key (ids in chunks), not one per entry: Redis spent more on
         // the commands than on the entries.
-        let mut unrecorded: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        let mut unrecorded: BTreeMap<Uuid, Vec<&str>> = BTreeMap::new();
         for (queue_id, message_id) in recorded {
-            unrecorded
-                .entry(self.keys.partition(*queue_id, 0).unrecorded)
-                .or_default()
-                .push(message_id);
+            unrecorded.entry(*queue_id).or_default().push(message_id);
         }
         let mut read: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for entry in entries {
             read.entry(&entry.stream).or_default().push(&entry.id);
         }
         let mut commands = Vec::new();
-        for (index, message_ids) in &unrecorded {
+        for (queue_id, message_ids) in &unrecorded {
+            let index = self.keys.unrecorded(*queue_id);
             for chunk in message_ids.chunks(IDS_PER_COMMAND) {
-                commands.push(redis::Cmd::hdel(index, chunk));
+                commands.push(redis::Cmd::hdel(&index, chunk));
             }
         }
         for (stream, ids) in &read {

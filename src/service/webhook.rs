@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::broker::consume::Delivery;
 use crate::config::Cidr;
@@ -36,6 +36,22 @@ pub enum PushOutcome {
         retry_after_ms: Option<i64>,
         elapsed_ms: i64,
     },
+}
+
+/// The request body of API.md, serialized from the envelope without copying it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PushBody<'a> {
+    message_id: &'a str,
+    queue: &'a str,
+    subscription_id: uuid::Uuid,
+    payload: &'a serde_json::Value,
+    headers: &'a std::collections::BTreeMap<String, String>,
+    key: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    trace_id: Option<&'a str>,
+    published_at: Option<DateTime<Utc>>,
+    delivery_attempt: u32,
 }
 
 pub struct WebhookClient {
@@ -89,19 +105,19 @@ impl WebhookClient {
                 elapsed_ms: 0,
             };
         }
-        let body = json!({
-            "messageId": envelope.message_id,
-            "queue": queue,
-            "subscriptionId": subscription.id,
-            "payload": envelope.payload,
-            "headers": envelope.headers,
-            "key": envelope.key,
-            "correlationId": envelope.correlation_id,
-            "traceId": envelope.trace_id,
-            "publishedAt": DateTime::from_timestamp_millis(envelope.published_at),
-            "deliveryAttempt": delivery.attempt,
-        });
-        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let body = serde_json::to_vec(&PushBody {
+            message_id: &envelope.message_id,
+            queue,
+            subscription_id: subscription.id,
+            payload: &envelope.payload,
+            headers: &envelope.headers,
+            key: envelope.key.as_deref(),
+            correlation_id: envelope.correlation_id.as_deref(),
+            trace_id: envelope.trace_id.as_deref(),
+            published_at: DateTime::from_timestamp_millis(envelope.published_at),
+            delivery_attempt: delivery.attempt,
+        })
+        .unwrap_or_default();
         let mut request = self
             .http
             .post(url)

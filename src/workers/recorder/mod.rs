@@ -142,7 +142,8 @@ enum BatchError {
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let consumer = format!("recorder-{}", state.instance_id);
     let mut visits = Visits::default();
-    let mut waiting: Vec<StreamEntry> = Vec::new();
+    // Shared, so decoding a large batch off the async threads does not copy it.
+    let mut waiting: Arc<[StreamEntry]> = Arc::from([]);
     let mut owners = Owners::default();
     let mut backoff = Duration::from_millis(250);
 
@@ -165,7 +166,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             }
             match visits.read(&state, &consumer).await {
                 Ok((entries, read_from)) => {
-                    waiting = entries;
+                    waiting = entries.into();
                     owners = read_from;
                     backoff = Duration::from_millis(250);
                 }
@@ -184,7 +185,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         match record(&state, &owners, &waiting).await {
             Ok(()) => {
                 state.recorder.succeeded(waiting.len());
-                waiting.clear();
+                waiting = Arc::from([]);
                 backoff = Duration::from_millis(250);
             }
             Err(error) => {
@@ -330,7 +331,7 @@ const INLINE_READ_BYTES: usize = 64 * 1024;
 async fn record(
     state: &AppState,
     owners: &Owners,
-    entries: &[StreamEntry],
+    entries: &Arc<[StreamEntry]>,
 ) -> Result<(), BatchError> {
     let mut readable = Vec::with_capacity(entries.len());
     for (entry, reading) in entries.iter().zip(read_entries(owners, entries).await?) {
@@ -371,7 +372,10 @@ type Reading = Option<(PartitionRef, Result<entries::Contribution, String>)>;
 
 /// Each entry's owner and what it says (`None`: its queue is gone). Large envelopes are
 /// decoded off the async threads.
-async fn read_entries(owners: &Owners, batch: &[StreamEntry]) -> Result<Vec<Reading>, BatchError> {
+async fn read_entries(
+    owners: &Owners,
+    batch: &Arc<[StreamEntry]>,
+) -> Result<Vec<Reading>, BatchError> {
     fn read(owners: &HashMap<String, PartitionRef>, batch: &[StreamEntry]) -> Vec<Reading> {
         batch
             .iter()
@@ -384,7 +388,7 @@ async fn read_entries(owners: &Owners, batch: &[StreamEntry]) -> Result<Vec<Read
     if batch.iter().map(StreamEntry::size).sum::<usize>() <= INLINE_READ_BYTES {
         return Ok(read(owners, batch));
     }
-    let (owners, batch) = (owners.clone(), batch.to_vec());
+    let (owners, batch) = (owners.clone(), batch.clone());
     tokio::task::spawn_blocking(move || read(&owners, &batch))
         .await
         .map_err(|error| BatchError::Task(error.to_string()))
