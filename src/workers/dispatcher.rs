@@ -199,7 +199,8 @@ async fn serve(
     let filter = subscription.filter();
     let consumer = subscription.id.to_string();
     let mut pushes = JoinSet::new();
-    let (acks, settling) = start_settling(state.clone(), subscription.clone());
+    let in_order = concurrency == 1;
+    let (mut acks, mut settling) = start_settling(&state, &subscription, concurrency);
     let mut first_partition = 0u16;
     let mut denied = false;
     // A tenant permit this task waited for, kept for its next take.
@@ -214,6 +215,12 @@ async fn serve(
             );
         }
         while pushes.try_join_next().is_some() {}
+        if settling.is_finished() {
+            // It panicked: the successes it held are reclaimed as failures after their
+            // deadline (delivered again, never lost); the next ones get a new settler.
+            tracing::error!(subscription = %subscription.id, "the settler of a webhook ended; starting another");
+            (acks, settling) = start_settling(&state, &subscription, concurrency);
+        }
         // Listening before looking: whatever arrives, or changes the queue, after this wakes
         // the wait below.
         let arrived = signal.notified();
@@ -336,7 +343,7 @@ async fn serve(
                         delivery,
                         envelope,
                         timeout,
-                        (permits, acks.clone()),
+                        (permits, acks.clone(), in_order),
                     ));
                 }
             }
@@ -456,22 +463,26 @@ impl Pushed {
     }
 }
 
-/// A successful push waiting for the settler; `settled` says it was settled (or settling
-/// failed: then the reclaimer settles it when its deadline passes).
+/// A successful push for the settler; `settled`, for a push that waits, says it was settled
+/// (or settling failed: then the reclaimer settles it when its deadline passes).
 struct Ack {
     pushed: Pushed,
-    settled: oneshot::Sender<()>,
+    settled: Option<oneshot::Sender<()>>,
 }
 
 /// Starts the task that settles a serving task's successful pushes: the acks that finish
 /// while one settle call is out go together in the next, one script call for all of them
-/// (a settle per push cost Redis more than the push's own work). It ends when every sender
-/// is dropped.
+/// (a settle per push cost Redis more than the push's own work). At most `waiting` acks
+/// queue for it: past that, a finished push keeps its permits until there is room, so
+/// pushes never run ahead of their settlements by more than that. It ends when every
+/// sender is dropped.
 fn start_settling(
-    state: AppState,
-    subscription: Subscription,
-) -> (mpsc::UnboundedSender<Ack>, tokio::task::JoinHandle<()>) {
-    let (acks, mut arriving) = mpsc::unbounded_channel::<Ack>();
+    state: &AppState,
+    subscription: &Subscription,
+    waiting: usize,
+) -> (mpsc::Sender<Ack>, tokio::task::JoinHandle<()>) {
+    let (acks, mut arriving) = mpsc::channel::<Ack>(waiting.max(1));
+    let (state, subscription) = (state.clone(), subscription.clone());
     let task = tokio::spawn(async move {
         let mut batch = Vec::new();
         while arriving.recv_many(&mut batch, ACKS_PER_SETTLE).await > 0 {
@@ -487,30 +498,50 @@ fn start_settling(
             }
             drop(settlements);
             for ack in batch.drain(..) {
-                let _ = ack.settled.send(());
+                if let Some(settled) = ack.settled {
+                    let _ = settled.send(());
+                }
             }
         }
     });
     (acks, task)
 }
 
-/// Settles a successful push through the serving task's settler, or alone if the settler is
-/// gone (it panicked): a success is never left to be reclaimed as a failure. Returns once
-/// settled, so the push keeps its permits until then.
+/// Hands a successful push to the serving task's settler. Its permits are freed then: the
+/// endpoint answered, so the next push may start while this one waits in the settler's
+/// queue. In order mode (`wait`) the push keeps them until it is settled, so that the next
+/// take finds the partition free. When the settler is gone (it panicked) the push is
+/// settled alone: a success is never left to be reclaimed as a failure.
 async fn settle_pushed(
     state: &AppState,
     subscription: &Subscription,
-    acks: &mpsc::UnboundedSender<Ack>,
+    acks: &mpsc::Sender<Ack>,
     pushed: Pushed,
+    permits: PushPermits,
+    wait: bool,
 ) -> crate::error::ApiResult<()> {
-    let (settled, settling) = oneshot::channel();
+    let (settled, settling) = if wait {
+        let (settled, settling) = oneshot::channel();
+        (Some(settled), Some(settling))
+    } else {
+        (None, None)
+    };
     let ack = Ack {
         pushed: pushed.clone(),
         settled,
     };
-    match acks.send(ack) {
-        Ok(()) if settling.await.is_ok() => return Ok(()),
-        _ => {}
+    if acks.send(ack).await.is_ok() {
+        match settling {
+            None => {
+                drop(permits);
+                return Ok(());
+            }
+            Some(settling) => {
+                if settling.await.is_ok() {
+                    return Ok(());
+                }
+            }
+        }
     }
     tracing::warn!(subscription = %subscription.id, "the settler of this webhook is gone; settling the push alone");
     settle(
@@ -531,7 +562,7 @@ async fn push(
     delivery: Delivery,
     envelope: Envelope,
     timeout: Duration,
-    (_permits, acks): (PushPermits, mpsc::UnboundedSender<Ack>),
+    (permits, acks, in_order): (PushPermits, mpsc::Sender<Ack>, bool),
 ) {
     let books = Books::of(&subscription, &queue);
     state
@@ -553,7 +584,7 @@ async fn push(
                 },
                 elapsed_ms,
             };
-            settle_pushed(&state, &subscription, &acks, pushed).await
+            settle_pushed(&state, &subscription, &acks, pushed, permits, in_order).await
         }
         PushOutcome::Failed {
             error,
