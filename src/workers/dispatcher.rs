@@ -216,9 +216,10 @@ async fn serve(
         }
         while pushes.try_join_next().is_some() {}
         if settling.is_finished() {
-            // It panicked: the successes it held are reclaimed as failures after their
-            // deadline (delivered again, never lost); the next ones get a new settler.
-            tracing::error!(subscription = %subscription.id, "the settler of a webhook ended; starting another");
+            // Only a panic outside its settle calls ends it early (those are caught): what it
+            // held is reclaimed after its deadline and delivered again, never lost.
+            let ended = (&mut settling).await;
+            tracing::error!(subscription = %subscription.id, ended = ?ended.err(), "the settler of a webhook ended; starting another");
             (acks, settling) = start_settling(&state, &subscription, concurrency);
         }
         // Listening before looking: whatever arrives, or changes the queue, after this wakes
@@ -284,7 +285,7 @@ async fn serve(
                 take_limit(&state, reserved.len()),
                 now,
                 deadline,
-                concurrency == 1,
+                in_order,
             )
             .await;
         first_partition = first_partition.wrapping_add(1) % queue.partition_count.max(1);
@@ -388,7 +389,8 @@ fn reserve(
     (reserved, false)
 }
 
-/// A push's permits: its subscription's and its tenant's, held until it is settled.
+/// A push's permits: its subscription's and its tenant's, held while it pushes (and, in order
+/// mode, until it is settled).
 type PushPermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 /// Waits for a reason to look again: a message arrived or the queue changed, a push
@@ -429,8 +431,8 @@ async fn idle(
     }
 }
 
-/// Settlements of successful pushes gathered per call: a serving task has at most
-/// `concurrency` pushes, so this only bounds one script call's length.
+/// Settlements of successful pushes gathered per call, at most (the settler's queue holds at
+/// most `concurrency`): this only bounds one script call's length.
 const ACKS_PER_SETTLE: usize = 256;
 
 /// A successful push, to be settled.
@@ -473,9 +475,10 @@ struct Ack {
 /// Starts the task that settles a serving task's successful pushes: the acks that finish
 /// while one settle call is out go together in the next, one script call for all of them
 /// (a settle per push cost Redis more than the push's own work). At most `waiting` acks
-/// queue for it: past that, a finished push keeps its permits until there is room, so
-/// pushes never run ahead of their settlements by more than that. It ends when every
-/// sender is dropped.
+/// queue for it: past that, a finished push keeps its permits until there is room. So a
+/// serving task has at most about three times `concurrency` deliveries taken and not
+/// settled (the pushes, the queue, the batch being settled), which a crash leaves to be
+/// reclaimed. It ends when every sender is dropped.
 fn start_settling(
     state: &AppState,
     subscription: &Subscription,
@@ -486,17 +489,30 @@ fn start_settling(
     let task = tokio::spawn(async move {
         let mut batch = Vec::new();
         while arriving.recv_many(&mut batch, ACKS_PER_SETTLE).await > 0 {
-            let settlements: Vec<Settlement> = batch
-                .iter()
-                .map(|ack: &Ack| ack.pushed.settlement(&subscription))
-                .collect();
-            // The queue as the latest push saw it (its id is the subscription's).
-            let queue = batch[batch.len() - 1].pushed.queue.clone();
-            if let Err(error) = settle(&state, &subscription, &queue, &settlements).await {
-                // Left in flight: the reclaimer settles them when their deadline passes.
-                tracing::warn!(error = %error, subscription = %subscription.id, "settling pushes failed");
+            let pushed: Arc<Vec<Pushed>> =
+                Arc::new(batch.iter().map(|ack: &Ack| ack.pushed.clone()).collect());
+            // Settled in a task of its own, so that a panic there cannot take the queued
+            // acks with it: the batch is then settled one by one here.
+            let settling = tokio::spawn(settle_batch(
+                state.clone(),
+                subscription.clone(),
+                pushed.clone(),
+            ));
+            if let Err(error) = settling.await {
+                tracing::error!(error = %error, subscription = %subscription.id, "settling pushes panicked; settling them one by one");
+                for one in pushed.iter() {
+                    let settled = settle(
+                        &state,
+                        &subscription,
+                        &one.queue,
+                        &[one.settlement(&subscription)],
+                    )
+                    .await;
+                    if let Err(error) = settled {
+                        tracing::warn!(error = %error, subscription = %subscription.id, "settling a push failed");
+                    }
+                }
             }
-            drop(settlements);
             for ack in batch.drain(..) {
                 if let Some(settled) = ack.settled {
                     let _ = settled.send(());
@@ -505,6 +521,22 @@ fn start_settling(
         }
     });
     (acks, task)
+}
+
+/// One settle call for a batch of successful pushes.
+async fn settle_batch(state: AppState, subscription: Subscription, pushed: Arc<Vec<Pushed>>) {
+    let Some(last) = pushed.last() else {
+        return;
+    };
+    let settlements: Vec<Settlement> = pushed
+        .iter()
+        .map(|one| one.settlement(&subscription))
+        .collect();
+    // The queue as the latest push saw it (its id is the subscription's).
+    if let Err(error) = settle(&state, &subscription, &last.queue, &settlements).await {
+        // Left in flight: the reclaimer settles them when their deadline passes.
+        tracing::warn!(error = %error, subscription = %subscription.id, "settling pushes failed");
+    }
 }
 
 /// Hands a successful push to the serving task's settler. Its permits are freed then: the
