@@ -501,14 +501,7 @@ fn start_settling(
             if let Err(error) = settling.await {
                 tracing::error!(error = %error, subscription = %subscription.id, "settling pushes panicked; settling them one by one");
                 for one in pushed.iter() {
-                    let settled = settle(
-                        &state,
-                        &subscription,
-                        &one.queue,
-                        &[one.settlement(&subscription)],
-                    )
-                    .await;
-                    if let Err(error) = settled {
+                    if let Err(error) = settle_alone(&state, &subscription, one).await {
                         tracing::warn!(error = %error, subscription = %subscription.id, "settling a push failed");
                     }
                 }
@@ -552,30 +545,39 @@ async fn settle_pushed(
     permits: PushPermits,
     wait: bool,
 ) -> crate::error::ApiResult<()> {
+    // Kept only by a push that waits: it settles alone if the settler fails it.
+    let copy = wait.then(|| pushed.clone());
     let (settled, settling) = if wait {
         let (settled, settling) = oneshot::channel();
         (Some(settled), Some(settling))
     } else {
         (None, None)
     };
-    let ack = Ack {
-        pushed: pushed.clone(),
-        settled,
-    };
-    if acks.send(ack).await.is_ok() {
-        match settling {
-            None => {
-                drop(permits);
-                return Ok(());
-            }
-            Some(settling) => {
+    let pushed = match acks.send(Ack { pushed, settled }).await {
+        Err(mpsc::error::SendError(ack)) => ack.pushed,
+        Ok(()) => match (settling, copy) {
+            (Some(settling), Some(copy)) => {
                 if settling.await.is_ok() {
                     return Ok(());
                 }
+                copy
             }
-        }
-    }
+            _ => {
+                drop(permits);
+                return Ok(());
+            }
+        },
+    };
     tracing::warn!(subscription = %subscription.id, "the settler of this webhook is gone; settling the push alone");
+    settle_alone(state, subscription, &pushed).await
+}
+
+/// Settles one successful push with a call of its own.
+async fn settle_alone(
+    state: &AppState,
+    subscription: &Subscription,
+    pushed: &Pushed,
+) -> crate::error::ApiResult<()> {
     settle(
         state,
         subscription,
