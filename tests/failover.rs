@@ -114,7 +114,10 @@ impl PrivateCluster {
         let started = Instant::now();
         loop {
             let topology = self.topology();
-            let healthy = |line: &&str| !line.contains("fail") && line.contains("connected");
+            // The link state is the eighth field ("disconnected" contains "connected").
+            let healthy = |line: &&str| {
+                !line.contains("fail") && line.split_whitespace().nth(7) == Some("connected")
+            };
             let masters = topology
                 .lines()
                 .filter(|line| line.contains("master") && healthy(line))

@@ -743,6 +743,56 @@ async fn publishing_continues_while_postgres_is_cut_and_records_catch_up() {
     assert_eq!(status_body["recordWriter"]["status"], "ok");
 }
 
+/// A backlog several recorder turns long (here: what piled up while PostgreSQL was cut) is
+/// written in batches of several turns; every message is recorded once, where it was stored.
+#[tokio::test]
+async fn a_backlog_of_many_turns_is_recorded_whole_each_message_once() {
+    let (app, proxy) = TestApp::spawn_behind_postgres_proxy().await;
+    app.create_queue(json!({"name": "q", "partitionCount": 4}))
+        .await;
+    let mut stored = std::collections::BTreeMap::new();
+    for batch in 0..25 {
+        if batch == 1 {
+            // After the first publish, which looked the queue up in PostgreSQL.
+            proxy.cut();
+        }
+        let messages: Vec<Value> = (0..100)
+            .map(|n| json!({"payload": batch * 100 + n}))
+            .collect();
+        let (status, body) = publish_batch(&app, json!({"queue": "q", "messages": messages})).await;
+        assert_eq!(status, 201, "{body}");
+        for result in body["results"].as_array().unwrap() {
+            stored.insert(
+                result["messageId"].as_str().unwrap().to_owned(),
+                (
+                    result["partition"].as_i64().unwrap(),
+                    result["offset"].as_str().unwrap().to_owned(),
+                ),
+            );
+        }
+    }
+    proxy.restore();
+
+    let mut db = app.database.connect().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count_records(&mut db).await < 2500 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows: Vec<(String, i32, String)> = sqlx::query_as(
+        "SELECT r.message_id, r.partition_id, r.offset_value FROM message_records r \
+         JOIN message_topics t ON t.id = r.topic_id WHERE t.name = 'q'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2500, "every message recorded, once");
+    let recorded: std::collections::BTreeMap<String, (i64, String)> = rows
+        .into_iter()
+        .map(|(id, partition, offset)| (id, (i64::from(partition), offset)))
+        .collect();
+    assert_eq!(recorded, stored, "each record where its message was stored");
+}
+
 #[tokio::test]
 async fn redis_down_is_publish_failed_with_retry_after() {
     let app = TestApp::spawn_with(|env| {

@@ -4,7 +4,7 @@
 //! The recorder is a consumer group on each partition stream and journal (see
 //! `broker::recorder`). It reads the partitions this instance wrote into
 //! (`service::unrecorded`), in tenant turns of at most `TURN_PARTITIONS`, writes each turn's
-//! entries in one transaction, then acks them. A tenant writing into a thousand partitions
+//! entries (under a backlog, several turns') in one transaction, then acks them. A tenant writing into a thousand partitions
 //! therefore delays another's records by one turn, not by a thousand reads. When PostgreSQL is unreachable it keeps the batch and retries with
 //! backoff; publishing is never held up, and the backlog waits in Redis (the group's lag), not
 //! in memory, so a burst or an outage of any length is caught up afterwards. Every
@@ -50,20 +50,19 @@ const TURN_PARTITIONS: usize = 64;
 /// (a script round trip, a transaction, the acks) is spread over this many rows. At 50 a
 /// cycle, the recorder fell behind a saturating publish load on two cores.
 const TURN_ENTRIES: usize = 500;
-/// Entries read per turn, about, once turns come back full: each full turn doubles the
-/// next, up to this. Under a saturating load a cycle's time is mostly waiting (its
-/// PostgreSQL round trips queue behind the publishes for the same two cores), not rows, so
-/// a backlog is caught up by writing more rows per cycle.
-const BACKLOG_TURN_ENTRIES: usize = 4000;
+/// Entries written by one PostgreSQL transaction, about, while partitions have a backlog:
+/// further turns are read into the batch until it holds this many (or `TURN_BYTES`). Under
+/// a saturating load a cycle's time is mostly its PostgreSQL round trips waiting for the
+/// cores, not its rows, so a backlog is caught up by writing more rows per cycle; each turn
+/// is still its own Redis round trip of about `TURN_ENTRIES`, so no call holds Redis longer.
+/// (At 2 000 the recorder kept up as well, but publishes' p99 under that load rose by about
+/// 10 ms: docs/PERFORMANCE.md.)
+const BACKLOG_BATCH_ENTRIES: usize = 1000;
 /// Entries read per stream (and journal) per turn, at least.
 const MIN_PER_PARTITION: usize = 8;
-/// Entries read from one stream (and from its journal) by one script, at most, however
-/// large the turn: a call holds Redis no longer than a turn of `TURN_ENTRIES` on one
-/// partition does, so a larger turn is spread over more partitions' calls. (At 1 000 a
-/// call, publishes' p99 under load rose by a further 5–10 ms.)
-const MAX_PER_PARTITION: usize = 500;
-/// Entry bytes read per turn, about: a partition's share (for its stream, and again for its
-/// journal) is read by one script.
+/// Entry bytes read per batch (one turn, or the turns of a backlog batch), about: a
+/// partition's share of a turn's (for its stream, and again for its journal) is read by
+/// one script.
 const TURN_BYTES: usize = 4 << 20;
 const MIN_BYTES_PER_PARTITION: usize = 64 << 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -174,7 +173,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 }
                 continue;
             }
-            match visits.read(&state, &consumer).await {
+            match visits.read_batch(&state, &consumer).await {
                 Ok((entries, read_from)) => {
                     waiting = entries.into();
                     owners = read_from;
@@ -227,9 +226,6 @@ struct Visits {
     /// When the last sweep began (at start: as if `FIRST_SWEEP` before the first one, once
     /// the waker has marked every queue active).
     swept: Option<Instant>,
-    /// Entries the next turn reads, about: `TURN_ENTRIES`, growing while turns come back
-    /// full.
-    turn_entries: usize,
 }
 
 impl Default for Visits {
@@ -238,7 +234,6 @@ impl Default for Visits {
             turns: Lanes::default(),
             claiming: HashSet::new(),
             swept: Instant::now().checked_sub(SWEEP_EVERY.saturating_sub(FIRST_SWEEP)),
-            turn_entries: TURN_ENTRIES,
         }
     }
 }
@@ -264,13 +259,41 @@ impl Visits {
         }
     }
 
-    /// Reads one turn of partitions: at most `TURN_PARTITIONS`, each tenant's in turn.
-    /// Partitions that had more are read again at their next turn.
-    async fn read(
+    /// Reads a turn and, while partitions have more, further turns, until about
+    /// `BACKLOG_BATCH_ENTRIES` entries or `TURN_BYTES` are in hand: one batch to write.
+    async fn read_batch(
         &mut self,
         state: &AppState,
         consumer: &str,
     ) -> ApiResult<(Vec<StreamEntry>, Owners)> {
+        let mut turn = self.read(state, consumer, TURN_BYTES).await?;
+        let mut bytes: usize = turn.entries.iter().map(StreamEntry::size).sum();
+        while turn.backlog
+            && turn.entries.len() < BACKLOG_BATCH_ENTRIES
+            && bytes < TURN_BYTES
+            && !self.turns.is_empty()
+        {
+            match self.read(state, consumer, TURN_BYTES - bytes).await {
+                Ok(next) => {
+                    bytes += next.entries.iter().map(StreamEntry::size).sum::<usize>();
+                    turn.entries.extend(next.entries);
+                    turn.owners.extend(next.owners);
+                    turn.backlog = next.backlog;
+                }
+                // What the earlier turns read is pending to this consumer and is written
+                // now; the failed turn's partitions were queued again, to be claimed.
+                Err(error) => {
+                    tracing::debug!(error = %error, "recorder read failed");
+                    break;
+                }
+            }
+        }
+        Ok((turn.entries, Arc::new(turn.owners)))
+    }
+
+    /// Reads one turn of partitions: at most `TURN_PARTITIONS`, each tenant's in turn, and
+    /// about `bytes` of entries. Partitions that had more are read again at their next turn.
+    async fn read(&mut self, state: &AppState, consumer: &str, bytes: usize) -> ApiResult<Turn> {
         let turn = self.turns.take(TURN_PARTITIONS, |_| 1);
         let keys: Vec<_> = turn
             .iter()
@@ -284,11 +307,11 @@ impl Visits {
                 claim_idle_ms: self.claiming.contains(partition).then_some(STALE_AFTER_MS),
             })
             .collect();
-        // A turn's entries are one batch: about `turn_entries` in all, and about
+        // A turn's entries are one batch: about `TURN_ENTRIES` in all, and about
         // `TURN_BYTES`, so that no script holds Redis long and no batch is huge.
-        let entries = self.turn_entries.max(state.config.message_batch_size);
-        let most = (entries / turn.len().max(1)).clamp(MIN_PER_PARTITION, MAX_PER_PARTITION);
-        let budget = (TURN_BYTES / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
+        let entries = TURN_ENTRIES.max(state.config.message_batch_size);
+        let most = (entries / turn.len().max(1)).max(MIN_PER_PARTITION);
+        let budget = (bytes / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
         let reads = match state
             .broker
             .read_for_recorder(consumer, &visits, most, budget)
@@ -305,9 +328,9 @@ impl Visits {
                 return Err(error);
             }
         };
-        self.turn_entries = next_turn_entries(self.turn_entries, reads.iter().any(|r| r.more));
         let mut entries = Vec::new();
         let mut owners = HashMap::with_capacity(turn.len() * 2);
+        let mut backlog = false;
         for (((tenant, partition), keys), read) in turn.into_iter().zip(keys).zip(reads) {
             if read.unreadable {
                 tracing::error!(
@@ -319,6 +342,7 @@ impl Visits {
             }
             if read.more && !read.gone && !read.unreadable {
                 self.turns.due.push(tenant, partition);
+                backlog = true;
             } else {
                 self.claiming.remove(&partition);
             }
@@ -330,18 +354,20 @@ impl Visits {
             // A sweep of many partitions leaves no large allocation behind.
             self.claiming = HashSet::new();
         }
-        Ok((entries, Arc::new(owners)))
+        Ok(Turn {
+            entries,
+            owners,
+            backlog,
+        })
     }
 }
 
-/// The size of the turn after one of `current` entries: doubled while partitions had more
-/// than a turn took (a backlog), back to `TURN_ENTRIES` once one did not.
-fn next_turn_entries(current: usize, backlog: bool) -> usize {
-    if backlog {
-        (current * 2).min(BACKLOG_TURN_ENTRIES)
-    } else {
-        TURN_ENTRIES
-    }
+/// What one turn read.
+struct Turn {
+    entries: Vec<StreamEntry>,
+    owners: HashMap<String, PartitionRef>,
+    /// Some partition had more than the turn took.
+    backlog: bool,
 }
 
 /// Which partition each stream and journal belongs to.
@@ -481,22 +507,4 @@ async fn quarantine(
         "record entry quarantined: PostgreSQL refused it; every other entry is written"
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_turn_grows_while_turns_come_back_full_and_shrinks_at_once_when_one_does_not() {
-        let mut size = TURN_ENTRIES;
-        let mut sizes = Vec::new();
-        for _ in 0..5 {
-            size = next_turn_entries(size, true);
-            sizes.push(size);
-        }
-        assert_eq!(sizes, [1000, 2000, 4000, 4000, 4000]);
-        assert_eq!(next_turn_entries(size, false), TURN_ENTRIES);
-        assert_eq!(next_turn_entries(TURN_ENTRIES, false), TURN_ENTRIES);
-    }
 }
