@@ -104,7 +104,7 @@ pub fn plan(contributions: Vec<Contribution>) -> RecordBatch {
         let key = (change.topic_id, change.message_id.clone());
         match changes.get_mut(&key) {
             Some(known) => {
-                if rank(change.status) > rank(known.status) {
+                if supersedes(change.status, known.status) {
                     known.status = change.status;
                     known.at = change.at;
                 }
@@ -226,7 +226,16 @@ fn message_status_after(outcome: &str) -> Option<&'static str> {
     }
 }
 
-/// Status precedence within one batch, matching the store's rule.
+/// Whether a message's status becomes `new` where it was `old`, by the store's rule: a
+/// higher status wins, except that expiry and cancellation only end a message that was
+/// never delivered (a message consumed by one subscription and expired for another stays
+/// consumed, whether the two are written in one batch or two).
+fn supersedes(new: &str, old: &str) -> bool {
+    rank(new) > rank(old)
+        && (!matches!(new, "expired" | "cancelled") || matches!(old, "scheduled" | "published"))
+}
+
+/// Status precedence, matching the store's rule.
 fn rank(status: &str) -> u8 {
     match status {
         "scheduled" => 0,
@@ -383,6 +392,17 @@ fn to_record(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn expiry_and_cancellation_end_only_a_message_never_delivered() {
+        assert!(supersedes("expired", "published"));
+        assert!(supersedes("cancelled", "scheduled"));
+        assert!(supersedes("consumed", "failed"));
+        assert!(!supersedes("expired", "consumed"));
+        assert!(!supersedes("expired", "dead_letter"));
+        assert!(!supersedes("cancelled", "failed"));
+        assert!(!supersedes("published", "consumed"));
+    }
 
     fn owner() -> PartitionRef {
         PartitionRef {

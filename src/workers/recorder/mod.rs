@@ -58,6 +58,9 @@ const TURN_ENTRIES: usize = 500;
 /// (At 2 000 the recorder kept up as well, but publishes' p99 under that load rose by about
 /// 10 ms: docs/PERFORMANCE.md.)
 const BACKLOG_BATCH_ENTRIES: usize = 1000;
+/// Turns read into one backlog batch, at most: a sweep's turns of many nearly empty
+/// partitions read a few entries each, and the batch must not wait on dozens of them.
+const BACKLOG_BATCH_TURNS: usize = 4;
 /// Entries read per stream (and journal) per turn, at least.
 const MIN_PER_PARTITION: usize = 8;
 /// Entry bytes read per batch (one turn, or the turns of a backlog batch), about: a
@@ -76,6 +79,8 @@ const GATHER: Duration = Duration::from_millis(20);
 #[derive(Default)]
 pub struct RecorderStatus {
     recorded: AtomicU64,
+    /// The most entries one transaction wrote.
+    largest_batch: AtomicU64,
     quarantined: AtomicU64,
     failures: AtomicU64,
     retrying: AtomicBool,
@@ -116,8 +121,15 @@ impl RecorderStatus {
         }
     }
 
+    /// The most entries one transaction has written since start.
+    pub fn largest_batch(&self) -> u64 {
+        self.largest_batch.load(Ordering::Relaxed)
+    }
+
     fn succeeded(&self, count: usize) {
         self.recorded.fetch_add(count as u64, Ordering::Relaxed);
+        self.largest_batch
+            .fetch_max(count as u64, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         self.retrying.store(false, Ordering::Relaxed);
         self.waiting.store(0, Ordering::Relaxed);
@@ -259,26 +271,36 @@ impl Visits {
         }
     }
 
-    /// Reads a turn and, while partitions have more, further turns, until about
-    /// `BACKLOG_BATCH_ENTRIES` entries or `TURN_BYTES` are in hand: one batch to write.
+    /// Reads a turn and, while partitions have more, up to `BACKLOG_BATCH_TURNS` in all,
+    /// until about `BACKLOG_BATCH_ENTRIES` entries or half of `TURN_BYTES` are in hand: one
+    /// batch to write.
     async fn read_batch(
         &mut self,
         state: &AppState,
         consumer: &str,
     ) -> ApiResult<(Vec<StreamEntry>, Owners)> {
-        let mut turn = self.read(state, consumer, TURN_BYTES).await?;
-        let mut bytes: usize = turn.entries.iter().map(StreamEntry::size).sum();
-        while turn.backlog
-            && turn.entries.len() < BACKLOG_BATCH_ENTRIES
-            && bytes < TURN_BYTES
+        let first = TURN_ENTRIES.max(state.config.message_batch_size);
+        let mut batch = self.read(state, consumer, first, TURN_BYTES).await?;
+        let mut bytes: usize = batch.entries.iter().map(StreamEntry::size).sum();
+        let mut turns = 1;
+        while batch.backlog
+            && turns < BACKLOG_BATCH_TURNS
+            && batch.entries.len() < BACKLOG_BATCH_ENTRIES
+            && bytes < TURN_BYTES / 2
             && !self.turns.is_empty()
         {
-            match self.read(state, consumer, TURN_BYTES - bytes).await {
+            let entries = TURN_ENTRIES.min(BACKLOG_BATCH_ENTRIES - batch.entries.len());
+            match self
+                .read(state, consumer, entries, TURN_BYTES - bytes)
+                .await
+            {
                 Ok(next) => {
+                    turns += 1;
                     bytes += next.entries.iter().map(StreamEntry::size).sum::<usize>();
-                    turn.entries.extend(next.entries);
-                    turn.owners.extend(next.owners);
-                    turn.backlog = next.backlog;
+                    // A turn that found nothing (a sweep's claims, say) ends the batch.
+                    batch.backlog = next.backlog && !next.entries.is_empty();
+                    batch.entries.extend(next.entries);
+                    batch.owners.extend(next.owners);
                 }
                 // What the earlier turns read is pending to this consumer and is written
                 // now; the failed turn's partitions were queued again, to be claimed.
@@ -288,12 +310,19 @@ impl Visits {
                 }
             }
         }
-        Ok((turn.entries, Arc::new(turn.owners)))
+        Ok((batch.entries, Arc::new(batch.owners)))
     }
 
     /// Reads one turn of partitions: at most `TURN_PARTITIONS`, each tenant's in turn, and
-    /// about `bytes` of entries. Partitions that had more are read again at their next turn.
-    async fn read(&mut self, state: &AppState, consumer: &str, bytes: usize) -> ApiResult<Turn> {
+    /// about `entries` entries and `bytes` of them. Partitions that had more are read again
+    /// at their next turn.
+    async fn read(
+        &mut self,
+        state: &AppState,
+        consumer: &str,
+        entries: usize,
+        bytes: usize,
+    ) -> ApiResult<Turn> {
         let turn = self.turns.take(TURN_PARTITIONS, |_| 1);
         let keys: Vec<_> = turn
             .iter()
@@ -309,7 +338,6 @@ impl Visits {
             .collect();
         // A turn's entries are one batch: about `TURN_ENTRIES` in all, and about
         // `TURN_BYTES`, so that no script holds Redis long and no batch is huge.
-        let entries = TURN_ENTRIES.max(state.config.message_batch_size);
         let most = (entries / turn.len().max(1)).max(MIN_PER_PARTITION);
         let budget = (bytes / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
         let reads = match state
