@@ -124,7 +124,8 @@ async fn dead_letter(app: &TestApp, subscription: &str, id: &str) {
     let (status, _) = app
         .publish(
             json!({"queue": "orders", "payload": {"id": id}, "messageId": id, "key": "k",
-                        "headers": {"eventType": "order.created"}}),
+                        "headers": {"eventType": "order.created"},
+                        "contentType": "application/vnd.orders+json"}),
         )
         .await;
     assert_eq!(status, 201);
@@ -222,6 +223,18 @@ async fn redriven_dead_letters_are_delivered_again_and_never_twice() {
         again[0]
     );
     assert_eq!(again[0]["deliveryAttempt"], 1);
+    let (status, redriven) = app
+        .call(
+            Method::GET,
+            "/api/v1/mq/messages/m-1.redriven?queue=orders",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{redriven}");
+    assert_eq!(
+        redriven["contentType"], "application/vnd.orders+json",
+        "the producer's content type survives the dead letter and the redrive"
+    );
     assert_eq!(
         statuses(&app, "orders.dlq").await,
         [("m-1".to_owned(), "redriven".to_owned())]

@@ -303,6 +303,7 @@ fn redelivery(view: &MessageView, payload: Value) -> Result<MessageInput, String
         headers: Some(headers),
         key: view.key.clone(),
         correlation_id: view.correlation_id.clone(),
+        content_type: view.content_type.clone(),
         message_id: Some(new_id),
         ..MessageInput::default()
     })
@@ -330,6 +331,7 @@ mod tests {
             expires_at: None,
             trace_id: None,
             retry_count: 0,
+            content_type: Some("application/vnd.orders+json".into()),
             deliveries: Vec::new(),
         }
     }
@@ -344,6 +346,11 @@ mod tests {
         assert_eq!(input.message_id.as_deref(), Some("m-1.redriven"));
         assert_eq!(input.payload, Some(json!({"n": 1})));
         assert_eq!(input.key.as_deref(), Some("k"));
+        assert_eq!(
+            input.content_type.as_deref(),
+            Some("application/vnd.orders+json"),
+            "the producer's content type goes back with it"
+        );
         let headers = input.headers.unwrap();
         assert_eq!(headers.get("eventType").map(String::as_str), Some("e"));
         assert!(!headers.contains_key("x-last-error"));

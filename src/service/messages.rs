@@ -48,6 +48,9 @@ pub struct MessageView {
     pub expires_at: Option<DateTime<Utc>>,
     pub trace_id: Option<String>,
     pub retry_count: i32,
+    /// As the producer gave it, or the queue format's default; null for a record older
+    /// than the field.
+    pub content_type: Option<String>,
     pub deliveries: Vec<DeliveryView>,
 }
 
@@ -483,6 +486,7 @@ fn from_record(queue: &str, record: MessageRecord, deliveries: Vec<DeliveryRecor
         expires_at: record.expires_at,
         trace_id: record.trace_id,
         retry_count: record.retry_count,
+        content_type: record.content_type,
         deliveries: deliveries
             .into_iter()
             .map(|d| DeliveryView {
@@ -521,6 +525,7 @@ fn from_envelope(
         expires_at: Some(time(envelope.expires_at)),
         trace_id: envelope.trace_id,
         retry_count: 0,
+        content_type: Some(envelope.content_type),
         deliveries: Vec::new(),
     }
 }

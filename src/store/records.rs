@@ -185,6 +185,8 @@ pub struct MessageRecord {
     pub published_at: DateTime<Utc>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// `None` for records written before the column existed.
+    pub content_type: Option<String>,
 }
 
 /// A message's record without its payload, for browsing a queue.
@@ -361,7 +363,7 @@ impl Store {
         let record = sqlx::query_as(
             "SELECT message_id, partition_id AS partition, offset_value AS stream_offset, \
                  message_key, correlation_id, headers, payload, payload_encoding, status, \
-                 trace_id, retry_count, published_at, scheduled_at, expires_at \
+                 trace_id, retry_count, published_at, scheduled_at, expires_at, content_type \
              FROM message_records WHERE topic_id = $1 AND message_id = $2",
         )
         .bind(topic_id)
