@@ -288,6 +288,7 @@ async fn recorded(
             view.published_at = current.published_at;
             view.expires_at = current.expires_at;
             view.trace_id = current.trace_id;
+            view.content_type = current.content_type;
         }
         Some(current) => {
             view.status = current.status;
