@@ -13,6 +13,7 @@
 # ceiling floor wrk publish webhook consume cross idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 
 port=${BENCH_PORT:-3011}
 load_seconds=${BENCH_LOAD_SECONDS:-15}
@@ -77,27 +78,7 @@ psql "$database_server/postgres" -qc "drop database if exists $database with (fo
 psql "$database_server/postgres" -qc "create database $database" >/dev/null
 redis-cli -h "$redis_host" -p "$redis_port" --scan --pattern "${prefix}*" |
   xargs -r -n 500 redis-cli -h "$redis_host" -p "$redis_port" unlink >/dev/null
-# Starts an instance on port $1, logging to $2; sets $started_pid once it answers.
-start_instance() {
-  local instance_port=$1 instance_log=$2
-  (
-    while IFS= read -r line || [ -n "$line" ]; do
-      [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] && export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
-    done < .env.example
-    export PORT=$instance_port DATABASE_URL="$database_server/$database" REDIS_URL="$redis_url" \
-      REDIS_KEY_PREFIX=$prefix TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 \
-      TENANT_CHANGE_RPS=0 TENANT_MONITORING_RPS=0 \
-      TENANT_MAX_QUEUES=100000 TENANT_MAX_BYTES=0 RUST_LOG=warn
-    exec target/release/message-queue-service
-  ) >"$instance_log" 2>&1 &
-  started_pid=$!
-  for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$instance_port/health" >/dev/null 2>&1 && return
-    kill -0 "$started_pid" 2>/dev/null || { cat "$instance_log"; exit 1; }
-    sleep 0.2
-  done
-}
-start_instance "$port" "$log"
+start_service "$port" "$database_server/$database" "$prefix" "$log"
 service_pid=$started_pid
 url=http://127.0.0.1:$port
 export BENCH_URL=$url BENCH_SERVICE_PID=$service_pid REDIS_URL=$redis_url
@@ -121,23 +102,7 @@ if wanted ceiling; then
 fi
 
 # The same request for the floor and the service: 256 B of payload, one bearer token.
-token=$(python3 - <<'EOF'
-import base64, hashlib, hmac, json, os, time, uuid
-secret = os.environ.get("JWT_SECRET", "dev-only-jwt-secret-change-me-0123456789abcdef").encode()
-b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-body = b64(json.dumps({"tenant_id": str(uuid.uuid4()), "sub": "bench", "exp": int(time.time()) + 3600}).encode())
-sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
-print(f"{head}.{body}.{sig}")
-EOF
-)
-data=$(head -c 245 /dev/zero | tr '\0' x)
-cat >"$work/publish.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-wrk.body = '{"queue":"wrk","payload":{"data":"$data"}}'
-EOF
+token=$(write_publish_lua "$work/publish.lua")
 # Runs wrk -c 50 against base URL $1, its report into $2.
 wrk_publish() {
   wrk -t2 -c50 -d"${load_seconds}s" --latency -s "$work/publish.lua" "$1/api/v1/mq/publish" >"$2"
@@ -212,7 +177,7 @@ wanted consume && delivery_bench consume 'publish -> pull' 'sustained publish' '
 
 if wanted cross; then
   say "a second instance on port $((port + 1)): publishes on the first, consumers on the second"
-  start_instance $((port + 1)) "$work/sibling.log"
+  start_service $((port + 1)) "$database_server/$database" "$prefix" "$work/sibling.log"
   sibling_pid=$started_pid
   run_bench consume BENCH_CONSUMER_URL="http://127.0.0.1:$((port + 1))" BENCH_THROUGHPUT_MESSAGES=50000
   latency=$(grep '^publish -> pull' "$work/consume.out")

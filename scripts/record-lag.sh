@@ -9,6 +9,7 @@
 #   scripts/record-lag.sh [binary ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 
 port=${RECORD_LAG_PORT:-3021}
 seconds=${RECORD_LAG_SECONDS:-10}
@@ -30,43 +31,14 @@ clean() {
 }
 trap 'clean; rm -rf "$work"' EXIT
 
-token=$(python3 - <<'EOF'
-import base64, hashlib, hmac, json, os, time, uuid
-secret = os.environ.get("JWT_SECRET", "dev-only-jwt-secret-change-me-0123456789abcdef").encode()
-b64 = lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-body = b64(json.dumps({"tenant_id": str(uuid.uuid4()), "sub": "bench", "exp": int(time.time()) + 3600}).encode())
-sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
-print(f"{head}.{body}.{sig}")
-EOF
-)
-data=$(head -c 245 /dev/zero | tr '\0' x)
-cat >"$work/publish.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-wrk.body = '{"queue":"wrk","payload":{"data":"$data"}}'
-EOF
+token=$(write_publish_lua "$work/publish.lua")
 records="SELECT count(*) FROM message_records r JOIN message_topics t ON t.id = r.topic_id WHERE t.name = 'wrk'"
 
 for binary in "$@"; do
   clean
   psql "$server/postgres" -qc "create database $database" >/dev/null
-  (
-    while IFS= read -r line || [ -n "$line" ]; do
-      [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] && export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
-    done < .env.example
-    export PORT=$port DATABASE_URL="$server/$database" REDIS_URL="$redis_url" REDIS_KEY_PREFIX=$prefix \
-      TENANT_RATE_LIMIT_RPS=0 TENANT_RATE_LIMIT_BYTES_PER_SEC=0 TENANT_CHANGE_RPS=0 \
-      TENANT_MONITORING_RPS=0 TENANT_MAX_QUEUES=100000 TENANT_MAX_BYTES=0 RUST_LOG=warn
-    exec "$binary"
-  ) >"$work/service.log" 2>&1 &
-  service_pid=$!
-  for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$port/api/v1/mq/health" >/dev/null 2>&1 && break
-    kill -0 "$service_pid" 2>/dev/null || { cat "$work/service.log"; exit 1; }
-    sleep 0.2
-  done
+  start_service "$port" "$server/$database" "$prefix" "$work/service.log" "$binary"
+  service_pid=$started_pid
   curl -fs -o /dev/null -X POST "http://127.0.0.1:$port/api/v1/mq/queues" -H "authorization: Bearer $token" \
     -H 'content-type: application/json' -d '{"name":"wrk","partitionCount":4,"maxLength":100000000}'
   wrk -t2 -c50 -d"${seconds}s" --latency -s "$work/publish.lua" "http://127.0.0.1:$port/api/v1/mq/publish" >"$work/wrk.out"

@@ -48,8 +48,8 @@ pub struct MessageView {
     pub expires_at: Option<DateTime<Utc>>,
     pub trace_id: Option<String>,
     pub retry_count: i32,
-    /// As the producer gave it, or the queue format's default; null for a record older
-    /// than the field.
+    /// As the producer gave it, or the queue format's default; null when not known (a
+    /// record older than the field).
     pub content_type: Option<String>,
     pub deliveries: Vec<DeliveryView>,
 }

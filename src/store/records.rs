@@ -185,7 +185,8 @@ pub struct MessageRecord {
     pub published_at: DateTime<Utc>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
-    /// `None` for records written before the column existed.
+    /// `None` for records written before the column existed, and for a placeholder (a
+    /// status change that arrived before its message's record).
     pub content_type: Option<String>,
 }
 

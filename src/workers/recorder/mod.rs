@@ -4,8 +4,9 @@
 //! The recorder is a consumer group on each partition stream and journal (see
 //! `broker::recorder`). It reads the partitions this instance wrote into
 //! (`service::unrecorded`), in tenant turns of at most `TURN_PARTITIONS`, writes each turn's
-//! entries (under a backlog, several turns') in one transaction, then acks them. A tenant writing into a thousand partitions
-//! therefore delays another's records by one turn, not by a thousand reads. When PostgreSQL is unreachable it keeps the batch and retries with
+//! entries (under a backlog, several turns') in one transaction, then acks them. A tenant
+//! writing into a thousand partitions therefore delays another's records by one turn, not by
+//! a thousand reads. When PostgreSQL is unreachable it keeps the batch and retries with
 //! backoff; publishing is never held up, and the backlog waits in Redis (the group's lag), not
 //! in memory, so a burst or an outage of any length is caught up afterwards. Every
 //! `SWEEP_EVERY` each recorder also reads every partition of the active queues: what an
@@ -51,7 +52,8 @@ const TURN_PARTITIONS: usize = 64;
 /// cycle, the recorder fell behind a saturating publish load on two cores.
 const TURN_ENTRIES: usize = 500;
 /// Entries written by one PostgreSQL transaction, about, while partitions have a backlog:
-/// further turns are read into the batch until it holds this many (or `TURN_BYTES`). Under
+/// further turns are read into the batch until it holds this many (or half of
+/// `TURN_BYTES`, or `BACKLOG_BATCH_TURNS` turns). Under
 /// a saturating load a cycle's time is mostly its PostgreSQL round trips waiting for the
 /// cores, not its rows, so a backlog is caught up by writing more rows per cycle; each turn
 /// is still its own Redis round trip of about `TURN_ENTRIES`, so no call holds Redis longer.
@@ -336,8 +338,8 @@ impl Visits {
                 claim_idle_ms: self.claiming.contains(partition).then_some(STALE_AFTER_MS),
             })
             .collect();
-        // A turn's entries are one batch: about `TURN_ENTRIES` in all, and about
-        // `TURN_BYTES`, so that no script holds Redis long and no batch is huge.
+        // Shared out over the turn's partitions, so that no script holds Redis long and no
+        // batch is huge.
         let most = (entries / turn.len().max(1)).max(MIN_PER_PARTITION);
         let budget = (bytes / turn.len().max(1)).max(MIN_BYTES_PER_PARTITION);
         let reads = match state
